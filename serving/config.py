@@ -1,0 +1,92 @@
+"""Configuration objects, one per layer, built once (CLI or YAML) and passed down."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DTypeName = Literal["float32", "bfloat16"]
+Quantization = Literal["none", "8bit", "4bit"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which frozen model to load, and how to place it.
+
+    `source` is either `embedded` (the built-in default), `random:<shape>` (random weights
+    of a named shape, e.g. `random:t5-xxl`, for benchmarks), or a local checkpoint directory.
+    """
+
+    source: str = "embedded"
+    dtype: DTypeName = "float32"
+    device: str = "cpu"
+    # "auto" shards over the visible GPUs with accelerate; None keeps the whole model on `device`.
+    device_map: str | dict[str, Any] | None = None
+    # Per-device memory caps for sharding, e.g. {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}.
+    max_memory: dict[str, str] | None = None
+    quantization: Quantization = "none"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where prompts live and what the store accepts."""
+
+    root: Path = Path("var/prompts")
+    max_prompt_length: int = 1024
+    # How often a replica re-reads the store's listing, so updates land without a restart.
+    refresh_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and resources of the batched generation engine."""
+
+    max_input_tokens: int = 512
+    max_new_tokens_limit: int = 256
+    max_batch_size: int = 64
+    # Device prompt cache: fixed-size pages of rows in one preallocated tensor.
+    prompt_cache_rows: int = 65536
+    prompt_cache_page_rows: int = 16
+    # "auto" picks Triton on CUDA and the vectorised PyTorch path on CPU.
+    concat_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
+
+
+@dataclass(frozen=True)
+class PromptmuxConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "PromptmuxConfig":
+        raw = dict(raw or {})
+        unknown = set(raw) - {"model", "store", "engine"}
+        if unknown:
+            raise ValueError(
+                f"unknown config section(s) {sorted(unknown)}; expected only 'model', 'store' and 'engine'"
+            )
+        return cls(
+            model=_build(ModelConfig, raw.get("model")),
+            store=_build(StoreConfig, raw.get("store")),
+            engine=_build(EngineConfig, raw.get("engine")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["store"]["root"] = str(self.store.root)
+        return out
+
+
+def _build(kind: type, raw: dict[str, Any] | None):
+    raw = dict(raw or {})
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(
+            f"unknown {kind.__name__} key(s) {sorted(unknown)}; valid keys are {sorted(names)}"
+        )
+    if kind is StoreConfig and "root" in raw:
+        raw["root"] = Path(raw["root"])
+    return kind(**raw)
