@@ -190,7 +190,9 @@ def _prompt_concat_kernel_body(
     # position, the bank row it copies; the walk's end is the row's prompt length.
     seg_lo = tl.load(row_starts_ptr + b)
     seg_hi = tl.load(row_starts_ptr + b + 1)
-    bank_row = tl.zeros([BLOCK_S], dtype=tl.int64)
+    # tl.full, not tl.zeros: the kernel uses only Triton builtins (no @jit library helpers),
+    # so the interpreter also runs it when TRITON_INTERPRET is set after triton was imported.
+    bank_row = tl.full([BLOCK_S], 0, tl.int64)
     prompt_len = seg_lo * 0  # int64 scalar, so the loop-carried type stays fixed
     for i in range(seg_lo, seg_hi):
         seg_offset = tl.load(seg_offsets_ptr + i)
