@@ -4,6 +4,7 @@ No hub download ever happens: checkpoints are read from a local directory with
 `local_files_only=True`."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def model_d_model(config: ModelConfig) -> int:
+    """The model's d_model without loading its weights (prompt commands need only this)."""
+    if config.source == "embedded":
+        return SHAPES["embedded"].d_model
+    if config.source.startswith("random:"):
+        shape = config.source.removeprefix("random:")
+        if shape not in SHAPES:
+            raise ModelLoadError(f"unknown model shape {shape!r}; known shapes: {', '.join(SHAPES)}")
+        return SHAPES[shape].d_model
+    config_path = Path(config.source) / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"model directory {config.source!r} has no config.json")
+    return int(json.loads(config_path.read_text())["d_model"])
 
 
 def _load_embedded(config: ModelConfig, dtype: torch.dtype) -> T5ForConditionalGeneration:

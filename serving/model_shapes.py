@@ -17,6 +17,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 BYT5_VOCAB = 384
 T5_VOCAB = 32128
+RANDOM_EMBEDDING_STD = 0.05
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ def shape_config(name: str) -> T5Config:
         relative_attention_num_buckets=shape.relative_attention_num_buckets,
         relative_attention_max_distance=shape.relative_attention_max_distance,
         dropout_rate=0.0,
-        tie_word_embeddings=False,
+        # transformers ties T5's input and output embeddings; leaving tie_word_embeddings
+        # unset keeps the original T5 rescaling of decoder outputs (d_model ** -0.5), without
+        # which a random tied model only ever repeats its decoder input token.
         # ByT5 ids: pad 0, eos 1, unk 2; the decoder starts from pad, as in every T5.
         pad_token_id=0,
         eos_token_id=1,
@@ -81,6 +84,11 @@ def build_random_model(
             model = T5ForConditionalGeneration(config).to(dtype)
     finally:
         torch.random.set_rng_state(generator_state)
+    with torch.no_grad():
+        # T5 initialises embeddings with std 1.0, which swamps the random layers' outputs in
+        # the residual stream: every untrained model would only echo its decoder input. A
+        # small embedding lets random weights give varied, input-dependent tokens.
+        model.shared.weight.mul_(RANDOM_EMBEDDING_STD)
     init_alibi_position_bias(model)
     return model
 

@@ -1,0 +1,293 @@
+"""`promptmux`: the command line.
+
+    promptmux generate --task reverse hello world        offline, on the embedded default
+    promptmux generate reverse=hello upper=abc           one mixed batch over several tasks
+    promptmux prompts import|export|list|show|rm ...     manage the prompt store
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .config import ModelConfig, PromptmuxConfig, StoreConfig
+from .errors import PromptmuxError
+
+DEFAULT_TENANT = "demo"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except PromptmuxError as error:
+        print(f"error ({error.status}): {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptmux", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(title="commands")
+
+    generate = commands.add_parser("generate", help="run requests offline as one mixed batch")
+    add_model_arguments(generate)
+    generate.add_argument("--task", help="task id for every TEXT; without it each TEXT is TASK=TEXT")
+    generate.add_argument("--segments", help="comma-separated task ids composed in order (e.g. lang-de,summarize)")
+    generate.add_argument("--tenant", default=DEFAULT_TENANT)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
+    generate.add_argument("--num-beams", type=int, default=4)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--truncate", action="store_true", help="cut over-long input instead of rejecting it")
+    generate.add_argument("--json", action="store_true", help="print one JSON result per line")
+    generate.add_argument("texts", nargs="+", metavar="TEXT")
+    generate.set_defaults(handler=run_generate)
+
+    prompts = commands.add_parser("prompts", help="manage the prompt store")
+    prompt_commands = prompts.add_subparsers(title="prompt commands")
+
+    imp = prompt_commands.add_parser("import", help="register a prompt from a numpy, PEFT or safetensors file")
+    add_model_arguments(imp)
+    imp.add_argument("--tenant", default=DEFAULT_TENANT)
+    imp.add_argument("--task", required=True)
+    imp.add_argument("--format", default="auto", choices=["auto", "numpy", "peft", "safetensors"])
+    imp.add_argument("--shared", action="store_true", help="let every tenant use this task")
+    imp.add_argument("--description", default="")
+    imp.add_argument("path")
+    imp.set_defaults(handler=run_import)
+
+    exp = prompt_commands.add_parser("export", help="write a stored prompt to a safetensors file")
+    add_model_arguments(exp)
+    exp.add_argument("--tenant", default=DEFAULT_TENANT)
+    exp.add_argument("--version", type=int)
+    exp.add_argument("task")
+    exp.add_argument("path")
+    exp.set_defaults(handler=run_export)
+
+    lst = prompt_commands.add_parser("list", help="list tasks (latest versions)")
+    add_model_arguments(lst)
+    lst.add_argument("--tenant", help="only this tenant's tasks")
+    lst.set_defaults(handler=run_list)
+
+    show = prompt_commands.add_parser("show", help="show a task's versions and metadata")
+    add_model_arguments(show)
+    show.add_argument("--tenant", default=DEFAULT_TENANT)
+    show.add_argument("task")
+    show.set_defaults(handler=run_show)
+
+    rm = prompt_commands.add_parser("rm", help="delete a task (every version)")
+    add_model_arguments(rm)
+    rm.add_argument("--tenant", default=DEFAULT_TENANT)
+    rm.add_argument("task")
+    rm.set_defaults(handler=run_rm)
+
+    _add_optional_commands(commands, prompt_commands)
+    return parser
+
+
+def _add_optional_commands(commands, prompt_commands) -> None:
+    """Commands whose modules need optional extras (Ray, gRPC, matplotlib)."""
+    try:
+        from promptmux.prompts.train_cli import add_train_parser
+    except ImportError:
+        pass
+    else:
+        add_train_parser(prompt_commands)
+    try:
+        from .serve_cli import add_serve_parser
+    except ImportError:  # the serve extra is not installed
+        pass
+    else:
+        add_serve_parser(commands)
+    try:
+        from promptmux.benchmarks.bench_cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(commands)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and store")
+    group.add_argument("--config", type=Path, help="YAML with model/store/engine sections")
+    group.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
+    group.add_argument("--dtype", choices=["float32", "bfloat16"])
+    group.add_argument("--device", help="cpu, cuda or cuda:N")
+    group.add_argument("--store", type=Path, help="prompt store directory (default $PROMPTMUX_STORE or var/prompts)")
+
+
+def config_from_args(args: argparse.Namespace) -> PromptmuxConfig:
+    """Build the one config object: YAML file first, then command-line overrides."""
+    raw: dict = {}
+    if getattr(args, "config", None):
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    model = raw.setdefault("model", {})
+    for flag, key in (("model", "source"), ("dtype", "dtype"), ("device", "device")):
+        if getattr(args, flag, None):
+            model[key] = getattr(args, flag)
+    store = raw.setdefault("store", {})
+    if getattr(args, "store", None):
+        store["root"] = str(args.store)
+    else:
+        store.setdefault("root", os.environ.get("PROMPTMUX_STORE", "var/prompts"))
+    return PromptmuxConfig.from_dict(raw)
+
+
+def open_store(config: PromptmuxConfig):
+    from promptmux.prompts.store import PromptStore
+
+    from .model_loading import model_d_model
+
+    return PromptStore(
+        config.store.root, d_model=model_d_model(config.model), max_length=config.store.max_prompt_length
+    )
+
+
+def seed_demo_prompts_if_embedded(config: PromptmuxConfig, store) -> None:
+    """The embedded default ships demo prompts for the shared `demo` tenant."""
+    if config.model.source != "embedded":
+        return
+    try:
+        from .demo_prompts import seed_demo_prompts
+    except ImportError:
+        return
+    seed_demo_prompts(store)
+
+
+def parse_requests(args: argparse.Namespace):
+    from .requests import GenerationParams, GenerationRequest
+
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        strategy=args.strategy,
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    segments = tuple(s for s in (args.segments or "").split(",") if s)
+    requests = []
+    for i, text in enumerate(args.texts):
+        task = args.task
+        if task is None and not segments:
+            task, sep, text = text.partition("=")
+            if not sep:
+                raise SystemExit(
+                    f"promptmux generate: {text!r} names no task; pass --task TASK, or write each TEXT as TASK=TEXT"
+                )
+        requests.append(
+            GenerationRequest(
+                tenant=args.tenant,
+                text=text,
+                task=task,
+                prompt_segments=segments,
+                params=params,
+                request_id=str(i),
+                truncate=args.truncate,
+            )
+        )
+    return requests
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    config = config_from_args(args)
+    engine = Engine.from_config(config)
+    seed_demo_prompts_if_embedded(config, engine.store)
+    engine.refresh_prompts()
+    requests = parse_requests(args)
+    results = engine.generate(requests)
+    failed = 0
+    for request, result in zip(requests, results):
+        label = "+".join(request.prompt_task_ids) or "(no prompt)"
+        if isinstance(result, PromptmuxError):
+            failed += 1
+            print(f"[{label}] error ({result.status}): {result}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps({"task": label, "input": request.text, **_result_dict(result)}))
+        else:
+            print(f"[{label}] {request.text} -> {result.text}")
+    return 1 if failed else 0
+
+
+def _result_dict(result) -> dict:
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "prompt_versions": [f"{v.tenant}/{v.task}@{v.version}" for v in result.prompt_versions],
+    }
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from promptmux.prompts.formats import load_prompt
+
+    store = open_store(config_from_args(args))
+    tensor = load_prompt(args.path, args.format)
+    meta = store.register(
+        args.tenant, args.task, tensor, shared=args.shared, description=args.description,
+        extra={"imported_from": str(args.path)},
+    )
+    print(f"registered {meta.tenant}/{meta.task} version {meta.version}: length {meta.length}, "
+          f"d_model {meta.d_model}, {meta.dtype}, sha256 {meta.content_hash[:12]}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from promptmux.prompts.formats import export_safetensors
+
+    store = open_store(config_from_args(args))
+    stored = store.get(args.tenant, args.task, args.version)
+    export_safetensors(stored.tensor, args.path, metadata={"promptmux": stored.meta.to_json()})
+    print(f"wrote {args.tenant}/{args.task} version {stored.meta.version} to {args.path}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    store = open_store(config)
+    seed_demo_prompts_if_embedded(config, store)
+    metas = store.list(args.tenant)
+    if not metas:
+        print("no prompts registered")
+        return 0
+    print(f"{'tenant':<16} {'task':<24} {'ver':>4} {'len':>5} {'dtype':<9} {'shared':<6} sha256")
+    for m in metas:
+        print(f"{m.tenant:<16} {m.task:<24} {m.version:>4} {m.length:>5} {m.dtype:<9} {str(m.shared):<6} {m.content_hash[:12]}")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    store = open_store(config_from_args(args))
+    for meta in store.versions(args.tenant, args.task):
+        print(meta.to_json())
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    store = open_store(config_from_args(args))
+    removed = store.delete(args.tenant, args.task)
+    print(f"deleted {args.tenant}/{args.task} ({removed} version(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

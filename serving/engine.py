@@ -1,0 +1,244 @@
+"""The batched generation engine: plain PyTorch and transformers, no Ray, no gRPC.
+
+One call of `run_batch` takes requests for any mix of tasks and tenants, builds the whole
+batch's encoder input with one fused op (every row: its prompt segments, its tokens, then
+padding), runs the encoder once, and decodes rows in a few groups that share a decoding
+program (see decoding.py). A bad request fails alone; the rest of the batch still runs.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from promptmux.kernels.prompt_concat import build_encoder_inputs, pack_segments
+from promptmux.prompts.records import PromptMeta
+from promptmux.prompts.store import ID_PATTERN, PromptStore
+
+from .config import EngineConfig, PromptmuxConfig
+from .decoding import (
+    PerRowMaxNewTokens,
+    PerRowTemperatureTopP,
+    TokenStreamer,
+    generation_config,
+    group_key,
+)
+from .errors import InvalidRequestError, PromptmuxError
+from .model_loading import LoadedModel, load_model
+from .prompt_bank import Lease, PromptBank
+from .prompt_index import PromptIndex
+from .requests import BatchStats, GenerationRequest, GenerationResult, PromptVersionRef
+
+TokenCallback = Callable[[int, int], None]
+
+
+@dataclass
+class BatchOutput:
+    results: list[GenerationResult | PromptmuxError]  # one per request, in order
+    stats: BatchStats
+
+
+@dataclass
+class _Prepared:
+    """A request that passed validation, with its tokens and resolved prompt versions."""
+
+    index: int  # position in the caller's list
+    request: GenerationRequest
+    token_ids: list[int]
+    prompts: list[PromptMeta]
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, store: PromptStore, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.store = store
+        self.config = config
+        self.device = loaded.input_device
+        self.embedding = self.model.get_input_embeddings().weight  # [V, D]
+        self.bank = PromptBank(
+            capacity_rows=config.prompt_cache_rows,
+            page_rows=config.prompt_cache_page_rows,
+            d_model=loaded.d_model,
+            dtype=self.embedding.dtype,
+            device=self.device,
+            loader=lambda meta: store.get(meta.tenant, meta.task, meta.version).tensor,
+        )
+        self.index = PromptIndex.from_store(store)
+        self._refresh_lock = threading.Lock()
+        self.eos_token_id = self.model.config.eos_token_id
+        self.pad_token_id = self.model.config.pad_token_id
+
+    @classmethod
+    def from_config(cls, config: PromptmuxConfig) -> "Engine":
+        loaded = load_model(config.model)
+        store = PromptStore(config.store.root, d_model=loaded.d_model, max_length=config.store.max_prompt_length)
+        return cls(loaded, store, config.engine)
+
+    # ------------------------------------------------------------------ prompts
+    def refresh_prompts(self) -> None:
+        """Re-read the store listing; new and deleted versions apply to the next batch."""
+        with self._refresh_lock:
+            self.index = PromptIndex.from_store(self.store)
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, request: GenerationRequest) -> None:
+        """Cheap checks, no compute: raises InvalidRequestError or TaskNotFoundError."""
+        self._prepare(0, request, self.index)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | PromptmuxError]:
+        return self.run_batch(requests).results
+
+    def run_batch(self, requests: Sequence[GenerationRequest], on_token: TokenCallback | None = None) -> BatchOutput:
+        if len(requests) > self.config.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {len(requests)} requests exceeds engine.max_batch_size={self.config.max_batch_size}; "
+                "split it"
+            )
+        index = self.index  # one consistent view of prompt versions for the whole batch
+        results: list[GenerationResult | PromptmuxError | None] = [None] * len(requests)
+        prepared: list[_Prepared] = []
+        for i, request in enumerate(requests):
+            try:
+                prepared.append(self._prepare(i, request, index))
+            except PromptmuxError as error:
+                results[i] = error
+        stats = BatchStats(len(prepared), 0, 0.0, 0, 0, 0.0, 0.0)
+        if prepared:
+            lease = self.bank.lease([m for p in prepared for m in p.prompts])
+            try:
+                stats = self._run(prepared, lease, results, on_token)
+            finally:
+                self.bank.release(lease)
+        return BatchOutput(results=results, stats=stats)  # type: ignore[arg-type]
+
+    def _prepare(self, index: int, request: GenerationRequest, prompts: PromptIndex) -> _Prepared:
+        if not isinstance(request.text, str) or not request.text.strip():
+            raise InvalidRequestError("the request text is empty; send the input text to run the task on")
+        if not ID_PATTERN.match(request.tenant or ""):
+            raise InvalidRequestError(f"invalid tenant id {request.tenant!r}")
+        request.params.validate(self.config.max_new_tokens_limit)
+        metas = [prompts.resolve(request.tenant, task) for task in request.prompt_task_ids]
+        token_ids = self.tokenizer(request.text)["input_ids"]
+        limit = self.config.max_input_tokens
+        if len(token_ids) > limit:
+            if not request.truncate:
+                raise InvalidRequestError(
+                    f"the input is {len(token_ids)} tokens long, over the limit of {limit} "
+                    "(engine.max_input_tokens); shorten it or set truncate=true"
+                )
+            token_ids = token_ids[: limit - 1] + [self.eos_token_id]
+        return _Prepared(index=index, request=request, token_ids=token_ids, prompts=metas)
+
+    # ------------------------------------------------------------------ compute
+    @torch.inference_mode()
+    def _run(
+        self,
+        prepared: list[_Prepared],
+        lease: Lease,
+        results: list,
+        on_token: TokenCallback | None,
+    ) -> BatchStats:
+        started = time.perf_counter()
+        # Host-side metadata: every length is known here, so sizing S needs no device sync.
+        rows = [
+            [seg for m in p.prompts for seg in lease.segments[(m.tenant, m.task, m.version)]] for p in prepared
+        ]
+        segments = pack_segments(rows, self.device)
+        input_lengths = [len(p.token_ids) for p in prepared]
+        total_lengths = [pl + il for pl, il in zip(segments.prompt_lengths, input_lengths)]
+        seq_len = max(total_lengths)
+        width = max(input_lengths)
+        padded = [p.token_ids + [self.pad_token_id] * (width - len(p.token_ids)) for p in prepared]
+        input_ids = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)  # [B, T]
+        lengths = torch.tensor(input_lengths, dtype=torch.long).to(self.device, non_blocking=True)  # [B]
+        inputs = build_encoder_inputs(
+            input_ids, lengths, self.embedding, self.bank.rows, segments, seq_len, backend=self.config.concat_backend
+        )
+        encoded = self.model.get_encoder()(
+            inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask
+        ).last_hidden_state  # [B, S, D]
+        encode_seconds = time.perf_counter() - started
+
+        groups: dict = {}
+        for row, p in enumerate(prepared):
+            groups.setdefault(group_key(p.request.params), []).append(row)
+        output_tokens = 0
+        for key, group_rows in groups.items():
+            output_tokens += self._decode_group(key, group_rows, prepared, encoded, inputs.attention_mask,
+                                                total_lengths, results, on_token)
+        decode_seconds = time.perf_counter() - started - encode_seconds
+        tasks = {(m.tenant, m.task) for p in prepared for m in p.prompts}
+        return BatchStats(
+            batch_size=len(prepared),
+            distinct_tasks=len(tasks),
+            padding_fraction=1.0 - sum(total_lengths) / (len(prepared) * seq_len),
+            input_tokens=sum(input_lengths),
+            output_tokens=output_tokens,
+            encode_seconds=encode_seconds,
+            decode_seconds=decode_seconds,
+            cache_hits=lease.hits,
+            cache_misses=lease.misses,
+            cache_evictions=lease.evictions,
+        )
+
+    def _decode_group(self, key, group_rows, prepared, encoded, mask, total_lengths, results, on_token) -> int:
+        params = [prepared[r].request.params for r in group_rows]
+        width = max(total_lengths[r] for r in group_rows)  # drop columns that are padding for every row
+        select = torch.tensor(group_rows, device=encoded.device)
+        hidden = encoded.index_select(0, select)[:, :width]  # [Bg, Sg, D]
+        group_mask = mask.index_select(0, select.to(mask.device))[:, :width]  # [Bg, Sg]
+        config = generation_config(key, params, self.model.generation_config)
+        kwargs: dict = {}
+        if key.strategy != "beam":
+            limits = torch.tensor([p.max_new_tokens for p in params], device=hidden.device)
+            kwargs["stopping_criteria"] = [PerRowMaxNewTokens(limits, start_length=1)]
+        if key.strategy == "sample":
+            temperature = torch.tensor([p.temperature for p in params], device=hidden.device)
+            top_p = torch.tensor([p.top_p for p in params], device=hidden.device)
+            kwargs["logits_processor"] = [PerRowTemperatureTopP(temperature, top_p)]
+            seed = next((p.seed for p in params if p.seed is not None), None)
+            if seed is not None:
+                torch.manual_seed(seed)
+        if on_token is not None and key.strategy != "beam":
+            kwargs["streamer"] = TokenStreamer(
+                lambda row, token: on_token(prepared[group_rows[row]].index, token),
+                [p.max_new_tokens for p in params],
+                self.eos_token_id,
+            )
+        sequences = self.model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=group_mask,
+            generation_config=config,
+            **kwargs,
+        )
+        generated = sequences[:, 1:].tolist()  # drop the decoder start token; one host sync per group
+        produced = 0
+        for row, tokens in zip(group_rows, generated):
+            item = prepared[row]
+            tokens = tokens[: item.request.params.max_new_tokens]
+            finish = "length"
+            if self.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_token_id) + 1]
+                finish = "eos"
+            produced += len(tokens)
+            results[item.index] = GenerationResult(
+                request_id=item.request.request_id,
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                token_ids=tokens,
+                finish_reason=finish,
+                prompt_tokens=sum(m.length for m in item.prompts),
+                input_tokens=len(item.token_ids),
+                output_tokens=len(tokens),
+                prompt_versions=tuple(PromptVersionRef(m.tenant, m.task, m.version) for m in item.prompts),
+            )
+        if on_token is not None and key.strategy == "beam":
+            for row in group_rows:
+                for token in results[prepared[row].index].token_ids:
+                    on_token(prepared[row].index, token)
+        return produced
