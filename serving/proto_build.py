@@ -1,0 +1,114 @@
+"""Compile serving/promptmux.proto into the importable package `promptmux.serving.proto_gen`.
+
+The generated code is not committed: it is built here on first use, rebuilt when the .proto
+changes (its sha256 is recorded in the generated `__init__.py`), and built ahead of time by
+`python -m promptmux.serving.proto_build` (container images run that at build time, since
+their site-packages may be read-only at run time).
+
+Several processes (Ray's gRPC proxy, replicas, tests) may build at once: each writes into its
+own temporary folder and moves whole files into place, `__init__.py` last, so a reader sees
+either a complete old build or a complete new one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+PROTO_PATH = Path(__file__).with_name("promptmux.proto")
+OUT_DIR = Path(__file__).with_name("proto_gen")
+_MODULES = ("promptmux_pb2.py", "promptmux_pb2_grpc.py")
+_HASH_LINE = re.compile(r'^PROTO_SHA256 = "([0-9a-f]{64})"$', re.MULTILINE)
+
+
+def proto_sha256(proto_path: Path = PROTO_PATH) -> str:
+    return hashlib.sha256(proto_path.read_bytes()).hexdigest()
+
+
+def is_current(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> bool:
+    try:
+        init = (out_dir / "__init__.py").read_text()
+    except FileNotFoundError:
+        return False
+    match = _HASH_LINE.search(init)
+    return (
+        match is not None
+        and match.group(1) == proto_sha256(proto_path)
+        and all((out_dir / name).exists() for name in _MODULES)
+    )
+
+
+def compile_proto(proto_path: Path, out_dir: Path) -> None:
+    """Run grpc_tools' protoc on one .proto, writing `<stem>_pb2.py` and `<stem>_pb2_grpc.py`."""
+    try:
+        from grpc_tools import protoc
+    except ImportError as error:
+        raise RuntimeError(
+            "grpcio-tools is needed to compile serving/promptmux.proto; install promptmux[serve]"
+        ) from error
+    import importlib.resources
+
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"--proto_path={proto_path.parent}",
+        f"--proto_path={well_known}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        str(proto_path),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {proto_path}; run `python -m grpc_tools.protoc` with {args[1:]} to see why")
+
+
+def build(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> Path:
+    """Generate the package; returns its folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        compile_proto(proto_path, stage)
+        grpc_module = stage / "promptmux_pb2_grpc.py"
+        # protoc writes a top-level import; inside a package it must be relative.
+        grpc_module.write_text(
+            grpc_module.read_text().replace(
+                "import promptmux_pb2 as promptmux__pb2", "from . import promptmux_pb2 as promptmux__pb2"
+            )
+        )
+        (stage / "__init__.py").write_text(
+            '"""Generated from serving/promptmux.proto by promptmux.serving.proto_build; do not edit."""\n'
+            f'PROTO_SHA256 = "{proto_sha256(proto_path)}"\n'
+        )
+        for name in (*_MODULES, "__init__.py"):
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    importlib.invalidate_caches()
+    return out_dir
+
+
+def ensure_built() -> None:
+    """Build the generated package if it is missing or older than the .proto."""
+    if not is_current():
+        build()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the generated code is missing or stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        current = is_current()
+        print(f"{OUT_DIR}: {'current' if current else 'missing or stale'}")
+        return 0 if current else 1
+    print(f"generated {build()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
