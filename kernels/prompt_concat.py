@@ -317,8 +317,11 @@ def build_encoder_inputs_torch(
     segments: SegmentTable,
     seq_len: int,
 ) -> EncoderInputs:
-    """Index arithmetic on device, then one gather + one scatter per source; no host sync.
+    """Index arithmetic on device, then one bank gather that writes every output row; no sync.
 
+    Memory traffic is what costs here, so the output is written by the bank gather itself
+    (positions that are not prompt read a dummy bank row), then the token rows are scattered
+    over it and the padding rows zeroed: no zero-filled buffer, no prompt-sized temporary.
     Sizes the device cannot know without a sync (segment count, total prompt rows) come from
     the host-side SegmentTable, so every repeat_interleave gets its output_size.
     """
@@ -327,33 +330,40 @@ def build_encoder_inputs_torch(
     device = embedding.device
     n_segments = segments.offsets.numel()
     n_prompt_rows = sum(segments.prompt_lengths)
-    long = dict(dtype=torch.long, device=device)
+    # Rows of the flat output [B*S + 1, D]: the last one is scratch, where every row that
+    # must be dropped is sent, so no boolean indexing (and no sync) is needed.
+    scratch_row = batch * seq_len
 
     # Per-row prompt lengths from the segment lengths: prefix sums read at the CSR bounds.
     seg_ends = torch.cumsum(segments.lengths, 0)  # [N]
-    seg_prefix = torch.cat([torch.zeros(1, **long), seg_ends])  # [N+1] flat start of each segment
+    seg_prefix = torch.cat([torch.zeros(1, dtype=torch.long, device=device), seg_ends])  # [N+1]
     row_prompt_start = seg_prefix[segments.row_starts]  # [B+1] flat start of each row's prompt
     prompt_lengths = row_prompt_start[1:] - row_prompt_start[:-1]  # [B]
     total_lengths = prompt_lengths + input_lengths  # [B]
-
-    # Rows of the flat output [B*S (+1 scratch row), D]; every invalid token goes to the
-    # scratch row, so no boolean indexing (and no sync) is needed to drop them.
-    flat = embedding.new_zeros(batch * seq_len + 1, dim)  # [B*S+1, D]
-    scratch_row = batch * seq_len
+    positions = torch.arange(seq_len, device=device)  # [S]
+    attention_mask = (positions[None, :] < total_lengths[:, None]).long()  # [B, S]
 
     if n_prompt_rows:
+        # Within a segment, bank row and output row both advance by one per prompt row, so
+        # each is (flat prompt index + a per-segment constant). Build the two constants per
+        # segment, spread them over the rows with one repeat_interleave, add the flat index.
         seg_rows_count = segments.row_starts[1:] - segments.row_starts[:-1]  # [B]
         seg_row = torch.repeat_interleave(
             torch.arange(batch, device=device), seg_rows_count, output_size=n_segments
         )  # [N] request of each segment
-        prompt_flat = torch.arange(n_prompt_rows, device=device)  # [P_total]
-        prompt_seg = torch.repeat_interleave(
-            torch.arange(n_segments, device=device), segments.lengths, output_size=n_prompt_rows
-        )  # [P_total] segment of each prompt row
-        bank_index = segments.offsets[prompt_seg] + (prompt_flat - seg_prefix[prompt_seg])  # [P_total]
-        prompt_b = seg_row[prompt_seg]  # [P_total]
-        prompt_dest = prompt_b * seq_len + (prompt_flat - row_prompt_start[prompt_b])  # [P_total]
-        flat.index_copy_(0, prompt_dest, bank.index_select(0, bank_index))
+        bank_shift = segments.offsets - seg_prefix[:-1]  # [N]
+        dest_shift = seg_row * seq_len - row_prompt_start[seg_row]  # [N]
+        shifts = torch.repeat_interleave(
+            torch.stack([bank_shift, dest_shift]), segments.lengths, dim=1, output_size=n_prompt_rows
+        )  # [2, P_total]
+        bank_index, prompt_dest = shifts + torch.arange(n_prompt_rows, device=device)  # [P_total] each
+        # Bank row for every output row; rows that are not prompt read bank row 0 and are
+        # overwritten (tokens) or zeroed (padding) below.
+        source = torch.zeros(batch * seq_len + 1, dtype=torch.long, device=device)  # [B*S+1]
+        source.index_copy_(0, prompt_dest, bank_index)
+        flat = bank.index_select(0, source)  # [B*S+1, D]
+    else:
+        flat = embedding.new_empty(batch * seq_len + 1, dim)  # [B*S+1, D] every row set below
 
     if tokens:
         t = torch.arange(tokens, device=device)  # [T]
@@ -364,9 +374,9 @@ def build_encoder_inputs_torch(
         token_ids = torch.where(valid, input_ids, 0)  # [B, T]
         flat.index_copy_(0, token_dest.reshape(-1), embedding.index_select(0, token_ids.reshape(-1)))
 
-    positions = torch.arange(seq_len, device=device)  # [S]
-    attention_mask = (positions[None, :] < total_lengths[:, None]).long()  # [B, S]
     embeds = flat[:scratch_row].view(batch, seq_len, dim)  # [B, S, D]
+    # masked_fill writes only the padding rows; it never does arithmetic on the copied values.
+    embeds.masked_fill_((attention_mask == 0)[..., None], 0)
     return EncoderInputs(embeds, attention_mask, prompt_lengths, total_lengths)
 
 
