@@ -73,6 +73,9 @@ class Engine:
         self._refresh_lock = threading.Lock()
         self.eos_token_id = self.model.config.eos_token_id
         self.pad_token_id = self.model.config.pad_token_id
+        # Models pad their vocabulary past the tokenizer's (T5: 32128 vs 32100; random shapes
+        # use the 384-id byte tokenizer): such ids have no text.
+        self.decodable_ids = len(self.tokenizer)
 
     @classmethod
     def from_config(cls, config: PromptmuxConfig) -> "Engine":
@@ -187,6 +190,9 @@ class Engine:
             cache_evictions=lease.evictions,
         )
 
+    def _detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t < self.decodable_ids], skip_special_tokens=True)
+
     def _decode_group(self, key, group_rows, prepared, encoded, mask, total_lengths, results, on_token) -> int:
         params = [prepared[r].request.params for r in group_rows]
         width = max(total_lengths[r] for r in group_rows)  # drop columns that are padding for every row
@@ -229,7 +235,7 @@ class Engine:
             produced += len(tokens)
             results[item.index] = GenerationResult(
                 request_id=item.request.request_id,
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                text=self._detokenize(tokens),
                 token_ids=tokens,
                 finish_reason=finish,
                 prompt_tokens=sum(m.length for m in item.prompts),
