@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .errors import ModelLoadError
 from .model_shapes import SHAPES, build_random_model
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "special_tokens_map.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -98,15 +99,15 @@ def _load_checkpoint(path: Path, config: ModelConfig, dtype: torch.dtype):
         raise ModelLoadError(f"could not load a T5 checkpoint from {str(path)!r}: {error}") from error
     if config.device_map is None and config.quantization == "none":
         model.to(config.device)
-    try:
+    if any((path / name).exists() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        tokenizer = ByT5Tokenizer()  # ByT5 checkpoints ship no vocabulary file
+    else:
+        tokenizer = ByT5Tokenizer()  # ByT5 needs no vocabulary file
         if model.config.vocab_size != len(tokenizer):
             raise ModelLoadError(
                 f"no tokenizer files in {str(path)!r} and the model's vocabulary ({model.config.vocab_size}) "
-                "is not ByT5's; save the tokenizer next to the weights"
-            ) from None
+                "is not ByT5's; save the tokenizer next to the weights (tokenizer.save_pretrained)"
+            )
     return model, tokenizer
 
 
