@@ -1,0 +1,99 @@
+"""`promptmux prompts train`: prompt-tune a task on the frozen model and register it.
+
+    promptmux prompts train --data train.jsonl --dev dev.jsonl --tenant acme --task reverse \\
+        --init text --init-text "reverse: " --optimizer adam --steps 200 --output runs/reverse
+
+`add_train_parser(subparsers)` adds the `train` subcommand to an argparse subparsers object;
+the subcommand's handler is `args.handler(args)`, returning the exit status. Model and store
+flags (--config, --model, --dtype, --device, --store) are those of every promptmux command.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .store import PromptStore
+from .tuning import DEFAULT_LR, INITS, OPTIMIZERS, SCHEDULES, TrainConfig, read_jsonl, register_prompt, tune_prompt
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="prompt-tune a task on the frozen model and register the prompt",
+        description="Train a soft prompt [L, d_model] on the frozen model (only the prompt learns), "
+        "evaluate dev exact match every N steps, keep the best and an early checkpoint (the SPoT task "
+        "embedding), and register the best in the prompt store with its training metadata.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, required=True, help='training JSONL: {"input": ..., "target": ...} per line')
+    data.add_argument("--dev", type=Path, help="dev JSONL for exact match and loss; without it the last step is kept")
+    target = parser.add_argument_group("prompt")
+    target.add_argument("--tenant", required=True, help="tenant that owns the new prompt")
+    target.add_argument("--task", required=True, help="task id to register the prompt under")
+    target.add_argument("--length", type=int, help="prompt rows L (default 12, or the --init-from prompt's length)")
+    target.add_argument("--init", choices=INITS, default="vocab",
+                        help="random-uniform (U(-0.5, 0.5)), vocab (sampled token embeddings), text (embeddings "
+                        "of --init-text) or prompt (a stored prompt, SPoT transfer; see --init-from)")
+    target.add_argument("--init-text", help="text whose token embeddings start the prompt, e.g. 'reverse: '")
+    target.add_argument("--init-from", dest="init_from_task", help="task whose stored prompt starts training")
+    target.add_argument("--init-from-tenant", help="tenant of --init-from (default: --tenant, then shared tasks)")
+    target.add_argument("--shared", action="store_true", help="let every tenant use the registered prompt")
+    target.add_argument("--description", default="", help="free text stored with the prompt")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default="adafactor")
+    optim.add_argument("--lr", type=float, help=f"learning rate (default {DEFAULT_LR})")
+    optim.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    optim.add_argument("--warmup-steps", type=int, default=0)
+    optim.add_argument("--steps", type=int, default=1000, help="step budget")
+    optim.add_argument("--batch-size", type=int, default=32)
+    optim.add_argument("--eval-every", type=int, default=100, help="dev evaluation interval in steps")
+    optim.add_argument("--early-step", type=int, default=100, help="step of the early (task embedding) checkpoint")
+    optim.add_argument("--seed", type=int, default=0)
+    from promptmux.serving.cli import add_model_arguments
+
+    add_model_arguments(parser)  # --config, --model, --dtype, --device, --store, as every command
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--output", type=Path, help="directory for best.safetensors, early.safetensors, history.json")
+    outputs.add_argument("--no-register", action="store_true", help="train and save, but leave the store unchanged")
+    outputs.add_argument("--no-progress", action="store_true", help="log evaluations instead of a progress bar")
+    parser.set_defaults(handler=handle_train)
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        tenant=args.tenant, task=args.task, prompt_length=args.length, init=args.init, init_text=args.init_text,
+        init_from_task=args.init_from_task, init_from_tenant=args.init_from_tenant, optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.optimizer], schedule=args.schedule,
+        warmup_steps=args.warmup_steps, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+        early_checkpoint_step=args.early_step, seed=args.seed, output_dir=args.output, shared=args.shared,
+        description=args.description, progress=not args.no_progress,
+    )
+
+
+def handle_train(args: argparse.Namespace) -> int:
+    """Train, save checkpoints, register. Errors propagate as PromptmuxError (the CLI prints them)."""
+    from promptmux.serving.cli import config_from_args
+    from promptmux.serving.model_loading import load_model
+
+    settings = config_from_args(args)
+    config = train_config_from_args(args)
+    config.validate()
+    train = read_jsonl(args.data)
+    dev = read_jsonl(args.dev) if args.dev else []
+    loaded = load_model(settings.model)
+    store = PromptStore(settings.store.root, d_model=loaded.d_model, max_length=settings.store.max_prompt_length)
+    result = tune_prompt(loaded.model, loaded.tokenizer, train, dev, config, store=store,
+                         log=None if config.progress else print)
+    summary = (f"best dev exact match {result.best.exact_match:.3f} (loss {result.best.loss:.4f}) at step "
+               f"{result.best.step}" if result.best else "no dev set: kept the last step")
+    if args.output:
+        summary += f"; checkpoints in {args.output}"
+    if args.no_register:
+        print(f"trained {config.tenant}/{config.task}: {summary}; not registered")
+        return 0
+    meta = register_prompt(store, result, config, model_name=loaded.name, train_examples=len(train),
+                           dev_examples=min(len(dev), config.max_dev_examples or len(dev)))
+    print(f"registered {meta.tenant}/{meta.task} version {meta.version} ({meta.length}x{meta.d_model}, "
+          f"sha256 {meta.content_hash[:12]}): {summary}")
+    return 0
