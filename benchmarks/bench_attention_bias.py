@@ -10,6 +10,7 @@ a ratio measured in one run (medians of interleaved repetitions on one model ins
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=100)
     parser.add_argument("--max-input", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     model = build_random_model(args.shape).eval()
     install_t5_bias_attention(model)  # registers the implementation; the loop below switches
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {args.machine}. torch {torch.__version__}, {torch.get_num_threads()} threads, fp32. "
         f"Model: {args.shape} shape, random weights. Batch {args.batch}, prompt {args.prompt_len} rows + input "
         f"up to {args.max_input} tokens (S = {embeds.shape[1]}), right-padded mixed lengths. "
-        "Medians of interleaved rounds; ratio > 1 means faster than eager.",
+        f"Medians of interleaved rounds; ratio > 1 means faster than eager. 1-minute load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other jobs share the cores).",
         "",
         f"`sdpa` is transformers' own SDPA path (merges bias and mask again in every layer); "
         f"`{T5_BIAS_ATTENTION}` merges once per stack forward.",

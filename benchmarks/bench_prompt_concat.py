@@ -12,7 +12,9 @@ On a CUDA machine the same grid also runs Triton vs torch vs loop on the GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +86,10 @@ def concat_and_pad_loop(input_ids, input_lengths, embedding, bank, rows, seq_len
 
 def median_seconds(contenders: dict[str, Callable[[], object]], sync: Callable[[], None], budget_s: float) -> dict:
     """Interleaved repetitions (so drifting load hits every contender alike); medians."""
-    for fn in contenders.values():  # warm-up: allocator, caches, Triton compile
-        fn()
-    sync()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    first = times[next(iter(times))]
     deadline = time.perf_counter() + budget_s
-    while len(times[next(iter(times))]) < 3 or (time.perf_counter() < deadline and len(times[next(iter(times))]) < 50):
+    while len(first) < 3 or (time.perf_counter() < deadline and len(first) < 20):
         for name, fn in contenders.items():
             sync()
             start = time.perf_counter()
@@ -116,10 +116,13 @@ def run_grid(cases: list[Case], device: str, backends: list[str], budget_s: floa
 
         contenders = {"loop": lambda: concat_and_pad_loop(input_ids, input_lengths, embedding, bank, rows, seq_len)}
         contenders.update({backend: op(backend) for backend in backends})
+        # Warm-up (allocator, caches, Triton compile) doubles as the check that every contender
+        # gives the loop's answer: a benchmark of a wrong answer is worthless.
         expected = contenders["loop"]()
-        for backend in backends:  # a benchmark of a wrong answer is worthless
+        for backend in backends:
             got = contenders[backend]()
             assert torch.equal(got.embeds, expected.embeds) and torch.equal(got.attention_mask, expected.attention_mask)
+        del got
         seconds = median_seconds(contenders, sync, budget_s)
         rows_out.append({"case": case, "seconds": seconds})
         del input_ids, input_lengths, embedding, bank, expected
@@ -138,7 +141,7 @@ def format_row(row: dict, backends: list[str]) -> str:
     return f"{head} {s['loop'] * 1e3:.2f} | {times} | {ratios} |"
 
 
-def table(rows: list[dict], backends: list[str], title: str, machine: str) -> str:
+def table(rows: list[dict], backends: list[str], title: str, machine: str, load: str, command: str) -> str:
     header = (
         "| B | prompt len | D | loop ms | "
         + " | ".join(f"{b} ms" for b in backends)
@@ -150,7 +153,8 @@ def table(rows: list[dict], backends: list[str], title: str, machine: str) -> st
     lines = [
         f"# {title}",
         "",
-        f"Machine: {machine}. torch {torch.__version__}, {torch.get_num_threads()} threads, fp32.",
+        f"Machine: {machine}. torch {torch.__version__}, {torch.get_num_threads()} threads, fp32. {load}",
+        f"Command: `{command}`.",
         f"Mixed batch: {DISTINCT_TASKS} distinct task prompts in {PAGE_ROWS}-row pages at scattered bank "
         f"places; inputs of {INPUT_TOKENS // 2}-{INPUT_TOKENS} tokens; vocabulary {VOCAB} rows. Medians of "
         "interleaved repetitions, segment packing included in the op. Ratio > 1 means the op is faster.",
@@ -168,10 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller grid and shorter timing budget")
     parser.add_argument("--machine", default="2-core CPU", help="how to name this machine in the results")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); 1 steadies "
+        "figures on a machine whose cores other jobs also use"
+    )
     args = parser.parse_args(argv)
+    command = " ".join(["python -m promptmux.benchmarks.bench_prompt_concat", *(sys.argv[1:] if argv is None else argv)])
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     batches, prompts, dims = ([1, 8, 64, 256], [1, 10, 100, 1000], [512, 4096])
-    budget = 0.5
+    budget = 0.3
     if args.quick:
         batches, prompts, dims, budget = [1, 64], [10, 1000], [512], 0.2
     cases = [Case(b, p, d) for d in dims for p in prompts for b in batches]
@@ -181,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         targets.append(("cuda", ["triton", "torch"], "prompt_concat_cuda.md", torch.cuda.get_device_name()))
     for device, backends, filename, machine in targets:
         print(f"\n{device}: loop / op ratios ({machine})")
+        load_before = os.getloadavg()[0]
         rows = run_grid(cases, device, backends, budget)
-        text = table(rows, backends, f"Prompt concat + mask: op vs per-request loop ({device})", machine)
+        load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after."
+        text = table(rows, backends, f"Prompt concat + mask: op vs per-request loop ({device})", machine, load, command)
         print(text)
         if not args.no_write and not args.quick:
             RESULTS.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ DESIGN.md); padding between prompt and input would not.
 
 The file tells the whole story, Triton-tutorial style:
   1. `build_encoder_inputs_reference`: the clarity-first definition (loops over requests).
-  2. `_prompt_concat_kernel`: the Triton kernel, one launch for the whole batch.
+  2. `_prompt_concat_kernel_body`: the Triton kernel, one launch for the whole batch.
   3. `build_encoder_inputs_triton`: its launcher.
   4. `build_encoder_inputs_torch`: the vectorised PyTorch path (CPU default).
   5. `build_encoder_inputs`: the dispatcher the engine calls.
@@ -60,10 +60,6 @@ class SegmentTable:
     # device sync. 0 means unknown (a table built by hand) and skips that check.
     bank_rows_needed: int = 0
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.prompt_lengths)
-
 
 def pack_segments(rows: Sequence[Sequence[tuple[int, int]]], device: torch.device | str) -> SegmentTable:
     """Pack per-request segment lists into a SegmentTable on `device`.
@@ -99,8 +95,11 @@ def pack_segments(rows: Sequence[Sequence[tuple[int, int]]], device: torch.devic
         row_starts.append(len(offsets))
         prompt_lengths.append(total)
     n = len(offsets)
-    # One host-to-device copy, then views into it.
-    packed = torch.tensor(offsets + lengths + row_starts, dtype=torch.long).to(device, non_blocking=True)
+    # One host-to-device copy, then views into it; from pinned memory it does not block the host.
+    packed = torch.tensor(offsets + lengths + row_starts, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
     return SegmentTable(
         offsets=packed[:n],
         lengths=packed[n : 2 * n],
@@ -171,7 +170,6 @@ def _prompt_concat_kernel_body(
     mask_ptr,  # [B, S] long out
     prompt_lengths_ptr,  # [B] long out
     total_lengths_ptr,  # [B] long out
-    T,
     S,
     D,
     stride_ids_b,
@@ -269,7 +267,7 @@ def build_encoder_inputs_triton(
             "TRITON_INTERPRET=1 in the environment to run the kernel in Triton's (slow) interpreter"
         )
     kernel = _compiled_kernel(interpret)
-    batch, tokens = input_ids.shape
+    batch = input_ids.shape[0]
     dim = embedding.shape[1]
     device = embedding.device
     embeds = torch.empty(batch, seq_len, dim, dtype=embedding.dtype, device=device)  # [B, S, D]
@@ -292,7 +290,6 @@ def build_encoder_inputs_triton(
         attention_mask,
         prompt_lengths,
         total_lengths,
-        tokens,
         seq_len,
         dim,
         input_ids.stride(0),

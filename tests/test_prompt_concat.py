@@ -212,7 +212,7 @@ def test_kernel_compiles_for_cuda_without_a_gpu():
             **{name: "*i64" for name in ("seg_offsets_ptr", "seg_lengths_ptr", "row_starts_ptr")},
             "embeds_ptr": f"*{dtype}",
             **{name: "*i64" for name in ("mask_ptr", "prompt_lengths_ptr", "total_lengths_ptr")},
-            **{name: "i32" for name in ("T", "S", "D", "stride_ids_b", "stride_emb_v", "stride_bank_r")},
+            **{name: "i32" for name in ("S", "D", "stride_ids_b", "stride_emb_v", "stride_bank_r")},
             "BLOCK_S": "constexpr",
             "BLOCK_D": "constexpr",
         }
