@@ -233,9 +233,16 @@ def test_cuda_backends_match_naive_loop(monkeypatch, backend, batch, dim, dtype)
     input_ids, input_lengths, embedding, bank, rows, seq_len = make_batch(
         batch, dim, dtype, seed=batch + dim, device="cuda"
     )
-    out = build_encoder_inputs(
-        input_ids, input_lengths, embedding, bank, pack_segments(rows, "cuda"), seq_len, backend=backend
-    )
+    segments = pack_segments(rows, "cuda")
+    # First call compiles the Triton kernel; compiling is not the hot path, so warm up first.
+    build_encoder_inputs(input_ids, input_lengths, embedding, bank, segments, seq_len, backend=backend)
+    torch.cuda.synchronize()
+    # The op must never wait on the device: S and every size it needs come from the host.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = build_encoder_inputs(input_ids, input_lengths, embedding, bank, segments, seq_len, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert out.embeds.device.type == "cuda"
     expected = naive_concat_and_pad(
         input_ids.cpu(), input_lengths.cpu(), embedding.cpu(), bank.cpu(), rows, seq_len
