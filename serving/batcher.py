@@ -88,6 +88,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmux-engine")
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._running = False  # a batch is in the engine
 
     # ------------------------------------------------------------------ public
     @property
@@ -132,11 +133,12 @@ class Batcher:
                 del self._in_flight[request.tenant]
 
     async def close(self, grace_s: float | None = None) -> None:
-        """Refuse new requests; let queued ones run for up to `grace_s`, then fail the rest."""
+        """Refuse new requests; let queued and running ones finish for up to `grace_s`, then
+        fail the rest with UNAVAILABLE."""
         self._closing = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         end = self._clock() + grace
-        while self._queued and self._clock() < end and self._worker is not None and not self._worker.done():
+        while (self._queued or self._running) and self._clock() < end and self._worker is not None and not self._worker.done():
             await asyncio.sleep(0.01)
         for tenant in list(self._queues):
             for item in self._queues.pop(tenant):
@@ -207,7 +209,11 @@ class Batcher:
             try:
                 batch = self._take_batch()
                 if batch:
-                    await self._compute(batch)
+                    self._running = True
+                    try:
+                        await self._compute(batch)
+                    finally:
+                        self._running = False
             except Exception:  # a metrics or bookkeeping bug must not stop the replica serving
                 log.exception("batcher iteration failed; continuing")
 
@@ -318,6 +324,10 @@ class Batcher:
             )
             if len(output.results) != len(batch):
                 raise RuntimeError(f"the engine returned {len(output.results)} results for {len(batch)} requests")
+        except asyncio.CancelledError:  # close() stopped waiting for this batch
+            for item in batch:
+                self._fail(item, UnavailableError("the replica shut down while running this request; retry it"))
+            raise
         except Exception as error:  # the whole batch failed: every request learns why
             failure = error if isinstance(error, PromptmuxError) else PromptmuxError(
                 f"the engine failed on a batch of {len(batch)} requests: {type(error).__name__}: {error}"

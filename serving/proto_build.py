@@ -1,7 +1,7 @@
 """Compile serving/promptmux.proto into the importable package `promptmux.serving.proto_gen`.
 
 The generated code is not committed: it is built here on first use, rebuilt when the .proto
-changes (its sha256 is recorded in the generated `__init__.py`), and built ahead of time by
+changes (a sha256 of it is recorded in the generated `__init__.py`), and built ahead of time by
 `python -m promptmux.serving.proto_build` (container images run that at build time, since
 their site-packages may be read-only at run time).
 
@@ -27,8 +27,12 @@ _MODULES = ("promptmux_pb2.py", "promptmux_pb2_grpc.py")
 _HASH_LINE = re.compile(r'^PROTO_SHA256 = "([0-9a-f]{64})"$', re.MULTILINE)
 
 
+# Bump when the post-processing below changes, so existing builds are redone.
+_GENERATOR_REVISION = b"2"
+
+
 def proto_sha256(proto_path: Path = PROTO_PATH) -> str:
-    return hashlib.sha256(proto_path.read_bytes()).hexdigest()
+    return hashlib.sha256(proto_path.read_bytes() + _GENERATOR_REVISION).hexdigest()
 
 
 def is_current(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> bool:
@@ -73,13 +77,13 @@ def build(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> Path:
     stage = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
     try:
         compile_proto(proto_path, stage)
-        grpc_module = stage / "promptmux_pb2_grpc.py"
-        # protoc writes a top-level import; inside a package it must be relative.
-        grpc_module.write_text(
-            grpc_module.read_text().replace(
-                "import promptmux_pb2 as promptmux__pb2", "from . import promptmux_pb2 as promptmux__pb2"
-            )
-        )
+        # protoc assumes top-level modules. Inside a package the grpc module's import must be
+        # relative, and messages must name their real module, or pickling them (Ray does,
+        # between its gRPC proxy and the replicas) fails to import `promptmux_pb2`.
+        _rewrite(stage / "promptmux_pb2_grpc.py", "import promptmux_pb2 as promptmux__pb2",
+                 "from . import promptmux_pb2 as promptmux__pb2")
+        _rewrite(stage / "promptmux_pb2.py", "BuildTopDescriptorsAndMessages(DESCRIPTOR, 'promptmux_pb2', _globals)",
+                 "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)")
         (stage / "__init__.py").write_text(
             '"""Generated from serving/promptmux.proto by promptmux.serving.proto_build; do not edit."""\n'
             f'PROTO_SHA256 = "{proto_sha256(proto_path)}"\n'
@@ -90,6 +94,13 @@ def build(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> Path:
         shutil.rmtree(stage, ignore_errors=True)
     importlib.invalidate_caches()
     return out_dir
+
+
+def _rewrite(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    if old not in text:
+        raise RuntimeError(f"{path.name} from this grpcio-tools lacks {old!r}; update proto_build.py for it")
+    path.write_text(text.replace(old, new))
 
 
 def ensure_built() -> None:

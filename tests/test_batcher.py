@@ -284,19 +284,32 @@ def test_tokens_reach_the_event_loop_in_order():
     run(main())
 
 
-def test_close_refuses_new_requests_and_fails_what_cannot_run():
+def test_close_refuses_new_requests_and_fails_what_cannot_finish_in_the_grace_period():
     async def main():
         engine = FakeEngine()
         batcher = make_batcher(engine, max_batch_size=1)
         blocker = await hold_engine(batcher, engine)
         stuck = asyncio.ensure_future(batcher.submit(req("a", "t", "stuck")))
         await asyncio.sleep(0)
-        await batcher.close(grace_s=0.01)
-        with pytest.raises(UnavailableError, match="shut down"):
+        await batcher.close(grace_s=0.05)
+        with pytest.raises(UnavailableError, match="shut down before running"):
             await stuck
+        with pytest.raises(UnavailableError, match="shut down while running"):
+            await blocker
         with pytest.raises(UnavailableError, match="shutting down"):
             await batcher.submit(req("a", "t", "new"))
         engine.gate.set()
-        await asyncio.wait([blocker], timeout=5)
+
+    run(main())
+
+
+def test_close_lets_queued_work_finish_within_the_grace_period():
+    async def main():
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=1)
+        work = [asyncio.ensure_future(batcher.submit(req("a", "t", str(i)))) for i in range(3)]
+        await asyncio.sleep(0)
+        await batcher.close(grace_s=10)
+        assert [w.result().text for w in work] == ["t:0", "t:1", "t:2"]
 
     run(main())

@@ -1,0 +1,288 @@
+"""One replica of the service: a frozen model, its engine, the fair batcher, and the RPCs.
+
+The class is plain Python; serving/app.py wraps it with `serve.deployment` at build time.
+Its methods carry the RPC names of serving/promptmux.proto, so Ray Serve's gRPC proxy routes
+each call here with the caller's metadata in `grpc_context`.
+
+Errors: each PromptmuxError becomes its gRPC status code with its message as details, set on
+`grpc_context` (the proxy copies both to the client). Unary methods then return an empty
+reply; the streaming method raises, which Serve turns into the same status.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+import torch
+
+from .auth import KeyRing, Principal, require_owner_or_admin
+from .batcher import Batcher
+from .engine import Engine
+from .errors import InvalidRequestError, PromptmuxError
+from .grpc_convert import (
+    batch_item_to_pb,
+    pb,
+    prompt_info_to_pb,
+    reply_to_pb,
+    request_from_pb,
+    stream_delta_to_pb,
+    stream_final_to_pb,
+    task_info_to_pb,
+    tensor_from_pb,
+)
+from .metrics import ServingMetrics, task_label
+from .serving_config import API_KEYS_ENV, AppConfig
+from .streaming import TextDeltas
+
+log = logging.getLogger(__name__)
+
+
+class _Call:
+    """What the metrics need to know about one RPC."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.tenant = ""
+        self.task = ""
+        self.status = "OK"
+
+
+def _reject(call: _Call, grpc_context, error: PromptmuxError) -> None:
+    call.status = error.status
+    grpc_context.set_code(getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL))
+    grpc_context.set_details(str(error))
+
+
+def _internal(method: str, error: Exception) -> PromptmuxError:
+    log.exception("%s failed", method, exc_info=error)
+    return PromptmuxError(
+        f"internal error in {method} ({type(error).__name__}); the replica log has the traceback"
+    )
+
+
+def unary_rpc(reply_type: Callable[[], Any]):
+    """Turn `method(self, request, grpc_context, call)` into a Serve gRPC handler."""
+
+    def wrap(method: Callable[..., Awaitable[Any]]):
+        async def handler(self: "PromptmuxServer", request, grpc_context):
+            call = _Call(method.__name__)
+            try:
+                return await method(self, request, grpc_context, call)
+            except PromptmuxError as error:
+                _reject(call, grpc_context, error)
+            except asyncio.CancelledError:  # the caller's deadline passed or it went away
+                call.status = "CANCELLED"
+                raise
+            except Exception as error:
+                _reject(call, grpc_context, _internal(call.method, error))
+            finally:
+                self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
+                                           time.perf_counter() - call.started, count=call.method != "GenerateBatch")
+            return reply_type()
+
+        handler.__name__ = method.__name__
+        handler.__doc__ = method.__doc__
+        return handler
+
+    return wrap
+
+
+class PromptmuxServer:
+    """A replica: one frozen model shared by every tenant and task."""
+
+    def __init__(self, config: AppConfig) -> None:
+        serving = config.serving
+        if not serving.api_keys_file:
+            raise ValueError(
+                f"no API key file: set serving.api_keys_file or ${API_KEYS_ENV} (the service never runs "
+                "without authentication; `promptmux serve` makes a demo key file for local use)"
+            )
+        if serving.torch_threads:
+            torch.set_num_threads(serving.torch_threads)
+        self._config = config
+        self._keys = KeyRing.from_file(serving.api_keys_file)
+        self._engine = Engine.from_config(config.promptmux)
+        self._engine.refresh_prompts()
+        self._metrics = ServingMetrics()
+        self._batcher = Batcher(serving, self._engine.run_batch, observer=self._metrics)
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
+        self._refresher.start()
+        log.info("replica ready: model %s, %d API keys, batching %s", config.promptmux.model.source,
+                 len(self._keys), serving.batching)
+
+    # ------------------------------------------------------------------ background
+    def _refresh_loop(self) -> None:
+        """Pick up prompts other replicas registered or deleted, and rotated keys."""
+        interval = self._config.promptmux.store.refresh_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self._engine.refresh_prompts()
+                self._keys.reload_if_changed()
+            except Exception:  # a transient store error must not end refreshing
+                log.exception("refreshing prompts failed; retrying in %.1fs", interval)
+
+    async def shutdown(self) -> None:
+        """Refuse new work (UNAVAILABLE), let queued work finish within serving.shutdown_grace_s."""
+        self._stop.set()
+        await self._batcher.close()
+
+    def __del__(self):
+        # Serve calls __del__ on shutdown from the replica's event loop and awaits what it
+        # returns. Plain garbage collection (no running loop) has nothing to drain.
+        stop = getattr(self, "_stop", None)
+        if stop is None:
+            return None  # __init__ failed before anything started
+        stop.set()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self.shutdown()
+
+    # ------------------------------------------------------------------ helpers
+    def _authenticate(self, grpc_context, call: _Call) -> Principal:
+        principal = self._keys.authenticate(grpc_context.invocation_metadata())
+        call.tenant = principal.tenant
+        return principal
+
+    async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
+        request = request_from_pb(request_pb, principal.tenant)
+        if call is not None:
+            call.task = task_label(request)
+        self._engine.validate(request)  # cheap and in memory: fails fast before queueing
+        result = await self._batcher.submit(request)
+        self._metrics.tokens(request, result)
+        return result
+
+    # ------------------------------------------------------------------ generation RPCs
+    @unary_rpc(pb.GenerateReply)
+    async def Generate(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        return reply_to_pb(await self._generate_one(request, principal, call))
+
+    async def GenerateStream(self, request, grpc_context) -> AsyncIterator[Any]:
+        call = _Call("GenerateStream")
+        try:
+            principal = self._authenticate(grpc_context, call)
+            generation = request_from_pb(request, principal.tenant)
+            call.task = task_label(generation)
+            self._engine.validate(generation)
+            tokens: asyncio.Queue[int | None] = asyncio.Queue()
+            job = asyncio.ensure_future(self._batcher.submit(generation, on_token=tokens.put_nowait))
+            job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
+            deltas = TextDeltas(self._engine.tokenizer)
+            try:
+                finished = False
+                while not finished:
+                    new = [await tokens.get()]
+                    while not tokens.empty():
+                        new.append(tokens.get_nowait())  # under load, several tokens share one message
+                    if new[-1] is None:
+                        finished, new = True, new[:-1]
+                    delta = deltas.push(new) if new else ""
+                    if delta:
+                        yield stream_delta_to_pb(delta, deltas.token_count)
+                result = job.result()
+            finally:
+                job.cancel()  # no-op once done; drops the request if the client went away
+            self._metrics.tokens(generation, result)
+            yield stream_final_to_pb(deltas.finish(result.text), result)
+        except PromptmuxError as error:
+            _reject(call, grpc_context, error)
+            raise
+        except asyncio.CancelledError:
+            call.status = "CANCELLED"
+            raise
+        except Exception as error:
+            failure = _internal(call.method, error)
+            _reject(call, grpc_context, failure)
+            raise failure from error
+        finally:
+            self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
+                                       time.perf_counter() - call.started)
+
+    @unary_rpc(pb.GenerateBatchReply)
+    async def GenerateBatch(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        limit = self._config.serving.max_in_flight_per_tenant
+        if len(request.requests) > limit:
+            raise InvalidRequestError(
+                f"GenerateBatch got {len(request.requests)} requests, more than one tenant may have in flight "
+                f"(serving.max_in_flight_per_tenant={limit}); split it into calls of at most {limit}"
+            )
+
+        async def one(item):
+            try:
+                result = await self._generate_one(item, principal)
+                status = "OK"
+            except PromptmuxError as error:
+                result, status = error, error.status
+            self._metrics.count(call.method, principal.tenant, item.task, status)
+            return result
+
+        outcomes = await asyncio.gather(*(one(item) for item in request.requests))
+        return pb.GenerateBatchReply(items=[batch_item_to_pb(o) for o in outcomes])
+
+    # ------------------------------------------------------------------ prompt RPCs
+    @unary_rpc(pb.PromptInfo)
+    async def RegisterPrompt(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        owner = request.tenant or principal.tenant
+        call.task = request.task
+        require_owner_or_admin(principal, owner, "register")
+        tensor = tensor_from_pb(request.tensor)
+        meta = await asyncio.to_thread(
+            self._engine.store.register, owner, request.task, tensor,
+            shared=request.shared, description=request.description,
+        )
+        await asyncio.to_thread(self._engine.refresh_prompts)  # usable here at once, elsewhere within a refresh
+        return prompt_info_to_pb(meta)
+
+    @unary_rpc(pb.ListPromptsReply)
+    async def ListPrompts(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        owner = request.tenant or principal.tenant
+        require_owner_or_admin(principal, owner, "list")
+        metas = await asyncio.to_thread(self._engine.store.list, owner)
+        return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in metas])
+
+    @unary_rpc(pb.PromptInfo)
+    async def GetPrompt(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        owner = request.tenant or principal.tenant
+        call.task = request.task
+        require_owner_or_admin(principal, owner, "read")
+        meta = await asyncio.to_thread(self._engine.store.meta, owner, request.task, request.version or None)
+        return prompt_info_to_pb(meta)
+
+    @unary_rpc(pb.DeletePromptReply)
+    async def DeletePrompt(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        owner = request.tenant or principal.tenant
+        call.task = request.task
+        require_owner_or_admin(principal, owner, "delete")
+        removed = await asyncio.to_thread(self._engine.store.delete, owner, request.task)
+        await asyncio.to_thread(self._engine.refresh_prompts)
+        return pb.DeletePromptReply(tenant=owner, task=request.task, versions_removed=removed)
+
+    @unary_rpc(pb.ListTasksReply)
+    async def ListTasks(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        return pb.ListTasksReply(tasks=[task_info_to_pb(m) for m in self._engine.index.visible_to(principal.tenant)])
+
+    @unary_rpc(pb.HealthReply)
+    async def Health(self, request, grpc_context, call: _Call):
+        model = self._config.promptmux.model.source
+        return pb.HealthReply(
+            status="NOT_SERVING" if self._batcher.closing else "SERVING",
+            model=model,
+            d_model=self._engine.loaded.d_model,
+            queue_depth=self._batcher.queue_depth,
+            batching=self._config.serving.batching,
+        )

@@ -1,0 +1,142 @@
+"""Protobuf <-> the project's plain types. The only place that knows both (`from_pb` / `to_pb`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from promptmux.prompts.records import SUPPORTED_DTYPES, PromptMeta
+
+from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
+from .proto_build import ensure_built
+from .requests import GenerationParams, GenerationRequest, GenerationResult
+
+ensure_built()
+from .proto_gen import promptmux_pb2 as pb  # noqa: E402  (generated on first use just above)
+
+_STRATEGIES = {pb.STRATEGY_UNSPECIFIED: "greedy", pb.GREEDY: "greedy", pb.BEAM: "beam", pb.SAMPLE: "sample"}
+_FINISH = {"eos": pb.EOS, "length": pb.LENGTH}
+_DEFAULTS = GenerationParams()
+
+
+# ---------------------------------------------------------------------- generation
+def params_from_pb(msg: "pb.GenerationParams") -> GenerationParams:
+    if msg.strategy not in _STRATEGIES:
+        raise InvalidRequestError(
+            f"unknown strategy value {msg.strategy}; expected GREEDY (1), BEAM (2) or SAMPLE (3)"
+        )
+    for name in ("length_penalty", "temperature", "top_p"):
+        if msg.HasField(name) and not math.isfinite(getattr(msg, name)):
+            raise InvalidRequestError(f"params.{name} is {getattr(msg, name)}; expected a finite number")
+    return GenerationParams(
+        max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else _DEFAULTS.max_new_tokens,
+        strategy=_STRATEGIES[msg.strategy],
+        num_beams=msg.num_beams if msg.HasField("num_beams") else _DEFAULTS.num_beams,
+        length_penalty=msg.length_penalty if msg.HasField("length_penalty") else _DEFAULTS.length_penalty,
+        temperature=msg.temperature if msg.HasField("temperature") else _DEFAULTS.temperature,
+        top_p=msg.top_p if msg.HasField("top_p") else _DEFAULTS.top_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+
+def request_from_pb(msg: "pb.GenerateRequest", tenant: str) -> GenerationRequest:
+    """The engine request for a caller's GenerateRequest; `tenant` comes from the API key."""
+    if msg.language and not msg.task:
+        raise InvalidRequestError(
+            f"language={msg.language!r} was given without a task; a language prompt composes with a task "
+            "prompt, so set `task` too"
+        )
+    return GenerationRequest(
+        tenant=tenant,
+        text=msg.text,
+        task=msg.task or None,
+        prompt_segments=(msg.language, msg.task) if msg.language else (),
+        params=params_from_pb(msg.params),
+        request_id=msg.request_id,
+        truncate=msg.truncate,
+    )
+
+
+def reply_to_pb(result: GenerationResult) -> "pb.GenerateReply":
+    return pb.GenerateReply(
+        request_id=result.request_id,
+        text=result.text,
+        finish_reason=_FINISH.get(result.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        prompt_tokens=result.prompt_tokens,
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        prompt_versions=[
+            pb.PromptVersion(tenant=v.tenant, task=v.task, version=v.version) for v in result.prompt_versions
+        ],
+    )
+
+
+def stream_delta_to_pb(delta: str, output_tokens: int) -> "pb.GenerateStreamReply":
+    return pb.GenerateStreamReply(delta=delta, output_tokens=output_tokens)
+
+
+def stream_final_to_pb(delta: str, result: GenerationResult) -> "pb.GenerateStreamReply":
+    return pb.GenerateStreamReply(
+        delta=delta, output_tokens=result.output_tokens, done=True, result=reply_to_pb(result)
+    )
+
+
+def batch_item_to_pb(outcome: GenerationResult | PromptmuxError) -> "pb.GenerateBatchItem":
+    if isinstance(outcome, PromptmuxError):
+        return pb.GenerateBatchItem(error=pb.ItemError(code=outcome.status, message=str(outcome)))
+    return pb.GenerateBatchItem(reply=reply_to_pb(outcome))
+
+
+# ---------------------------------------------------------------------- prompts
+def tensor_from_pb(msg: "pb.PromptTensor") -> torch.Tensor:
+    """The [length, d_model] tensor a RegisterPrompt upload describes."""
+    dtype = SUPPORTED_DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidPromptError(
+            f"tensor.dtype={msg.dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)}"
+        )
+    shape = tuple(msg.shape)
+    if len(shape) != 2 or 0 in shape:
+        raise InvalidPromptError(
+            f"tensor.shape={list(shape)} is invalid; expected [length, d_model] with both > 0"
+        )
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = shape[0] * shape[1] * itemsize
+    if len(msg.data) != expected:
+        raise InvalidPromptError(
+            f"tensor.data has {len(msg.data)} bytes, but shape {list(shape)} of {msg.dtype} needs {expected} "
+            "(row-major, little-endian)"
+        )
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+
+
+def tensor_to_pb(tensor: torch.Tensor) -> "pb.PromptTensor":
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return pb.PromptTensor(dtype=dtype, shape=list(tensor.shape), data=tensor.view(torch.uint8).numpy().tobytes())
+
+
+def prompt_info_to_pb(meta: PromptMeta) -> "pb.PromptInfo":
+    return pb.PromptInfo(
+        tenant=meta.tenant,
+        task=meta.task,
+        version=meta.version,
+        content_hash=meta.content_hash,
+        d_model=meta.d_model,
+        length=meta.length,
+        dtype=meta.dtype,
+        created_at=meta.created_at,
+        shared=meta.shared,
+        description=meta.description,
+    )
+
+
+def task_info_to_pb(meta: PromptMeta) -> "pb.TaskInfo":
+    return pb.TaskInfo(
+        task=meta.task,
+        owner=meta.tenant,
+        version=meta.version,
+        length=meta.length,
+        shared=meta.shared,
+        description=meta.description,
+    )

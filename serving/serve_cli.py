@@ -1,0 +1,174 @@
+"""`promptmux serve`: the whole service on this machine with one command.
+
+Starts a local Ray (no dashboard) with its Prometheus export on --metrics-port, Ray Serve with
+its gRPC proxy on --grpc-port and HTTP proxy (health) on --http-port, deploys the promptmux
+application, seeds the demo prompts for the embedded model, prints where everything is, and
+stops cleanly on Ctrl-C or SIGTERM.
+
+API keys (the service never runs without them): the key file comes from --api-keys-file,
+the config's `serving.api_keys_file`, or $PROMPTMUX_API_KEYS_FILE. With none of those, a
+local demo key file is created next to the prompt store, holding (hashed) one fresh key for
+tenant `demo`, which is printed once. Deployments (serving/configs/serve.yaml, Kubernetes)
+never do this: a replica with no key file refuses to start.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEV_TENANT = "demo"
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the gRPC service locally on Ray Serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", type=Path,
+        help="YAML with the application args (sections model, store, engine, serving), or a whole Serve "
+        "config such as serving/configs/serve.yaml, whose promptmux application, ports and deployment "
+        "options are used",
+    )
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default 9000, or the Serve config's)")
+    parser.add_argument("--http-port", type=int, help="HTTP port for health checks (default 8000, or the Serve config's)")
+    parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (default 8080)")
+    parser.add_argument("--host", default="0.0.0.0", help="HTTP bind address (default 0.0.0.0; Ray binds gRPC on all interfaces)")
+    parser.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
+    parser.add_argument("--store", type=Path, help="prompt store directory (default var/prompts)")
+    parser.add_argument("--api-keys-file", type=Path, help="hashed API key file (see serving/auth.py)")
+    parser.add_argument("--replicas", type=int, help="replicas of the model (default 1)")
+    parser.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
+    parser.set_defaults(handler=run_serve)
+    return parser
+
+
+def load_serve_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(application args, deployment options, Serve-level options) from a --config file."""
+    if path is None:
+        return {}, {}, {}
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if "applications" not in raw:
+        return raw, {}, {}
+    from .app import APP_NAME
+
+    apps = [a for a in raw["applications"] if a.get("name") == APP_NAME]
+    if not apps:
+        raise SystemExit(f"promptmux serve: {path} has no application named {APP_NAME!r}")
+    app = apps[0]
+    deployments = app.get("deployments") or [{}]
+    options = {k: v for k, v in deployments[0].items() if k != "name"}
+    return app.get("args") or {}, options, raw
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    app_args, options, serve_config = load_serve_settings(args.config)
+    app_args = {k: dict(v or {}) for k, v in app_args.items()}
+    if args.model:
+        app_args.setdefault("model", {})["source"] = args.model
+    store = app_args.setdefault("store", {})
+    if args.store:
+        store["root"] = str(args.store)
+    store.setdefault("root", "var/prompts")
+    if args.api_keys_file:
+        app_args.setdefault("serving", {})["api_keys_file"] = str(args.api_keys_file)
+    if args.replicas:
+        options.pop("autoscaling_config", None)
+        options["num_replicas"] = args.replicas
+    return app_args, options, serve_config
+
+
+def make_dev_key_file(store_root: Path) -> tuple[Path, str]:
+    """A fresh key for tenant `demo`, stored hashed next to the prompt store."""
+    from .auth import generate_key, write_key_file
+
+    key = generate_key()
+    path = write_key_file(Path(store_root).parent / "dev-api-keys.yaml", [(DEV_TENANT, key, False)])
+    return path, key
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
+    from .cli import open_store, seed_demo_prompts_if_embedded
+    from .proto_build import ensure_built
+    from .serving_config import AppConfig
+
+    app_args, options, serve_config = resolve_args(args)
+    config = AppConfig.from_args(app_args)
+    dev_key = None
+    if not config.serving.api_keys_file:
+        keys_file, dev_key = make_dev_key_file(config.promptmux.store.root)
+        app_args.setdefault("serving", {})["api_keys_file"] = str(keys_file.resolve())
+    # Replicas may run in another working directory: hand them absolute paths.
+    app_args["store"]["root"] = str(Path(app_args["store"]["root"]).resolve())
+    config = AppConfig.from_args(app_args)
+    grpc_port = args.grpc_port or serve_config.get("grpc_options", {}).get("port", 9000)
+    http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
+
+    ensure_built()
+    seed_demo_prompts_if_embedded(config.promptmux, open_store(config.promptmux))
+    ray.init(include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
+    stop = _stop_on_sigterm()
+    try:
+        serve.start(
+            http_options={"host": args.host, "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        serve.run(build_deployment(config, **options), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+        _print_banner(config, grpc_port, http_port, args, dev_key)
+        while not stop():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping promptmux ...", file=sys.stderr)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _stop_on_sigterm():
+    """SIGTERM (docker stop, kill) stops as cleanly as Ctrl-C."""
+    stopped = {"now": False}
+
+    def handle(signum, frame):
+        stopped["now"] = True
+
+    signal.signal(signal.SIGTERM, handle)
+    return lambda: stopped["now"]
+
+
+def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespace, dev_key: str | None) -> None:
+    serving = config.serving
+    lines = [
+        "",
+        f"promptmux is serving model {config.promptmux.model.source!r} ({serving.batching} batching, "
+        f"batches of up to {serving.max_batch_size})",
+        f"  gRPC     {args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{grpc_port}   "
+        "service promptmux.v1.Promptmux; metadata `application: promptmux` and `authorization: Bearer <key>`",
+        f"  HTTP     http://127.0.0.1:{http_port}/-/healthz",
+        f"  metrics  http://127.0.0.1:{args.metrics_port}/metrics",
+        f"  prompts  {config.promptmux.store.root}",
+        f"  API keys {serving.api_keys_file}",
+    ]
+    if dev_key:
+        lines += [
+            f"  demo key (tenant {DEV_TENANT!r}, shown once, stored only hashed): {dev_key}",
+            "",
+            f"  try: python serving/client_example.py --target 127.0.0.1:{grpc_port} --api-key {dev_key}",
+        ]
+    lines += ["", "Ctrl-C stops."]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,41 @@
+"""Token ids to text deltas for GenerateStream.
+
+Each delta is the new part of the decoded text so far. Decoding the whole prefix each time
+(at most max_new_tokens ids) keeps multi-byte characters whole: a byte-level tokenizer
+holds back a character until all its bytes have arrived, and joining every delta gives
+exactly the text a unary call returns.
+"""
+from __future__ import annotations
+
+import logging
+
+from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class TextDeltas:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = ""
+
+    @property
+    def token_count(self) -> int:
+        return len(self._ids)
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add tokens; returns the text they completed ("" while a character is incomplete)."""
+        self._ids.extend(token_ids)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True).rstrip("\ufffd")
+        if not text.startswith(self._emitted):
+            return ""  # the decoder rewrote earlier text; the final message settles it
+        delta, self._emitted = text[len(self._emitted) :], text
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """The last delta, so that every delta joined equals `final_text`."""
+        if not final_text.startswith(self._emitted):
+            log.warning("streamed text diverged from the final text; the stream's joined deltas will differ")
+            return ""
+        return final_text[len(self._emitted) :]

@@ -1,0 +1,192 @@
+"""Shared fixtures.
+
+Ray: every test that needs Ray uses ONE local cluster for the whole session (`ray_cluster`)
+and the serving tests share ONE deployed application (`serving`): starting Ray, Serve and a
+replica costs seconds on a 2-core machine, so nothing here starts them twice.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------- Ray cluster
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    metrics_port: int
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session, with Prometheus metrics on a free loopback port."""
+    ray = pytest.importorskip("ray")
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        # Metrics reach the endpoint every second instead of every ten, so tests wait less.
+        _system_config={"metrics_report_interval_ms": 1000},
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield RayCluster(metrics_port=metrics_port)
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------- serving app
+
+TENANT_KEYS = {"acme": "key-acme-7d1f", "globex": "key-globex-29ab", "flood": "key-flood-5c0e"}
+ADMIN_TENANT, ADMIN_KEY = "ops", "key-ops-admin-88e2"
+D_MODEL = 256  # the embedded model's width
+# Private tasks of two tenants, with clashing ids ("summarize") to prove isolation, plus
+# tasks another tenant shares with everyone.
+PRIVATE_TASKS = {
+    "acme": ["summarize", "classify", "translate", "extract"],
+    "globex": ["summarize", "rewrite", "tag", "answer"],
+}
+SHARED_TASKS = {"demo": ["reverse", "english"]}
+
+
+@dataclass
+class Serving:
+    """The deployed application and how to reach it."""
+
+    grpc_target: str
+    http_port: int
+    store_root: Path
+    args: dict
+    cluster: RayCluster
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self, tenant: str | None) -> list[tuple[str, str]]:
+        md = [("application", "promptmux")]
+        if tenant is not None:
+            md.append(("authorization", f"Bearer {self.keys[tenant]}"))
+        return md
+
+    def stub(self):
+        import grpc
+
+        from promptmux.serving.proto_gen import promptmux_pb2_grpc
+
+        channel = grpc.insecure_channel(self.grpc_target)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        return promptmux_pb2_grpc.PromptmuxStub(channel)
+
+    def open_store(self):
+        from promptmux.prompts.store import PromptStore
+
+        return PromptStore(self.store_root, d_model=D_MODEL, max_length=64)
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.cluster.metrics_url, timeout=5) as response:
+            return response.read().decode()
+
+    def deploy(self) -> None:
+        from ray import serve
+
+        from promptmux.serving.app import APP_NAME, ROUTE_PREFIX, build_deployment
+        from promptmux.serving.serving_config import AppConfig
+
+        app = build_deployment(AppConfig.from_args(self.args), ray_actor_options={"num_cpus": 0.5})
+        serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
+        self.wait_until_serving()
+
+    def wait_until_serving(self, timeout_s: float = 120) -> None:
+        import grpc
+
+        from promptmux.serving.proto_gen import promptmux_pb2 as pb
+
+        stub, end = self.stub(), time.monotonic() + timeout_s
+        while True:
+            try:
+                if stub.Health(pb.HealthRequest(), metadata=self.metadata(None), timeout=10).status == "SERVING":
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > end:
+                    raise
+            time.sleep(0.2)
+
+
+def seed_prompts(store) -> dict[tuple[str, str], object]:
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    tensors = {}
+    for owner, tasks in [*PRIVATE_TASKS.items(), *SHARED_TASKS.items()]:
+        for task in tasks:
+            tensor = torch.randn(6, D_MODEL, generator=generator)
+            store.register(owner, task, tensor, shared=owner in SHARED_TASKS, description=f"{owner}'s {task}")
+            tensors[(owner, task)] = tensor
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def serving(ray_cluster, tmp_path_factory):
+    """The promptmux application on Serve, gRPC and HTTP on free loopback ports."""
+    from ray import serve
+
+    from promptmux.prompts.store import PromptStore
+    from promptmux.serving.app import GRPC_SERVICER
+    from promptmux.serving.auth import write_key_file
+    from promptmux.serving.proto_build import ensure_built
+
+    ensure_built()
+    root = tmp_path_factory.mktemp("serving")
+    store_root = root / "prompts"
+    seed_prompts(PromptStore(store_root, d_model=D_MODEL, max_length=64))
+    keys = {**TENANT_KEYS, ADMIN_TENANT: ADMIN_KEY}
+    keys_file = write_key_file(
+        root / "keys.yaml", [(t, k, False) for t, k in TENANT_KEYS.items()] + [(ADMIN_TENANT, ADMIN_KEY, True)]
+    )
+    args = {
+        "model": {"source": os.environ.get("PROMPTMUX_TEST_MODEL", "embedded")},
+        "store": {"root": str(store_root), "max_prompt_length": 64, "refresh_interval_s": 0.25},
+        "engine": {"max_batch_size": 32, "max_new_tokens_limit": 64},
+        "serving": {
+            "api_keys_file": str(keys_file),
+            "batch_wait_timeout_s": 0.05,
+            "max_in_flight_per_tenant": 12,
+            "torch_threads": 1,
+        },
+    }
+    grpc_port, http_port = free_port(), free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    harness = Serving(
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        http_port=http_port,
+        store_root=store_root,
+        args=args,
+        cluster=ray_cluster,
+        keys=keys,
+    )
+    harness.deploy()
+    yield harness

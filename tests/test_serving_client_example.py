@@ -1,0 +1,41 @@
+"""The plain client compiled from the .proto alone talks to the service."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+CLIENT = Path(__file__).resolve().parents[1] / "serving" / "client_example.py"
+
+
+def run_client(serving, *extra: str) -> subprocess.CompletedProcess:
+    # A fresh interpreter: the client must not lean on anything this process imported.
+    return subprocess.run(
+        [sys.executable, str(CLIENT), "--target", serving.grpc_target, "--max-new-tokens", "12", *extra],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PROMPTMUX_API_KEY": serving.keys["acme"]},
+    )
+
+
+def test_plain_client_generates_what_the_project_stub_gets(serving):
+    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+
+    expected = serving.stub().Generate(
+        pb.GenerateRequest(task="reverse", text="hello", params=pb.GenerationParams(max_new_tokens=12)),
+        metadata=serving.metadata("acme"), timeout=60,
+    ).text
+    unary = run_client(serving)
+    assert unary.returncode == 0, unary.stderr
+    assert unary.stdout == expected + "\n"
+    streamed = run_client(serving, "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == expected + "\n"
+
+
+def test_plain_client_reports_status_codes(serving):
+    failed = run_client(serving, "--task", "not-registered")
+    assert failed.returncode == 1 and failed.stderr.startswith("error NOT_FOUND: unknown task 'not-registered'")
