@@ -1,0 +1,113 @@
+"""PNG plots of a scenario's runs (matplotlib, Agg backend: no display needed).
+
+- latency against throughput: one point per run, runs of one sweep joined in a line;
+- latency CDF: one curve per run (per stream where a run has several);
+- batch size and distinct tasks per batch over time, per run.
+For repeated runs each plot shows the first repeat.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from .runner import RunResult, ScenarioResult  # noqa: E402
+from .stats import cdf_points  # noqa: E402
+
+DPI = 110
+
+
+def _first_repeats(result: ScenarioResult) -> list[RunResult]:
+    return [r for r in result.runs if r.repeat == 0]
+
+
+def _family(name: str) -> str:
+    return name.split("@", 1)[0]
+
+
+def latency_vs_throughput(result: ScenarioResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[RunResult]] = {}
+    for run in _first_repeats(result):
+        families.setdefault(_family(run.run.name), []).append(run)
+    for family, runs in families.items():
+        runs = sorted(runs, key=lambda r: r.summary.throughput_rps)
+        xs = [r.summary.throughput_rps for r in runs]
+        for quantile, style in (("p50", "o-"), ("p99", "s--")):
+            ys = [r.summary.latency_s.get(quantile, float("nan")) * 1000 for r in runs]
+            ax.plot(xs, ys, style, label=f"{family} {quantile}")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"{result.scenario.name}: latency vs throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def latency_cdf(result: ScenarioResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in _first_repeats(result):
+        by_stream: dict[str, list[float]] = {}
+        start, end = _window(run)
+        for record in run.records:
+            if record.ok and start <= record.issued_at < end:
+                by_stream.setdefault(record.stream, []).append(record.latency_s * 1000)
+        for stream, values in by_stream.items():
+            label = run.run.name if len(by_stream) == 1 else f"{run.run.name} / {stream}"
+            xs, ys = cdf_points(values)
+            ax.step(xs, ys, where="post", label=label)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_xscale("log")
+    ax.set_title(f"{result.scenario.name}: latency CDF")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def batches_over_time(result: ScenarioResult, path: Path) -> Path:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for run in _first_repeats(result):
+        if not run.batches:
+            continue
+        xs = [b.at for b in run.batches]
+        top.plot(xs, [b.mean_batch_size for b in run.batches], ".-", label=run.run.name)
+        bottom.plot(xs, [b.mean_distinct_tasks for b in run.batches], ".-", label=run.run.name)
+    top.set_ylabel("mean batch size")
+    bottom.set_ylabel("distinct tasks per batch")
+    bottom.set_xlabel("seconds since the run started")
+    top.set_title(f"{result.scenario.name}: batches over time")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    if any(r.batches for r in result.runs):
+        top.legend(fontsize=7, ncol=2)
+    else:
+        top.text(0.5, 0.5, "no batch data (no metrics endpoint)", ha="center", transform=top.transAxes)
+    return _save(fig, path)
+
+
+def _window(run: RunResult) -> tuple[float, float]:
+    start = max(s.load.warmup_s for s in run.run.streams)
+    end = max((r.issued_at for r in run.records), default=start) + 1e-9
+    return start, end
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_scenario(result: ScenarioResult, folder: Path) -> dict[str, Path]:
+    name = result.scenario.name
+    return {
+        "latency vs throughput": latency_vs_throughput(result, folder / f"{name}-latency-throughput.png"),
+        "latency CDF": latency_cdf(result, folder / f"{name}-latency-cdf.png"),
+        "batches over time": batches_over_time(result, folder / f"{name}-batches.png"),
+    }

@@ -1,0 +1,246 @@
+"""The summary table printed at the end, the Markdown report, and summary.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .machine import MachineInfo
+from .runner import ComparisonResult, RunResult, ScenarioResult
+
+SHARED_MACHINE_NOTE = (
+    "The CPU was shared with other users while this ran (load averages are in the tables), "
+    "so every figure that matters is a ratio of runs measured in the same session, each the best "
+    "of its repeats: other users only ever slow a run down."
+)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * 1000:.0f}"
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in errors.items()) or "0"
+
+
+def _batch_means(run: RunResult) -> tuple[float, float]:
+    batches = sum(b.batches for b in run.batches)
+    if not batches:
+        return math.nan, math.nan
+    size = sum(b.mean_batch_size * b.batches for b in run.batches) / batches
+    tasks = sum(b.mean_distinct_tasks * b.batches for b in run.batches) / batches
+    return size, tasks
+
+
+# ---------------------------------------------------------------------- text table
+def summary_table(results: Sequence[ScenarioResult]) -> str:
+    header = ("scenario/run", "req/s", "tok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "ok", "errors")
+    rows = [header]
+    for result in results:
+        for run in result.runs:
+            s = run.summary
+            name = f"{result.scenario.name}/{run.run.name}" + (f" #{run.repeat + 1}" if result.scenario.repeat > 1 else "")
+            rows.append((
+                name, _num(s.throughput_rps), _num(s.throughput_tps, 0), _ms(s.latency_s.get("p50")),
+                _ms(s.latency_s.get("p90")), _ms(s.latency_s.get("p99")), _ms(s.latency_s.get("max")),
+                str(s.completed), _errors(s.errors),
+            ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    comparisons = [c for r in results for c in r.comparisons]
+    if comparisons:
+        lines += ["", "comparisons:"]
+        lines += [f"  {c.comparison.name}: {_num(c.ratio, 2)}" + _target_text(c) for c in comparisons]
+    return "\n".join(lines)
+
+
+def _target_text(c: ComparisonResult) -> str:
+    if c.comparison.target is None:
+        return ""
+    verdict = {True: "met", False: "MISSED", None: "n/a"}[c.met]
+    return f" (target {c.comparison.target}: {verdict})"
+
+
+# ---------------------------------------------------------------------- markdown
+def scenario_markdown(result: ScenarioResult, plots: dict[str, Path], relative_to: Path) -> str:
+    scenario = result.scenario
+    lines = [f"## {scenario.name}", ""]
+    if scenario.description:
+        lines += [scenario.description, ""]
+    lines += _setup_lines(result)
+    lines += ["", "| run | target | batching | req/s | tok/s | p50 ms | p90 ms | p99 ms | max ms | ok | errors | batch size | tasks/batch | load avg |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for run in result.runs:
+        s = run.summary
+        size, tasks = _batch_means(run)
+        name = run.run.name + (f" #{run.repeat + 1}" if scenario.repeat > 1 else "")
+        lines.append(
+            f"| {name} | {run.run.target_kind} | {run.target.batching} | {_num(s.throughput_rps)} | "
+            f"{_num(s.throughput_tps, 0)} | {_ms(s.latency_s.get('p50'))} | {_ms(s.latency_s.get('p90'))} | "
+            f"{_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | {s.completed} | {_errors(s.errors)} | "
+            f"{_num(size)} | {_num(tasks)} | {run.load_before[0]:.1f} → {run.load_after[0]:.1f} |"
+        )
+    multi = [r for r in result.runs if len(r.streams) > 1]
+    if multi:
+        lines += ["", "Per stream:", "", "| run | stream | req/s | p50 ms | p90 ms | p99 ms | max ms | ok | errors |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for run in multi:
+            for name, s in run.streams.items():
+                lines.append(
+                    f"| {run.run.name}{f' #{run.repeat + 1}' if scenario.repeat > 1 else ''} | {name} | "
+                    f"{_num(s.throughput_rps)} | {_ms(s.latency_s.get('p50'))} | {_ms(s.latency_s.get('p90'))} | "
+                    f"{_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | {s.completed} | {_errors(s.errors)} |"
+                )
+    if result.comparisons:
+        lines += ["", comparisons_markdown(result.comparisons)]
+    for c in result.comparisons:
+        if c.profiles:
+            lines += ["", profile_markdown(c)]
+    run_profiles = [p for r in result.runs for p in r.profiles]
+    if run_profiles:
+        lines += ["", "Profiles taken during runs:", ""]
+        for p in run_profiles:
+            lines += _profile_lines(p)
+    if plots:
+        lines += [""]
+        for title, path in plots.items():
+            lines.append(f"![{scenario.name}: {title}]({path.relative_to(relative_to).as_posix()})")
+    records = sorted({r.records_file.parent for r in result.runs})
+    lines += ["", "Raw per-request records (JSON Lines): " + ", ".join(
+        f"`{p.relative_to(relative_to).as_posix()}/`" for p in records)]
+    return "\n".join(lines) + "\n"
+
+
+def _setup_lines(result: ScenarioResult) -> list[str]:
+    scenario = result.scenario
+    engine = ", ".join(f"{k}={v}" for k, v in scenario.engine.items()) or "defaults"
+    lines = [f"Model `{scenario.model.get('source', 'embedded')}` ({scenario.model.get('dtype', 'float32')}), engine {engine}.",
+             f"Server variants: " + "; ".join(
+                 f"`{name}` ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})" for name, opts in scenario.servers.items()
+             ) + "."]
+    if scenario.repeat > 1:
+        lines.append(f"Each run {scenario.repeat} times, interleaved; comparisons take each run's best repeat.")
+    lines += ["", "| run | stream | workload | load |", "|---|---|---|---|"]
+    for run in scenario.runs:
+        for stream in run.streams:
+            lines.append(f"| {run.name} | {stream.name} | {stream.workload.describe()} | {stream.load.describe()} |")
+    return lines
+
+
+def comparisons_markdown(comparisons: Sequence[ComparisonResult]) -> str:
+    lines = ["| comparison | metric | numerator | denominator | ratio | target | verdict |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for c in comparisons:
+        comp = c.comparison
+        metric = comp.metric + (f" ({comp.stream})" if comp.stream else "")
+        fmt = _ms if comp.metric.startswith("latency") else _num
+        verdict = {True: "met", False: f"**missed** ({_miss_text(c)})", None: "-"}[c.met]
+        lines.append(
+            f"| {comp.name} | {metric} | {comp.numerator}: {fmt(c.numerator)} | {comp.denominator}: {fmt(c.denominator)} | "
+            f"{_num(c.ratio, 2)} | {comp.target or '-'} | {verdict} |"
+        )
+    notes = [f"- {c.comparison.name}: {c.comparison.note}" for c in comparisons if c.comparison.note]
+    if notes:
+        lines += [""] + notes
+    return "\n".join(lines)
+
+
+def _miss_text(c: ComparisonResult) -> str:
+    target = c.comparison.target
+    if target is None or math.isnan(c.ratio) or not target.value:
+        return ""
+    if target.op in (">=", ">"):
+        return f"{c.ratio / target.value:.0%} of the goal"
+    return f"{c.ratio / target.value:.1f}x the limit"
+
+
+def profile_markdown(c: ComparisonResult) -> str:
+    lines = [f"Profile of `{c.comparison.profile or c.comparison.numerator}`, taken because "
+             f"\"{c.comparison.name}\" missed its target:", ""]
+    for p in c.profiles:
+        lines += _profile_lines(p)
+    return "\n".join(lines)
+
+
+def _profile_lines(p) -> list[str]:
+    if p.error:
+        return [f"- {p.label}: {p.error}"]
+    lines = [f"- {p.label}, {p.samples} samples (py-spy, {Path(p.raw_path).name}). Share of samples with the "
+             "function on the stack:"]
+    lines += [f"  - {share:.0%} `{name}`" for name, share in p.inclusive[:10]]
+    lines += ["  Innermost frames: " + ", ".join(f"`{name}` {share:.0%}" for name, share in p.leaf[:6])]
+    return lines
+
+
+def write_report(
+    results: Sequence[ScenarioResult],
+    folder: Path,
+    machine: MachineInfo,
+    *,
+    title: str,
+    intro: Sequence[str] = (),
+    plots: dict[str, dict[str, Path]] | None = None,
+    extra_sections: Sequence[str] = (),
+) -> Path:
+    plots = plots or {}
+    lines = [f"# {title}", ""]
+    lines += list(intro)
+    lines += [f"Machine: {machine.describe()}. Load average at the start: "
+              f"{', '.join(f'{v:.2f}' for v in machine.load_average)}.", "", SHARED_MACHINE_NOTE, ""]
+    all_comparisons = [c for r in results for c in r.comparisons if c.comparison.target is not None]
+    if all_comparisons:
+        lines += ["## Targets", "", comparisons_markdown(all_comparisons), ""]
+    lines += list(extra_sections)
+    for result in results:
+        lines.append(scenario_markdown(result, plots.get(result.scenario.name, {}), folder))
+    path = folder / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_summary_json(results: Sequence[ScenarioResult], folder: Path, machine: MachineInfo) -> Path:
+    body = {
+        "machine": machine.to_dict(),
+        "scenarios": [
+            {
+                "name": r.scenario.name,
+                "source": r.scenario.source,
+                "runs": [
+                    {
+                        "run": run.run.name,
+                        "repeat": run.repeat,
+                        "target": run.run.target,
+                        "batching": run.target.batching,
+                        "summary": run.summary.to_dict(),
+                        "streams": {k: v.to_dict() for k, v in run.streams.items()},
+                        "records": str(run.records_file.relative_to(folder)),
+                        "load_average": [run.load_before, run.load_after],
+                    }
+                    for run in r.runs
+                ],
+                "comparisons": [
+                    {"name": c.comparison.name, "ratio": c.ratio, "numerator": c.numerator,
+                     "denominator": c.denominator, "target": str(c.comparison.target or ""), "met": c.met}
+                    for c in r.comparisons
+                ],
+            }
+            for r in results
+        ],
+    }
+    path = folder / "summary.json"
+    path.write_text(json.dumps(body, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)

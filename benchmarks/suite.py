@@ -1,0 +1,129 @@
+"""The standard CPU suite: `promptmux bench suite` (the README's `./dev bench-cpu`).
+
+Runs the shipped scenarios that carry the project's performance targets, on one
+harness-started server (every server variant a separate Serve application) plus the engine
+in this process, and writes `benchmarks/results/<date>-<machine>/`: report.md, summary.json,
+plots/*.png and records/<scenario>/*.jsonl. Sized to finish within about ten minutes on a
+2-core machine; `--scale` shortens (or lengthens) every run for a quick look.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .machine import load_average, machine_info, results_folder_name
+from .plots import plot_scenario
+from .report import summary_table, write_report, write_summary_json
+from .runner import HarnessOptions, run_scenarios
+from .scenario import Scenario, load_scenario
+
+SUITE = ("mixed_penalty", "mixed_vs_per_task", "serving_overhead", "fairness", "prompt_length")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def scale_scenario(scenario: Scenario, factor: float) -> Scenario:
+    """Every stream's duration and warm-up multiplied by `factor` (request counts unchanged)."""
+    if factor == 1:
+        return scenario
+    runs = []
+    for run in scenario.runs:
+        streams = tuple(
+            dataclasses.replace(
+                s,
+                load=dataclasses.replace(
+                    s.load,
+                    duration_s=None if s.load.duration_s is None else s.load.duration_s * factor,
+                    warmup_s=s.load.warmup_s * factor,
+                ),
+            )
+            for s in run.streams
+        )
+        runs.append(dataclasses.replace(run, streams=streams))
+    return scenario.with_overrides(runs=tuple(runs))
+
+
+def estimated_seconds(scenarios: Sequence[Scenario]) -> float:
+    return sum(
+        scenario.repeat * sum(max((s.load.duration_s or 0) for s in run.streams) for run in scenario.runs)
+        for scenario in scenarios
+    )
+
+
+def run_suite(
+    *,
+    output: Path | None = None,
+    names: Sequence[str] = SUITE,
+    scale: float = 1.0,
+    options: HarnessOptions | None = None,
+    argv: Sequence[str] | None = None,
+) -> Path:
+    machine = machine_info()
+    folder = output or RESULTS_DIR / results_folder_name(machine)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenarios = [scale_scenario(load_scenario(name), scale) for name in names]
+    options = dataclasses.replace(options, output=folder) if options else HarnessOptions(output=folder)
+    options.profile_on_miss = True
+    log = options.log
+    log(f"promptmux bench suite: {len(scenarios)} scenarios, about {estimated_seconds(scenarios) / 60:.1f} min of load "
+        f"plus start-up; results in {folder}")
+    log(f"machine: {machine.describe()}; load average {machine.load_average}")
+    started = time.time()
+    results = run_scenarios(scenarios, options)
+    elapsed = time.time() - started
+    plots = {r.scenario.name: plot_scenario(r, folder / "plots") for r in results}
+    end_load = load_average()
+    command = "promptmux bench suite" + (" " + shlex.join(argv) if argv else "")
+    intro = [
+        "Standard CPU suite of promptmux: the project's performance targets, measured end to end "
+        "(gRPC client → Ray Serve gRPC proxy → replica → fair batcher → engine) against baselines "
+        "measured in the same session. Re-run with `./dev bench-cpu` "
+        f"(`{command}`).",
+        "",
+        f"Run on {datetime.datetime.fromtimestamp(started):%Y-%m-%d %H:%M} in {elapsed / 60:.1f} min. "
+        f"Load average (1, 5, 15 min) at the start {machine.load_average}, at the end {end_load}.",
+        "",
+        "Setup shared by the scenarios: the embedded model's shape (ByT5 vocabulary, d_model 256, 3+3 "
+        "layers) with random weights, so output lengths are set by `max_new_tokens` rather than by "
+        "what a trained model learned; fp32; one torch thread per replica and for engine-direct (the "
+        "2 cores also carry the load generator, the gRPC proxy and Ray); one Serve replica per server "
+        "variant, all on one private Ray cluster started by the harness; greedy decoding.",
+        "",
+    ]
+    write_report(results, folder, machine, title="promptmux benchmark report: standard CPU suite",
+                 intro=intro, plots=plots, extra_sections=[_reading_guide(), ""])
+    write_summary_json(results, folder, machine)
+    print(summary_table(results))
+    print(f"\nreport: {folder / 'report.md'}")
+    return folder
+
+
+def _reading_guide() -> str:
+    return "\n".join([
+        "## How to read this",
+        "",
+        "- Throughput counts replies that arrived inside the measurement window (after the warm-up, "
+        "before the load stopped) per second. Latency is from sending a request to its reply, for "
+        "requests sent inside the window, at the client.",
+        "- Closed-loop runs keep N requests in flight (N = 2 × the batch size, so a full batch waits "
+        "while one computes); open-loop runs send Poisson arrivals at a fixed rate.",
+        "- `batch size` and `tasks/batch` are means over the run, from the replica's Prometheus "
+        "histograms (`promptmux_batch_size`, `promptmux_batch_distinct_tasks`) scraped every second, or "
+        "from the engine itself for engine-direct runs.",
+        "- A missed target comes with a py-spy profile of the process that limits it, taken in an extra "
+        "run after the measured ones.",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - the CLI calls run_suite
+    run_suite(argv=argv)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""Tiny scenarios end to end: against the engine in this process (no Ray), and against the
+shared Serve application over gRPC. Counts, statuses and files written; never durations."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from promptmux.benchmarks.plots import plot_scenario
+from promptmux.benchmarks.records import read_records
+from promptmux.benchmarks.report import summary_table, write_report, write_summary_json
+from promptmux.benchmarks.runner import HarnessOptions, run_scenarios
+from promptmux.benchmarks.scenario import parse_scenario
+from promptmux.benchmarks.machine import machine_info
+
+
+def tiny_scenario(target: str, tenant: str, model: str = "random:tiny") -> dict:
+    return {
+        "name": "tiny",
+        "model": {"source": model},
+        "engine": {"max_batch_size": 8, "max_new_tokens_limit": 8},
+        "servers": {"mixed": {"batching": "mixed", "torch_threads": 1}, "per_task": {"batching": "per_task"}},
+        "defaults": {
+            "workload": {"tenants": [tenant], "tasks": 3, "prompt_length": 3, "input_length": "4:10", "output_length": 3,
+                         "task_prefix": "benchtest"},
+            "load": {"duration_s": None, "requests": 8, "warmup_s": 0},
+        },
+        "runs": [
+            {"name": "closed", "target": f"{target}:mixed", "load": {"mode": "closed", "concurrency": 4}},
+            {"name": "open", "target": f"{target}:mixed", "load": {"mode": "open", "rate": 40}},
+        ],
+        "comparisons": [{"name": "closed / open", "numerator": "closed", "denominator": "open"}],
+    }
+
+
+def check_outputs(results, out):
+    (result,) = results
+    assert [r.run.name for r in result.runs] == ["closed", "open"]
+    for run in result.runs:
+        assert run.summary.completed == 8 and run.summary.errors == {}
+        records = read_records(run.records_file)
+        assert len(records) == 8 and all(r.status == "OK" and r.output_tokens >= 1 for r in records)
+        assert {r.task.split("-")[0] for r in records} == {"benchtest"}
+    plots = plot_scenario(result, out / "plots")
+    report = write_report(results, out, machine_info(), title="test", plots={"tiny": plots})
+    write_summary_json(results, out, machine_info())
+    assert all(p.exists() and p.stat().st_size > 0 for p in plots.values())
+    text = report.read_text()
+    assert "| closed | " in text and "plots/tiny-latency-cdf.png" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["run"] for r in summary["scenarios"][0]["runs"]] == ["closed", "open"]
+    assert "closed / open" in summary_table(results)
+
+
+def test_engine_direct_scenario_end_to_end(tmp_path):
+    scenario = parse_scenario(tiny_scenario("engine", "bench"))
+    results = run_scenarios([scenario], HarnessOptions(output=tmp_path, progress=False, log=lambda *_: None))
+    check_outputs(results, tmp_path)
+    batched = [b for r in results[0].runs for b in r.batches]
+    assert batched and all(1 <= b.mean_batch_size <= 8 for b in batched)
+
+
+@pytest.mark.ray
+def test_scenario_against_the_running_server_then_cleans_up(serving, tmp_path):
+    from conftest import ADMIN_KEY, ADMIN_TENANT
+
+    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+
+    scenario = parse_scenario(tiny_scenario("server", ADMIN_TENANT, model=serving.args["model"]["source"]))
+    options = HarnessOptions(
+        output=tmp_path, address=serving.grpc_target, keys={ADMIN_TENANT: ADMIN_KEY},
+        metrics_url=serving.cluster.metrics_url, progress=False, cleanup=True, log=lambda *_: None,
+    )
+    results = run_scenarios([scenario], options)
+    check_outputs(results, tmp_path)
+    assert all(r.target.kind == "grpc" and r.target.batching == "mixed" for r in results[0].runs)
+    left = serving.stub().ListPrompts(pb.ListPromptsRequest(), metadata=serving.metadata(ADMIN_TENANT), timeout=30)
+    assert not [p.task for p in left.prompts if p.task.startswith("benchtest")]
