@@ -81,8 +81,10 @@ def unary_rpc(reply_type: Callable[[], Any]):
             except Exception as error:
                 _reject(call, grpc_context, _internal(call.method, error))
             finally:
+                # A GenerateBatch that ran counted each item already; one that failed whole did not.
+                itemized = call.method == "GenerateBatch" and call.status == "OK"
                 self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
-                                           time.perf_counter() - call.started, count=call.method != "GenerateBatch")
+                                           time.perf_counter() - call.started, count=not itemized)
             return reply_type()
 
         handler.__name__ = method.__name__

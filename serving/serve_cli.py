@@ -118,8 +118,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     ensure_built()
     seed_demo_prompts_if_embedded(config.promptmux, open_store(config.promptmux))
-    ray.init(include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
-    stop = _stop_on_sigterm()
+    # address="local": always a fresh cluster of our own, never one someone else started here.
+    ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
+    stop = _stop_on_signals()
     try:
         serve.start(
             http_options={"host": args.host, "port": http_port},
@@ -140,14 +141,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm():
-    """SIGTERM (docker stop, kill) stops as cleanly as Ctrl-C."""
+def _stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (docker stop, kill) both stop cleanly. SIGINT is handled
+    explicitly too: a shell starts background jobs with it ignored."""
     stopped = {"now": False}
 
     def handle(signum, frame):
         stopped["now"] = True
 
-    signal.signal(signal.SIGTERM, handle)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
     return lambda: stopped["now"]
 
 

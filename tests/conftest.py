@@ -39,6 +39,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     metrics_port = free_port()
     ray.init(
+        address="local",  # a private cluster, never one another process started on this machine
         num_cpus=2,
         include_dashboard=False,
         _metrics_export_port=metrics_port,

@@ -1,0 +1,65 @@
+"""`promptmux serve` settings: Serve config files, overrides, the local demo key. (Starting the
+server itself is what the Ray tests do, through the same build_deployment.)"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from promptmux.serving.auth import KeyRing
+from promptmux.serving.serve_cli import add_serve_parser, load_serve_settings, make_dev_key_file, resolve_args
+from promptmux.serving.serving_config import AppConfig
+
+SERVE_YAML = Path(__file__).resolve().parents[1] / "serving" / "configs" / "serve.yaml"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+def test_the_projects_serve_config_feeds_promptmux_serve():
+    app_args, options, serve_config = load_serve_settings(SERVE_YAML)
+    assert serve_config["grpc_options"]["port"] == 9000 and serve_config["http_options"]["port"] == 8000
+    assert options["autoscaling_config"]["min_replicas"] == 1 and "name" not in options
+    config = AppConfig.from_args(app_args)
+    assert config.promptmux.model.source == "embedded" and config.serving.batching == "mixed"
+
+
+def test_command_line_overrides_the_config_file(tmp_path):
+    args = parse("--config", str(SERVE_YAML), "--model", "random:tiny", "--store", str(tmp_path / "p"),
+                 "--api-keys-file", str(tmp_path / "k.yaml"), "--replicas", "3")
+    app_args, options, _ = resolve_args(args)
+    assert app_args["model"]["source"] == "random:tiny"
+    assert app_args["store"]["root"] == str(tmp_path / "p")
+    assert app_args["serving"]["api_keys_file"] == str(tmp_path / "k.yaml")
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+
+
+def test_plain_args_file_and_defaults(tmp_path):
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump({"engine": {"max_batch_size": 8}, "serving": {"batching": "per_task"}}))
+    app_args, options, serve_config = resolve_args(parse("--config", str(path)))
+    assert options == {} and serve_config == {}
+    assert app_args["store"]["root"] == "var/prompts"
+    config = AppConfig.from_args(app_args)
+    assert config.serving.max_batch_size == 8 and config.serving.batching == "per_task"
+    assert parse().handler.__name__ == "run_serve" and parse().metrics_port == 8080
+
+
+def test_demo_key_file_holds_one_hashed_key_for_tenant_demo(tmp_path):
+    path, key = make_dev_key_file(tmp_path / "prompts")
+    assert path == tmp_path / "dev-api-keys.yaml" and key not in path.read_text()
+    principal = KeyRing.from_file(path).authenticate([("authorization", f"Bearer {key}")])
+    assert (principal.tenant, principal.admin) == ("demo", False)
+    _, other = make_dev_key_file(tmp_path / "prompts")
+    assert other != key  # a fresh key every start: the file never holds it in clear
+
+
+def test_promptmux_cli_offers_serve():
+    from promptmux.serving.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--grpc-port", "9100"])
+    assert args.grpc_port == 9100 and args.handler.__name__ == "run_serve"
