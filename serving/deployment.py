@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -99,7 +100,9 @@ class PromptmuxServer:
 
     def __init__(self, config: AppConfig) -> None:
         serving = config.serving
-        if not serving.api_keys_file:
+        # The path was resolved where the app was built; a replica's own environment may name it too.
+        keys_file = serving.api_keys_file or os.environ.get(API_KEYS_ENV)
+        if not keys_file:
             raise ValueError(
                 f"no API key file: set serving.api_keys_file or ${API_KEYS_ENV} (the service never runs "
                 "without authentication; `promptmux serve` makes a demo key file for local use)"
@@ -107,7 +110,7 @@ class PromptmuxServer:
         if serving.torch_threads:
             torch.set_num_threads(serving.torch_threads)
         self._config = config
-        self._keys = KeyRing.from_file(serving.api_keys_file)
+        self._keys = KeyRing.from_file(keys_file)
         self._engine = Engine.from_config(config.promptmux)
         self._engine.refresh_prompts()
         self._metrics = ServingMetrics()

@@ -176,6 +176,7 @@ def test_expired_request_is_dropped_before_compute():
         with pytest.raises(DeadlineExceededError, match="dropped before compute"):
             await expired
         assert (await alive).text == "t:ok"
+        await blocker
         computed = [r.text for batch in engine.batches for r in batch]
         assert "late" not in computed and "ok" in computed
         await batcher.close()
