@@ -134,7 +134,7 @@ def format_row(row: dict, backends: list[str]) -> str:
     case = row["case"]
     head = f"| {case.batch} | {case.prompt_len} | {case.dim} |"
     if "skipped" in row:
-        return head + " skipped: " + row["skipped"] + " |" + " |" * (len(backends) * 2 - 1)
+        return head + " skipped: " + row["skipped"] + " |" + " |" * (len(backends) * 2)
     s = row["seconds"]
     ratios = " | ".join(f"{s['loop'] / s[b]:.1f}x" for b in backends)
     times = " | ".join(f"{s[b] * 1e3:.2f}" for b in backends)
