@@ -7,6 +7,7 @@ replica costs seconds on a 2-core machine, so nothing here starts them twice.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import urllib.request
@@ -108,6 +109,16 @@ class Serving:
         with urllib.request.urlopen(self.cluster.metrics_url, timeout=5) as response:
             return response.read().decode()
 
+    def wait_for_metrics(self, condition, limit_s: float = 30.0) -> str:
+        """Metrics reach the endpoint on Ray's report interval (1 s here): poll, bounded."""
+        end = time.monotonic() + limit_s
+        while True:
+            text = self.scrape()
+            if condition(text):
+                return text
+            assert time.monotonic() < end, "the metrics endpoint did not show the expected change in time"
+            time.sleep(0.5)
+
     def deploy(self) -> None:
         from ray import serve
 
@@ -134,17 +145,36 @@ class Serving:
             time.sleep(0.2)
 
 
-def seed_prompts(store) -> dict[tuple[str, str], object]:
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of every Prometheus sample of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or match["name"] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match["labels"] or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match["value"])
+    return total
+
+
+def multi_task_batches(text: str) -> float:
+    """How many engine batches held more than one distinct prompt."""
+    name = "ray_promptmux_batch_distinct_tasks"
+    return metric(text, f"{name}_count") - metric(text, f"{name}_bucket", le="1.0")
+
+
+def seed_prompts(store) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(1234)
-    tensors = {}
     for owner, tasks in [*PRIVATE_TASKS.items(), *SHARED_TASKS.items()]:
         for task in tasks:
             tensor = torch.randn(6, D_MODEL, generator=generator)
             store.register(owner, task, tensor, shared=owner in SHARED_TASKS, description=f"{owner}'s {task}")
-            tensors[(owner, task)] = tensor
-    return tensors
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PRIVATE_TASKS, SHARED_TASKS
+from conftest import PRIVATE_TASKS, SHARED_TASKS, metric, multi_task_batches
 
 pytestmark = pytest.mark.ray
 
@@ -52,6 +52,7 @@ def test_concurrent_mixed_tasks_match_the_engine_run_alone(serving, engine, pb):
     stub = serving.stub()
     items = workload()
     assert len({(t, task) for t, task, _ in items}) >= 8 and len({t for t, _, _ in items}) == 2
+    before = serving.scrape()
     futures = [
         stub.Generate.future(
             pb.GenerateRequest(task=task, text=text, request_id=str(i), params=pb.GenerationParams(max_new_tokens=12)),
@@ -74,6 +75,12 @@ def test_concurrent_mixed_tasks_match_the_engine_run_alone(serving, engine, pb):
     owners = {(t, task): reply.prompt_versions[0].tenant for (t, task, _), reply in zip(items, replies)}
     assert owners[("acme", "summarize")] == "acme" and owners[("globex", "summarize")] == "globex"
     assert owners[("acme", "reverse")] == "demo"
+    # The replica batched them together: batches of several requests, holding several prompts.
+    serving.wait_for_metrics(
+        lambda text: multi_task_batches(text) > multi_task_batches(before)
+        and metric(text, "ray_promptmux_batch_size_count") - metric(text, "ray_promptmux_batch_size_bucket", le="1.0")
+        > metric(before, "ray_promptmux_batch_size_count") - metric(before, "ray_promptmux_batch_size_bucket", le="1.0")
+    )
 
 
 def test_stream_joins_to_the_unary_text(serving, pb):
