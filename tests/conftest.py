@@ -6,7 +6,6 @@ replica costs seconds on a 2-core machine, so nothing here starts them twice.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -196,7 +195,7 @@ def serving(ray_cluster, tmp_path_factory):
         root / "keys.yaml", [(t, k, False) for t, k in TENANT_KEYS.items()] + [(ADMIN_TENANT, ADMIN_KEY, True)]
     )
     args = {
-        "model": {"source": os.environ.get("PROMPTMUX_TEST_MODEL", "embedded")},
+        "model": {"source": "embedded"},
         "store": {"root": str(store_root), "max_prompt_length": 64, "refresh_interval_s": 0.25},
         "engine": {"max_batch_size": 32, "max_new_tokens_limit": 64},
         "serving": {

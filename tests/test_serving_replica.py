@@ -3,7 +3,6 @@ refuses to start without API keys."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import grpc
 import pytest
@@ -32,7 +31,7 @@ class FakeContext:
 
 def app_config(tmp_path, **serving) -> AppConfig:
     return AppConfig.from_args({
-        "model": {"source": os.environ.get("PROMPTMUX_TEST_MODEL", "embedded")},
+        "model": {"source": "embedded"},
         "store": {"root": str(tmp_path / "prompts")},
         "serving": serving,
     })
