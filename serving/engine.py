@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from promptmux.kernels.prompt_concat import build_encoder_inputs, pack_segments
+from promptmux.kernels.t5_attention_bias import install_t5_bias_attention
 from promptmux.prompts.records import PromptMeta
 from promptmux.prompts.store import ID_PATTERN, PromptStore
 
@@ -56,6 +57,12 @@ class Engine:
     def __init__(self, loaded: LoadedModel, store: PromptStore, config: EngineConfig) -> None:
         self.loaded = loaded
         self.model = loaded.model
+        if config.attention == "merged-bias":
+            install_t5_bias_attention(self.model)  # changes how the shared model attends, not what
+        elif config.attention != "model":
+            raise InvalidRequestError(
+                f"engine.attention={config.attention!r} is unknown; expected 'merged-bias' or 'model'"
+            )
         self.tokenizer = loaded.tokenizer
         self.store = store
         self.config = config

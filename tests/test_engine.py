@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine import Engine
@@ -24,6 +25,12 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
+def eager_loaded():
+    """The same weights with transformers' own attention: the unmodified model."""
+    return load_model(ModelConfig(source="random:embedded", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
 def engine(loaded, tmp_path_factory):
     store = PromptStore(tmp_path_factory.mktemp("store"), d_model=loaded.d_model, max_length=128)
     generator = torch.Generator().manual_seed(1)
@@ -32,6 +39,7 @@ def engine(loaded, tmp_path_factory):
     store.register("globex", "shared-task", 0.05 * torch.randn(5, loaded.d_model, generator=generator), shared=True)
     engine = Engine(loaded, store, EngineConfig(max_input_tokens=160, max_new_tokens_limit=64,
                                                  prompt_cache_rows=1024, prompt_cache_page_rows=16))
+    assert loaded.model.config._attn_implementation == T5_BIAS_ATTENTION  # the engine's attention path
     return engine
 
 
@@ -133,7 +141,8 @@ def test_rows_stop_at_their_own_eos(loaded, engine):
         loaded.model.config.eos_token_id, loaded.model.generation_config.eos_token_id, engine.eos_token_id = original
 
 
-def test_empty_prompt_equals_plain_generate_on_the_unmodified_model(loaded, engine):
+def test_empty_prompt_equals_plain_generate_on_the_unmodified_model(eager_loaded, engine):
+    loaded = eager_loaded
     request = GenerationRequest(tenant="acme", text="the frozen model, untouched", params=GenerationParams(max_new_tokens=10))
     ours = ok(engine.generate([request]))[0]
     ids = torch.tensor([loaded.tokenizer(request.text)["input_ids"]])
@@ -145,7 +154,8 @@ def test_empty_prompt_equals_plain_generate_on_the_unmodified_model(loaded, engi
     assert ours.token_ids == expected
 
 
-def test_same_prompt_equals_peft_prompt_tuning(loaded, engine):
+def test_same_prompt_equals_peft_prompt_tuning(eager_loaded, engine):
+    loaded = eager_loaded
     from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 
     prompt = engine.store.get("acme", "t17").tensor
