@@ -248,8 +248,11 @@ def _run_command(args: argparse.Namespace) -> int:
 
         plots = {r.scenario.name: plot_scenario(r, output / "plots") for r in results}
     target = f"a running server at {args.address}" if args.address else "a server the harness started"
+    from .analysis import notes_for
+
     write_report(results, output, machine, title=f"promptmux benchmark: {scenario.name}",
-                 intro=[f"Scenario `{scenario.source}`, against {target}.", ""], plots=plots)
+                 intro=[f"Scenario `{scenario.source}`, against {target}.", ""], plots=plots,
+                 notes=notes_for(results, None))
     write_summary_json(results, output, machine)
     print(summary_table(results))
     print(f"\nreport: {output / 'report.md'}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,22 +19,32 @@ from promptmux.serving.engine import Engine
 from promptmux.serving.errors import PromptmuxError
 from promptmux.serving.serving_config import ServingConfig
 
-from .records import BatchSample
+from .records import BatchSample, ServerStats
 from .targets import BatchMonitor, Clock, Outcome, TargetInfo
 from .workload import BenchRequest, TaskSpec
 
 
+@dataclass(frozen=True)
+class _Batch:
+    at: float  # when it finished (time.monotonic)
+    size: int
+    distinct_tasks: int
+    compute_s: float
+    waits: tuple[tuple[str, float], ...]  # (tenant, seconds queued before compute) per request
+
+
 class _BatchLog:
-    """The batcher's observer: every batch's size and distinct tasks, with its end time."""
+    """The batcher's observer: every batch, with its end time."""
 
     def __init__(self) -> None:
-        self.batches: list[tuple[float, int, int]] = []
+        self.batches: list[_Batch] = []
 
     def batch_finished(self, batch, stats, compute_seconds: float) -> None:
         if stats.batch_size:
-            self.batches.append((time.monotonic(), stats.batch_size, stats.distinct_tasks))
+            waits = tuple((item.tenant, item.started_at - item.enqueued_at) for item in batch)
+            self.batches.append(_Batch(time.monotonic(), stats.batch_size, stats.distinct_tasks, compute_seconds, waits))
 
-    def request_dropped(self, item, status) -> None:
+    def request_dropped(self, item, error) -> None:
         pass
 
     def queue_depth(self, depth: int) -> None:
@@ -41,31 +52,52 @@ class _BatchLog:
 
 
 class EngineMonitor:
-    """Batch samples per interval from the engine's own batch log."""
+    """Batch samples per interval, and the run's means, from the engine's own batch log."""
 
     def __init__(self, log: _BatchLog, interval_s: float = 1.0) -> None:
         self._log = log
         self.interval_s = interval_s
         self._t0 = 0.0
         self._first = 0
+        self.stats: ServerStats | None = None
 
     async def start(self, t0: float) -> None:
         self._t0 = t0
         self._first = len(self._log.batches)
 
     async def stop(self) -> list[BatchSample]:
-        buckets: dict[int, list[tuple[int, int]]] = {}
-        for at, size, tasks in self._log.batches[self._first:]:
-            buckets.setdefault(int((at - self._t0) // self.interval_s), []).append((size, tasks))
+        batches = self._log.batches[self._first:]
+        self.stats = _stats(batches)
+        buckets: dict[int, list[_Batch]] = {}
+        for batch in batches:
+            buckets.setdefault(int((batch.at - self._t0) // self.interval_s), []).append(batch)
         return [
             BatchSample(
                 at=(index + 1) * self.interval_s,
                 batches=len(items),
-                mean_batch_size=sum(s for s, _ in items) / len(items),
-                mean_distinct_tasks=sum(t for _, t in items) / len(items),
+                mean_batch_size=sum(b.size for b in items) / len(items),
+                mean_distinct_tasks=sum(b.distinct_tasks for b in items) / len(items),
+                mean_compute_s=sum(b.compute_s for b in items) / len(items),
             )
             for index, items in sorted(buckets.items())
         ]
+
+
+def _stats(batches: list[_Batch]) -> ServerStats | None:
+    if not batches:
+        return None
+    waits: dict[str, list[float]] = {}
+    for batch in batches:
+        for tenant, seconds in batch.waits:
+            waits.setdefault(tenant, []).append(seconds)
+    n = len(batches)
+    return ServerStats(
+        batches=n,
+        mean_batch_size=sum(b.size for b in batches) / n,
+        mean_distinct_tasks=sum(b.distinct_tasks for b in batches) / n,
+        mean_compute_s=sum(b.compute_s for b in batches) / n,
+        mean_queue_wait_s={t: sum(v) / len(v) for t, v in sorted(waits.items())},
+    )
 
 
 class EngineTarget:

@@ -67,8 +67,20 @@ def summarize_collapsed(text: str, label: str, top: int = 12) -> ProfileSummary:
             inclusive[frame] += n
     if not total:
         return ProfileSummary(label, 0, error="no samples (the process was idle)")
-    share = lambda counter: [(name, count / total) for name, count in counter.most_common(top)]
+    share = lambda counter: [(name, count / total) for name, count in counter.most_common() if not _generic(name)][:top]
     return ProfileSummary(label, total, inclusive=share(inclusive), leaf=share(leaf))
+
+
+# Frames on nearly every stack that say nothing about where time goes: thread and event-loop
+# plumbing, decorators and nn.Module's call wrapper.
+_GENERIC_FILES = ("/threading.py)", "futures/thread.py)", "utils/_contextlib.py)", "modules/module.py)",
+                  "utils/generic.py)", "utils/deprecation.py)", "(asyncio/", "(<string>)")
+
+
+def _generic(frame: str) -> bool:
+    return frame.startswith("<module>") or any(marker in frame for marker in _GENERIC_FILES) or (
+        frame.startswith(("Thread.", "_worker ", "_WorkItem."))
+    )
 
 
 def _short(frame: str) -> str:

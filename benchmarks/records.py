@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -45,6 +45,18 @@ class BatchSample:
     batches: int
     mean_batch_size: float
     mean_distinct_tasks: float
+    mean_compute_s: float = float("nan")  # engine time per batch
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """Means over a whole run, as the replica (or the engine-direct batcher) saw it."""
+
+    batches: int
+    mean_batch_size: float
+    mean_distinct_tasks: float
+    mean_compute_s: float  # engine time per batch
+    mean_queue_wait_s: dict[str, float] = field(default_factory=dict)  # by tenant: queued before compute
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -28,13 +28,12 @@ def _errors(errors: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in errors.items()) or "0"
 
 
-def _batch_means(run: RunResult) -> tuple[float, float]:
-    batches = sum(b.batches for b in run.batches)
-    if not batches:
-        return math.nan, math.nan
-    size = sum(b.mean_batch_size * b.batches for b in run.batches) / batches
-    tasks = sum(b.mean_distinct_tasks * b.batches for b in run.batches) / batches
-    return size, tasks
+def _batch_means(run: RunResult) -> tuple[float, float, float]:
+    """Mean batch size, distinct tasks per batch and engine seconds per batch over the run."""
+    stats = run.server_stats
+    if stats is None:
+        return math.nan, math.nan, math.nan
+    return stats.mean_batch_size, stats.mean_distinct_tasks, stats.mean_compute_s
 
 
 # ---------------------------------------------------------------------- text table
@@ -69,37 +68,53 @@ def _target_text(c: ComparisonResult) -> str:
 
 
 # ---------------------------------------------------------------------- markdown
-def scenario_markdown(result: ScenarioResult, plots: dict[str, Path], relative_to: Path) -> str:
+def scenario_markdown(result: ScenarioResult, plots: dict[str, Path], relative_to: Path, note: str = "") -> str:
     scenario = result.scenario
     lines = [f"## {scenario.name}", ""]
     if scenario.description:
         lines += [scenario.description, ""]
     lines += _setup_lines(result)
-    lines += ["", "| run | target | batching | req/s | tok/s | p50 ms | p90 ms | p99 ms | max ms | ok | errors | batch size | tasks/batch | load avg |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    lines += ["", "| run | target | batching | req/s | tok/s | out tok/req | p50 ms | p90 ms | p99 ms | max ms | ok | errors "
+              "| batch size | tasks/batch | engine ms/batch | load avg |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for run in result.runs:
         s = run.summary
-        size, tasks = _batch_means(run)
+        size, tasks, compute = _batch_means(run)
+        approx = "≈" if run.target.kind == "grpc" and not math.isnan(compute) else ""
         name = run.run.name + (f" #{run.repeat + 1}" if scenario.repeat > 1 else "")
         lines.append(
             f"| {name} | {run.run.target_kind} | {run.target.batching} | {_num(s.throughput_rps)} | "
-            f"{_num(s.throughput_tps, 0)} | {_ms(s.latency_s.get('p50'))} | {_ms(s.latency_s.get('p90'))} | "
-            f"{_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | {s.completed} | {_errors(s.errors)} | "
-            f"{_num(size)} | {_num(tasks)} | {run.load_before[0]:.1f} → {run.load_after[0]:.1f} |"
+            f"{_num(s.throughput_tps, 0)} | {_num(s.mean_output_tokens)} | {_ms(s.latency_s.get('p50'))} | "
+            f"{_ms(s.latency_s.get('p90'))} | {_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | "
+            f"{s.completed} | {_errors(s.errors)} | {_num(size)} | {approx}{_num(tasks)} | {approx}{_ms(compute)} | "
+            f"{run.load_before[0]:.1f} → {run.load_after[0]:.1f} |"
         )
-    multi = [r for r in result.runs if len(r.streams) > 1]
+    multi = [r for r in result.runs if len(r.streams) > 1 or (r.server_stats and len(r.server_stats.mean_queue_wait_s) > 1)]
+    if any(r.target.kind == "grpc" and r.server_stats for r in result.runs):
+        lines += ["", "Batch figures of server runs come from the replica's Prometheus metrics: batch size is "
+                  "exact (requests / batches); values marked ≈ are estimates, because Ray records a histogram "
+                  "observation as its bucket's midpoint."]
     if multi:
-        lines += ["", "Per stream:", "", "| run | stream | req/s | p50 ms | p90 ms | p99 ms | max ms | ok | errors |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "Per stream (queue wait: time queued on the replica before the request's batch started, "
+                  "mean):", "",
+                  "| run | stream | req/s | p50 ms | p90 ms | p99 ms | max ms | ok | errors | queue wait ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
         for run in multi:
+            waits = run.server_stats.mean_queue_wait_s if run.server_stats else {}
             for name, s in run.streams.items():
+                tenants = {t for st in run.run.streams if st.name == name for t in st.workload.tenants}
+                wait = [waits[t] for t in tenants if t in waits]
                 lines.append(
                     f"| {run.run.name}{f' #{run.repeat + 1}' if scenario.repeat > 1 else ''} | {name} | "
                     f"{_num(s.throughput_rps)} | {_ms(s.latency_s.get('p50'))} | {_ms(s.latency_s.get('p90'))} | "
-                    f"{_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | {s.completed} | {_errors(s.errors)} |"
+                    f"{_ms(s.latency_s.get('p99'))} | {_ms(s.latency_s.get('max'))} | {s.completed} | {_errors(s.errors)} | "
+                    f"{('≈' if run.target.kind == 'grpc' else '') + _ms(sum(wait) / len(wait)) if wait else '-'} |"
                 )
+    lines += _cpu_lines(result)
     if result.comparisons:
         lines += ["", comparisons_markdown(result.comparisons)]
+    if note:
+        lines += ["", note.rstrip()]
     for c in result.comparisons:
         if c.profiles:
             lines += ["", profile_markdown(c)]
@@ -116,6 +131,22 @@ def scenario_markdown(result: ScenarioResult, plots: dict[str, Path], relative_t
     lines += ["", "Raw per-request records (JSON Lines): " + ", ".join(
         f"`{p.relative_to(relative_to).as_posix()}/`" for p in records)]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_lines(result: ScenarioResult) -> list[str]:
+    runs = [r for r in result.runs if r.cpu is not None]
+    if not runs:
+        return []
+    groups = list(dict.fromkeys(g for r in runs for g in r.cpu.seconds))
+    lines = ["", "CPU time of this machine's benchmark processes over the measurement window (psutil), as "
+             "average cores busy, and per completed request:", "",
+             "| run | " + " | ".join(f"{g} (cores)" for g in groups) + " | total (cores) | CPU ms/request |",
+             "|---|" + "---:|" * (len(groups) + 2)]
+    for run in runs:
+        cells = [_num(run.cpu.cores(g), 2) if g in run.cpu.seconds else "-" for g in groups]
+        name = run.run.name + (f" #{run.repeat + 1}" if result.scenario.repeat > 1 else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_num(run.cpu.cores(), 2)} | {_num(run.cpu_ms_per_request)} |")
+    return lines
 
 
 def _setup_lines(result: ScenarioResult) -> list[str]:
@@ -188,6 +219,7 @@ def write_report(
     intro: Sequence[str] = (),
     plots: dict[str, dict[str, Path]] | None = None,
     extra_sections: Sequence[str] = (),
+    notes: dict[str, str] | None = None,
 ) -> Path:
     plots = plots or {}
     lines = [f"# {title}", ""]
@@ -199,7 +231,8 @@ def write_report(
         lines += ["## Targets", "", comparisons_markdown(all_comparisons), ""]
     lines += list(extra_sections)
     for result in results:
-        lines.append(scenario_markdown(result, plots.get(result.scenario.name, {}), folder))
+        lines.append(scenario_markdown(result, plots.get(result.scenario.name, {}), folder,
+                                       (notes or {}).get(result.scenario.name, "")))
     path = folder / "report.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

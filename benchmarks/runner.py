@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .cpu_usage import CpuUsage, snapshot, usage
 from .load import StreamPlan, run_streams
 from .machine import load_average
 from .profiling import ProfileSummary, profile_pid
-from .records import BatchSample, RequestRecord, write_records
+from .records import BatchSample, RequestRecord, ServerStats, write_records
 from .scenario import METRICS, Comparison, RunSpec, Scenario
 from .stats import Summary, summarize
 from .targets import Target, TargetInfo
@@ -55,14 +56,24 @@ class RunResult:
     summary: Summary
     streams: dict[str, Summary]
     batches: list[BatchSample]
+    server_stats: ServerStats | None
     records: list[RequestRecord]
     records_file: Path
     registered: int
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
+    cpu: CpuUsage | None = None
     profiles: list[ProfileSummary] = field(default_factory=list)
 
+    @property
+    def cpu_ms_per_request(self) -> float:
+        if self.cpu is None or not self.summary.throughput_rps:
+            return math.nan
+        return 1000 * self.cpu.total_s / (self.summary.throughput_rps * self.cpu.window_s)
+
     def metric(self, name: str, stream: str | None = None) -> float:
+        if name == "cpu_ms_per_request":
+            return self.cpu_ms_per_request
         summary = self.streams.get(stream, self.summary) if stream else self.summary
         if name.startswith("latency_"):
             return summary.latency_s.get(name.removeprefix("latency_"), math.nan)
@@ -189,14 +200,30 @@ class Environment:
         serving = ServingConfig(**{k: v for k, v in args["serving"].items() if k != "api_keys_file"})
         key = json.dumps({k: args[k] for k in ("model", "store", "engine")}, sort_keys=True)
         if key not in self._engines:
+            import torch
+
             from promptmux.serving.config import PromptmuxConfig
             from promptmux.serving.engine import Engine
+
+            if serving.torch_threads:
+                # Before the model exists, as a replica does (and Ray sets OMP_NUM_THREADS for it):
+                # threads sized during the build would otherwise linger beside the engine's.
+                torch.set_num_threads(serving.torch_threads)
 
             config = PromptmuxConfig.from_dict({k: args[k] for k in ("model", "store", "engine")})
             self.options.log(f"loading the engine-direct model {config.model.source} in this process ...")
             engine = await asyncio.to_thread(Engine.from_config, config)
             self._engines[key] = EngineTarget(engine, serving, model_name=config.model.source)
         return self._engines[key].with_serving(serving)
+
+    def process_groups(self, scenario: Scenario, run: RunSpec) -> dict[str, list[int]]:
+        """This machine's processes that serve a run, by role, for CPU accounting."""
+        own = [os.getpid()]
+        if run.target_kind == "engine":
+            return {"load generator + engine": own}
+        if self.server is None:
+            return {"load generator": own}
+        return {"load generator": own, **self.server.process_roles(self._apps[(scenario.name, run.variant)])}
 
     def profile_pids(self, scenario: Scenario, run: RunSpec) -> list[tuple[str, int]]:
         if run.target_kind == "engine":
@@ -237,6 +264,7 @@ async def execute_run(
     t0 = time.monotonic()
     if monitor is not None:
         await monitor.start(t0)
+    cpu = asyncio.ensure_future(_cpu_window(lambda: env.process_groups(scenario, run), run, t0))
     profiler = None
     if profile or options.profile or run.profile:
         profiler = asyncio.ensure_future(_profile_during(env, scenario, run, repeat, options.output))
@@ -244,6 +272,7 @@ async def execute_run(
     results = await run_streams(run.name, plans, progress=options.progress, t0=t0, label=label)
     batches = await monitor.stop() if monitor is not None else []
     profiles = await profiler if profiler is not None else []
+    cpu_usage = await cpu
     records = [r for result in results for r in result.records]
     window_start = max(r.warmup_s for r in results)
     window_end = max(r.stopped_at for r in results)
@@ -261,13 +290,27 @@ async def execute_run(
         summary=summarize(records, window_start, window_end),
         streams=streams,
         batches=batches,
+        server_stats=monitor.stats if monitor is not None else None,
         records=records,
         records_file=records_file,
         registered=registered,
         load_before=load_before,
         load_after=load_average(),
+        cpu=cpu_usage,
         profiles=profiles,
     )
+
+
+async def _cpu_window(groups, run: RunSpec, t0: float) -> CpuUsage | None:
+    """CPU time over the measurement window; None for runs bounded by request count only."""
+    durations = [s.load.duration_s for s in run.streams]
+    if any(d is None for d in durations):
+        return None
+    start, end = max(s.load.warmup_s for s in run.streams), min(durations)
+    await asyncio.sleep(max(0.0, t0 + start - time.monotonic()))
+    before = snapshot(groups(), time.monotonic())
+    await asyncio.sleep(max(0.0, t0 + end - time.monotonic()))
+    return usage(before, snapshot(groups(), time.monotonic()))
 
 
 async def _profile_during(env: Environment, scenario: Scenario, run: RunSpec, repeat: int, output: Path):

@@ -50,6 +50,7 @@ METRICS = {
     "latency_p90": "lower",
     "latency_p99": "lower",
     "latency_max": "lower",
+    "cpu_ms_per_request": "lower",  # CPU time of the benchmark's processes per completed request
 }
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _SCENARIO_KEYS = {"name", "description", "model", "engine", "store", "servers", "defaults", "repeat", "runs", "comparisons"}

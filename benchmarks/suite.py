@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from .analysis import notes_for
+from .batch_scaling import measure_batch_scaling, scaling_markdown
 from .machine import load_average, machine_info, results_folder_name
 from .plots import plot_scenario
 from .report import summary_table, write_report, write_summary_json
@@ -75,8 +76,10 @@ def run_suite(
     log(f"machine: {machine.describe()}; load average {machine.load_average}")
     started = time.time()
     results = run_scenarios(scenarios, options)
+    scaling, scaling_text = _batch_scaling(scenarios, log)
     elapsed = time.time() - started
     plots = {r.scenario.name: plot_scenario(r, folder / "plots") for r in results}
+    notes = notes_for(results, scaling)
     end_load = load_average()
     command = "promptmux bench suite" + (" " + shlex.join(argv) if argv else "")
     intro = [
@@ -96,11 +99,25 @@ def run_suite(
         "",
     ]
     write_report(results, folder, machine, title="promptmux benchmark report: standard CPU suite",
-                 intro=intro, plots=plots, extra_sections=[_reading_guide(), ""])
+                 intro=intro, plots=plots, extra_sections=[_reading_guide(), "", scaling_text], notes=notes)
     write_summary_json(results, folder, machine)
     print(summary_table(results))
     print(f"\nreport: {folder / 'report.md'}")
     return folder
+
+
+def _batch_scaling(scenarios: Sequence[Scenario], log) -> tuple[list, str]:
+    """The engine's batch-size curve on the per-task scenario's model and workload (after the
+    server has stopped, so nothing else of ours runs beside it)."""
+    source = next((s for s in scenarios if s.name == "mixed_vs_per_task"), scenarios[0])
+    run = next((r for r in source.runs if r.streams[0].workload.tasks == 64), source.runs[0])
+    workload = run.streams[0].workload
+    threads = source.servers[run.variant].get("torch_threads")
+    log("measuring the engine's batch scaling ...")
+    points = measure_batch_scaling(source.model, source.engine, workload, torch_threads=threads)
+    text = scaling_markdown(points, f"Model `{source.model.get('source')}`, {workload.describe()}, "
+                                    f"{threads or 'default'} torch thread(s).")
+    return points, text
 
 
 def _reading_guide() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from .records import BatchSample
+from .records import BatchSample, ServerStats
 from .workload import BenchRequest, TaskSpec
 
 Clock = Callable[[], float]
@@ -34,7 +34,10 @@ class TargetInfo:
 
 
 class BatchMonitor(Protocol):
-    """Watches engine batches during a run (the server's metrics, or the engine itself)."""
+    """Watches engine batches during a run (the server's metrics, or the engine itself).
+    After stop(), `stats` holds the run's means (None when no batch was seen)."""
+
+    stats: ServerStats | None
 
     async def start(self, t0: float) -> None: ...
 

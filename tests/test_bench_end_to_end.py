@@ -58,6 +58,10 @@ def test_engine_direct_scenario_end_to_end(tmp_path):
     check_outputs(results, tmp_path)
     batched = [b for r in results[0].runs for b in r.batches]
     assert batched and all(1 <= b.mean_batch_size <= 8 for b in batched)
+    for run in results[0].runs:
+        stats = run.server_stats
+        assert stats.batches * stats.mean_batch_size == pytest.approx(8)  # every request in exactly one batch
+        assert list(stats.mean_queue_wait_s) == ["bench"] and stats.mean_compute_s > 0
 
 
 @pytest.mark.ray

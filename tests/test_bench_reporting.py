@@ -7,19 +7,35 @@ import json
 import pytest
 
 from promptmux.benchmarks.gpu_bench import nominal_bandwidth_gbps, run_gpu_bench, weight_bytes
-from promptmux.benchmarks.metrics_scrape import histogram_totals, parse_prometheus, samples_from_totals
+from promptmux.benchmarks.metrics_scrape import histogram_totals, parse_prometheus, run_stats, samples_from_totals
 from promptmux.benchmarks.profiling import summarize_collapsed
 
 SCRAPE = """\
 # HELP ray_promptmux_batch_size Requests per engine batch
 # TYPE ray_promptmux_batch_size histogram
+ray_promptmux_batch_size_bucket{Component="core_worker",WorkerId="a",le="1.0"} 0.0
+ray_promptmux_batch_size_bucket{Component="core_worker",WorkerId="a",le="32.0"} 1.0
 ray_promptmux_batch_size_bucket{Component="core_worker",WorkerId="a",le="64.0"} 3.0
+ray_promptmux_batch_size_bucket{Component="core_worker",WorkerId="a",le="+Inf"} 3.0
 ray_promptmux_batch_size_count{Component="core_worker",WorkerId="a"} 3.0
 ray_promptmux_batch_size_sum{Component="core_worker",WorkerId="a"} 120.0
 ray_promptmux_batch_size_count{Component="core_worker",WorkerId="b",application="other"} 5.0
 ray_promptmux_batch_size_sum{Component="core_worker",WorkerId="b",application="other"} 5.0
-ray_promptmux_batch_distinct_tasks_sum{Component="core_worker",WorkerId="a"} 60.0
-ray_promptmux_batch_distinct_tasks_sum{Component="core_worker",WorkerId="b",application="other"} 5.0
+ray_promptmux_batch_distinct_tasks_bucket{WorkerId="a",le="1.0"} 2.0
+ray_promptmux_batch_distinct_tasks_bucket{WorkerId="a",le="2.0"} 2.0
+ray_promptmux_batch_distinct_tasks_bucket{WorkerId="a",le="4.0"} 3.0
+ray_promptmux_batch_distinct_tasks_bucket{WorkerId="a",le="+Inf"} 3.0
+ray_promptmux_batch_distinct_tasks_count{Component="core_worker",WorkerId="a"} 3.0
+ray_promptmux_batch_distinct_tasks_sum{Component="core_worker",WorkerId="a"} 4.0
+ray_promptmux_batch_compute_seconds_count{WorkerId="a"} 3.0
+ray_promptmux_batch_compute_seconds_sum{WorkerId="a"} 1.5
+ray_promptmux_queue_wait_seconds_count{WorkerId="a",tenant="steady"} 4.0
+ray_promptmux_queue_wait_seconds_sum{WorkerId="a",tenant="steady"} 2.0
+ray_promptmux_queue_wait_seconds_count{WorkerId="a",tenant="flood"} 116.0
+ray_promptmux_queue_wait_seconds_sum{WorkerId="a",tenant="flood"} 116.0
+ray_promptmux_requests_total{WorkerId="a",method="Generate",status="OK",tenant="steady",task="t"} 100.0
+ray_promptmux_requests_total{WorkerId="a",method="Generate",status="NOT_FOUND",tenant="",task=""} 9.0
+ray_promptmux_requests_total{WorkerId="a",method="ListTasks",status="OK",tenant="steady",task=""} 4.0
 ray_other_metric{label="with \\"quotes\\""} 7
 """
 
@@ -30,22 +46,30 @@ def test_prometheus_text_parses_with_labels():
     assert all(not name.startswith("#") for name, _, _ in samples)
 
 
-def test_batch_histograms_sum_over_replicas_and_filter_by_application():
+def test_batch_figures_from_counters_and_whole_number_buckets():
     everything = histogram_totals(SCRAPE)
-    assert (everything.batches, everything.size_sum, everything.tasks_sum) == (8, 125, 65)
+    assert everything.batches == 8
     mine = histogram_totals(SCRAPE, application="promptmux")  # unlabelled series count as any application
-    assert (mine.batches, mine.size_sum, mine.tasks_sum) == (3, 120, 60)
+    assert mine.batches == 3 and mine.ok_requests == 100
+    assert mine.mean_batch_size() == pytest.approx(100 / 3)  # exact: requests over batches
+    # Ray's `_sum` is bucket midpoints (4 / 3 here); the buckets say two batches of 1 task, one of 3 or 4.
+    assert mine.whole_number_mean("batch_tasks") == pytest.approx((1 + 1 + 3.5) / 3)
+    assert mine.whole_number_mean("batch_size") == pytest.approx((17 + 48.5 * 2) / 3)
+    assert mine.mean("compute_s") == 0.5
+    assert mine.mean("queue_wait_s", "steady") == 0.5 and mine.mean("queue_wait_s", "flood") == 1.0
 
 
-def test_batch_samples_are_interval_means():
-    from promptmux.benchmarks.metrics_scrape import HistogramTotals
-
-    points = [(0.0, HistogramTotals(0, 0, 0)), (1.0, HistogramTotals(2, 100, 40)), (2.0, HistogramTotals(2, 100, 40)),
-              (3.0, HistogramTotals(5, 130, 49))]
-    samples = samples_from_totals(points)
-    assert [(s.at, s.batches, s.mean_batch_size, s.mean_distinct_tasks) for s in samples] == [
-        (1.0, 2, 50.0, 20.0), (3.0, 3, 10.0, 3.0)
-    ]
+def test_batch_samples_and_run_stats_are_interval_means():
+    empty = histogram_totals("")
+    later = histogram_totals(SCRAPE, application="promptmux")
+    idle = histogram_totals(SCRAPE, application="promptmux")
+    points = [(0.0, empty), (1.0, later), (2.0, idle)]
+    (sample,) = samples_from_totals(points)  # the idle second interval gives no sample
+    assert (sample.at, sample.batches, sample.mean_compute_s) == (1.0, 3, 0.5)
+    assert sample.mean_batch_size == pytest.approx(100 / 3) and sample.mean_distinct_tasks == pytest.approx(5.5 / 3)
+    stats = run_stats(points)
+    assert stats.batches == 3 and stats.mean_queue_wait_s == {"flood": 1.0, "steady": 0.5}
+    assert run_stats([(0.0, empty), (1.0, empty)]) is None
 
 
 def test_collapsed_stacks_become_shares_of_samples():
@@ -95,3 +119,32 @@ def test_weight_bytes_count_tied_tensors_once():
     assert all_bytes == sum(p.numel() * 4 for p in model.parameters())  # parameters() already dedupes ties
     decoder_only = sum(p.numel() * 4 for p in model.decoder.parameters())
     assert decode_bytes >= decoder_only
+
+
+def test_batch_scaling_curve_and_interpolation():
+    from promptmux.benchmarks.batch_scaling import ScalingPoint, measure_batch_scaling, rate_at
+    from promptmux.benchmarks.workload import WorkloadSpec
+
+    points = measure_batch_scaling({"source": "random:tiny"}, {"max_new_tokens_limit": 8},
+                                   WorkloadSpec(tasks=2, prompt_length=2, input_length=6, output_length=2),
+                                   sizes=(1, 2, 4), repeats=1)
+    assert [p.batch_size for p in points] == [1, 2, 4] and all(p.seconds_per_batch > 0 for p in points)
+    curve = [ScalingPoint(1, 0.1), ScalingPoint(4, 0.2)]
+    assert rate_at(curve, 1) == pytest.approx(10) and rate_at(curve, 4) == pytest.approx(20)
+    assert rate_at(curve, 2.5) == pytest.approx(2.5 / 0.15)  # seconds per batch interpolated
+    assert rate_at(curve, 64) == pytest.approx(20)  # beyond the curve: its last rate
+
+
+def test_cpu_usage_counts_this_process():
+    import os
+    import time
+
+    from promptmux.benchmarks.cpu_usage import snapshot, usage
+
+    groups = {"me": [os.getpid()], "gone": [2**22 + 7]}
+    before = snapshot(groups, time.monotonic())
+    total = sum(i * i for i in range(2_000_000))  # burn some CPU
+    after = snapshot(groups, time.monotonic())
+    used = usage(before, after)
+    assert total > 0 and used.seconds["me"] > 0 and used.seconds["gone"] == 0
+    assert used.total_s == used.seconds["me"]
