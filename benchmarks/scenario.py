@@ -11,7 +11,7 @@
     defaults:                             # merged under every run and stream
       workload: {tasks: 64, prompt_length: 20}
       load: {mode: closed, concurrency: 64, duration_s: 10, warmup_s: 2}
-    repeat: 2                             # each run again, interleaved: a b a b
+    repeat: 2                             # each run again, interleaved: a b b a
     runs:
       - name: mixed
         target: server:mixed              # or engine:mixed (engine-direct, same batching)
@@ -171,8 +171,9 @@ class Scenario:
         }
 
     def ordered_runs(self) -> list[tuple[int, RunSpec]]:
-        """(repeat index, run) in execution order: all runs, then all again (interleaved)."""
-        return [(r, run) for r in range(self.repeat) for run in self.runs]
+        """(repeat index, run) in execution order: all runs, then all again in reverse (a b b a),
+        so a load that drifts steadily over the session weighs on every run alike."""
+        return [(r, run) for r in range(self.repeat) for run in (self.runs if r % 2 == 0 else self.runs[::-1])]
 
     def with_overrides(self, **changes: Any) -> "Scenario":
         return Scenario(**{**self.__dict__, **changes})

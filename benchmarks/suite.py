@@ -24,7 +24,7 @@ from .report import summary_table, write_report, write_summary_json
 from .runner import HarnessOptions, run_scenarios
 from .scenario import Scenario, load_scenario
 
-SUITE = ("mixed_penalty", "mixed_vs_per_task", "serving_overhead", "fairness", "prompt_length")
+SUITE = ("capacity", "mixed_penalty", "mixed_vs_per_task", "serving_overhead", "fairness", "prompt_length")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

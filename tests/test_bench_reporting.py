@@ -148,3 +148,52 @@ def test_cpu_usage_counts_this_process():
     used = usage(before, after)
     assert total > 0 and used.seconds["me"] > 0 and used.seconds["gone"] == 0
     assert used.total_s == used.seconds["me"]
+
+
+def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
+    from pathlib import Path
+
+    from promptmux.benchmarks.runner import RunResult
+    from promptmux.benchmarks.stats import Summary
+    from promptmux.benchmarks.targets import TargetInfo
+
+    spec = next(r for r in scenario.runs if r.name == name)
+    summary = Summary(window_s=10, issued=int(rps * 10), completed=int(rps * 10), throughput_rps=rps,
+                      latency_s={"p50": p50, "p99": p99})
+    return RunResult(scenario=scenario.name, run=spec, repeat=0,
+                     target=TargetInfo("grpc", "test", "random:tiny", 64, "mixed"), summary=summary,
+                     streams=streams or {"main": summary}, batches=[], server_stats=stats, records=[],
+                     records_file=Path("x.jsonl"), registered=0, load_before=(0, 0, 0), load_after=(0, 0, 0))
+
+
+def test_notes_explain_misses_with_the_measured_numbers():
+    from promptmux.benchmarks.analysis import notes_for
+    from promptmux.benchmarks.batch_scaling import ScalingPoint
+    from promptmux.benchmarks.records import ServerStats
+    from promptmux.benchmarks.runner import ScenarioResult, evaluate
+    from promptmux.benchmarks.scenario import load_scenario
+    from promptmux.benchmarks.stats import Summary
+
+    scaling = [ScalingPoint(1, 0.04), ScalingPoint(4, 0.06), ScalingPoint(64, 0.4)]
+    per_task = load_scenario("mixed_vs_per_task")
+    runs = [
+        _run_result(per_task, "mixed-64", 100.0, 1.2, 1.5, ServerStats(100, 60.0, 40.0, 0.6, {})),
+        _run_result(per_task, "per-task-64", 40.0, 3.0, 4.5, ServerStats(400, 4.0, 1.0, 0.1, {})),
+    ]
+    per_task_result = ScenarioResult(per_task, runs, evaluate(per_task, runs), 0, 0)
+
+    fairness = load_scenario("fairness")
+    steady = lambda p50, p99: Summary(window_s=10, issued=60, completed=60, throughput_rps=6, latency_s={"p50": p50, "p99": p99})
+    runs = [
+        _run_result(fairness, "steady-alone", 6, 0.1, 0.2, ServerStats(50, 1.2, 1.2, 0.09, {"steady": 0.05}),
+                    {"steady": steady(0.1, 0.2)}),
+        _run_result(fairness, "steady-under-flood", 90, 2.0, 3.0, ServerStats(90, 60, 45, 0.7, {"steady": 0.35, "flood": 1.5}),
+                    {"steady": steady(1.2, 2.0), "flood": steady(2.0, 3.0)}),
+    ]
+    fairness_result = ScenarioResult(fairness, runs, evaluate(fairness, runs), 0, 0)
+
+    notes = notes_for([per_task_result, fairness_result], scaling)
+    assert "per-task batches 4.0" in notes["mixed_vs_per_task"]
+    assert "The goal of 8x is above this engine's whole batching gain" in notes["mixed_vs_per_task"]
+    assert "≈350 ms against ≈1500 ms" in notes["fairness"] and "p99 ≈ 1400 ms is expected" in notes["fairness"]
+    assert notes_for([per_task_result], None)["mixed_vs_per_task"]  # still said without the scaling curve

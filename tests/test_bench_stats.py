@@ -11,7 +11,7 @@ import pytest
 
 from promptmux.benchmarks.load import poisson_arrivals
 from promptmux.benchmarks.records import RequestRecord
-from promptmux.benchmarks.stats import cdf_points, percentile, summarize
+from promptmux.benchmarks.stats import cdf_points, completion_rate, percentile, summarize
 from promptmux.benchmarks.workload import LengthSpec, Popularity, RequestSampler, WorkloadSpec, build_tasks
 
 
@@ -51,10 +51,21 @@ def test_summary_counts_the_window_only():
     summary = summarize(records, window_start=1.0, window_end=5.0)
     assert summary.issued == 4 and summary.completed == 3
     assert summary.errors == {"RESOURCE_EXHAUSTED": 1}
-    assert summary.throughput_rps == pytest.approx(3 / 4.0)  # finished at 1.5, 2.0, 3.0
-    assert summary.throughput_tps == pytest.approx(12 / 4.0)
+    # finished in the window at 1.5, 2.0 and 3.0: the slope of the cumulative count (1, 2, 3)
+    assert summary.throughput_rps == pytest.approx(completion_rate([1.5, 2.0, 3.0], [1, 1, 1], 4.0))
+    assert summary.throughput_tps == pytest.approx(4 * summary.throughput_rps)
     assert summary.latency_s["max"] == pytest.approx(2.0)
     assert summary.latency_s["p50"] == pytest.approx(1.0)
+
+
+def test_batched_completions_give_the_same_rate_whatever_the_window_phase():
+    # Ten replies every second (one batch), each arriving within a few milliseconds.
+    times = [k + 0.001 * j for k in range(1, 30) for j in range(10)]
+    for start in (0.5, 0.9, 1.02, 1.5):
+        end = start + 7.3
+        inside = [t for t in times if start <= t <= end]
+        assert completion_rate(inside, [1.0] * len(inside), end - start) == pytest.approx(10, rel=0.02)
+    assert completion_rate([2.0, 2.0], [1, 1], 4.0) == 0.5  # too few distinct times: count over the window
 
 
 def test_poisson_interarrival_mean_matches_the_rate():
