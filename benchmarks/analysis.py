@@ -1,14 +1,26 @@
 """What limits each suite figure, said with the numbers the run measured: batch sizes from
-the replica's metrics, the engine's batch-scaling curve, queue waits, CPU time per request.
-Each function reads one shipped scenario's result and returns Markdown (empty when the runs
-it needs are missing, e.g. a scenario run with other run names)."""
+the replica's metrics, the engine-level figures (engine_figures.py), queue waits, CPU time
+per request. Each function reads one shipped scenario's result and returns Markdown (empty
+when the runs it needs are missing, e.g. a scenario run with other run names)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
-from .batch_scaling import ScalingPoint, rate_at
+from .engine_figures import MixingPenalty, ScalingPoint, rate_at
 from .runner import RunResult, ScenarioResult
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the notes may cite beside a scenario's own runs."""
+
+    scaling: Sequence[ScalingPoint] | None = None
+    penalty: MixingPenalty | None = None
+    # Ratio of two runs doing identical work in this session (mixed / per-task at 1 task):
+    # how far apart noise alone put them.
+    same_work_ratio: float | None = None
 
 
 def _best(result: ScenarioResult, name: str) -> RunResult | None:
@@ -21,7 +33,8 @@ def _fmt_ms(seconds: float) -> str:
     return "n/a" if seconds is None or math.isnan(seconds) else f"{seconds * 1000:.0f} ms"
 
 
-def mixed_vs_per_task_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None) -> str:
+def mixed_vs_per_task_note(result: ScenarioResult, context: Context) -> str:
+    scaling = context.scaling
     lines = []
     for tasks in (8, 64, 512):
         mixed, per_task = _best(result, f"mixed-{tasks}"), _best(result, f"per-task-{tasks}")
@@ -56,12 +69,12 @@ def mixed_vs_per_task_note(result: ScenarioResult, scaling: Sequence[ScalingPoin
     return "\n".join([" ".join(head), "", *lines]) + "\n"
 
 
-def fairness_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None) -> str:
+def fairness_note(result: ScenarioResult, context: Context) -> str:
+    scaling = context.scaling
     alone, flood = _best(result, "steady-alone"), _best(result, "steady-under-flood")
     if not (alone and flood and "steady" in alone.streams and "steady" in flood.streams):
         return ""
     a, f = alone.streams["steady"], flood.streams["steady"]
-    measured = f.latency_s.get("p99", math.nan) / a.latency_s.get("p99", math.nan)
     lines = [
         f"What limits the steady tenant's latency under the flood: alone, its p50/p99 are "
         f"{_fmt_ms(a.latency_s.get('p50'))}/{_fmt_ms(a.latency_s.get('p99'))}; under the flood "
@@ -113,7 +126,7 @@ def fairness_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None
     return "\n\n".join(lines) + "\n"
 
 
-def overhead_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None) -> str:
+def overhead_note(result: ScenarioResult, context: Context) -> str:
     engine, server = _best(result, "engine-direct"), _best(result, "grpc-ray-serve")
     if not (engine and server and engine.cpu and server.cpu and server.summary.throughput_rps):
         return ""
@@ -148,20 +161,35 @@ def overhead_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None
     return "\n\n".join(lines) + "\n"
 
 
-def penalty_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None) -> str:
+def penalty_note(result: ScenarioResult, context: Context) -> str:
     mixed, single = _best(result, "mixed-64"), _best(result, "single-prompt")
     if not (mixed and single and mixed.server_stats and single.server_stats):
         return ""
-    return (
-        f"Mixed batches held {mixed.server_stats.mean_batch_size:.1f} requests with ≈{mixed.server_stats.mean_distinct_tasks:.0f} "
-        f"distinct prompts each; single-prompt batches {single.server_stats.mean_batch_size:.1f} requests with one. "
-        f"Output lengths match ({mixed.summary.mean_output_tokens:.1f} vs {single.summary.mean_output_tokens:.1f} "
-        "tokens per request), so the ratio compares the same work: gathering different prompt rows costs "
-        "one indexed copy per batch, not a separate forward.\n"
-    )
+    lines = [
+        f"Mixed batches held {mixed.server_stats.mean_batch_size:.1f} requests with "
+        f"≈{mixed.server_stats.mean_distinct_tasks:.0f} distinct prompts each; single-prompt batches "
+        f"{single.server_stats.mean_batch_size:.1f} requests with one. The texts are identical and output lengths "
+        f"match ({mixed.summary.mean_output_tokens:.1f} vs {single.summary.mean_output_tokens:.1f} tokens per "
+        "request), so both do the same work except gathering different prompt rows, one indexed copy per batch."
+    ]
+    if context.same_work_ratio is not None:
+        lines.append(
+            f"Noise on this machine is as large as the effect sought: two runs doing identical work in this session "
+            f"(mixed / per-task at 1 task, where both modes form the same batches) came out {context.same_work_ratio:.2f} "
+            "apart, so an end-to-end ratio within a few percent of 1 cannot be told from 1 here."
+        )
+    if context.penalty is not None:
+        p = context.penalty
+        lines.append(
+            f"Engine-level, where short alternating batches see the same machine: a batch of {p.batch_size} on "
+            f"{p.distinct_prompts} prompts against one shared prompt gives {p.median_ratio:.3f} (median of "
+            f"{p.repeats} alternations; Engine mixing penalty)"
+            + (", within the 0.95 goal." if p.median_ratio >= 0.95 else ", below the 0.95 goal.")
+        )
+    return "\n\n".join(lines) + "\n"
 
 
-def capacity_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None) -> str:
+def capacity_note(result: ScenarioResult, context: Context) -> str:
     sweep = sorted((r for r in result.runs if r.run.streams[0].load.mode == "open"),
                    key=lambda r: r.run.streams[0].load.rate or 0)
     if len(sweep) < 2:
@@ -185,6 +213,13 @@ def capacity_note(result: ScenarioResult, scaling: Sequence[ScalingPoint] | None
                 f"the most it served was {max(r.summary.throughput_rps for r in sweep):.0f} req/s.")
     else:
         head = "The replica did not keep up at any offered rate of the sweep; start the sweep lower."
+    peak = max(sweep, key=lambda r: r.summary.throughput_rps)
+    last = sweep[-1]
+    if last is not peak and last.summary.throughput_rps < 0.8 * peak.summary.throughput_rps:
+        errors = ", ".join(f"{n} {k}" for k, n in last.summary.errors.items()) or "no errors"
+        head += (f" Past the knee the replica served less, not the same: {last.summary.throughput_rps:.0f} req/s at "
+                 f"{last.run.streams[0].load.rate:g} offered ({errors}; RESOURCE_EXHAUSTED comes from the per-tenant "
+                 "in-flight limit), so capacity planning should keep replicas below the knee.")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -197,11 +232,16 @@ NOTES = {
 }
 
 
-def notes_for(results: Sequence[ScenarioResult], scaling: Sequence[ScalingPoint] | None) -> dict[str, str]:
+def notes_for(results: Sequence[ScenarioResult], context: Context | None = None) -> dict[str, str]:
+    context = context or Context()
+    if context.same_work_ratio is None:
+        same = [c.ratio for r in results for c in r.comparisons if c.comparison.name == "mixed / per-task, 1 task"]
+        if same and not math.isnan(same[0]):
+            context = Context(context.scaling, context.penalty, same[0])
     out = {}
     for result in results:
         note = NOTES.get(result.scenario.name)
-        text = note(result, scaling) if note else ""
+        text = note(result, context) if note else ""
         if text:
             out[result.scenario.name] = text
     return out

@@ -252,7 +252,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
     write_report(results, output, machine, title=f"promptmux benchmark: {scenario.name}",
                  intro=[f"Scenario `{scenario.source}`, against {target}.", ""], plots=plots,
-                 notes=notes_for(results, None))
+                 notes=notes_for(results))
     write_summary_json(results, output, machine)
     print(summary_table(results))
     print(f"\nreport: {output / 'report.md'}")

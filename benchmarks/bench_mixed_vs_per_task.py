@@ -90,9 +90,12 @@ def main(argv=None) -> None:
     parser.add_argument("--input-length", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is steadiest on a CPU shared with other jobs")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "mixed_vs_per_task_cpu.md")
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(source=args.model))
     with tempfile.TemporaryDirectory() as root:

@@ -8,7 +8,8 @@ scrapes gives figures per interval, and over the whole run.
 Ray (2.60) records a histogram observation as the midpoint of its bucket, so a histogram's
 `_sum` is an estimate: a batch of 64 in the bucket (32, 64] adds 48. Hence:
 - mean batch size is exact: completed requests (`promptmux_requests_total`, status OK) over
-  batches (the batch-size histogram's `_count`, which is exact);
+  batches (the batch-size histogram's `_count`, which is exact); over a run, that is, since
+  within one scrape interval the two may land in different report cycles;
 - distinct tasks per batch is estimated from the bucket counts, knowing the values are
   whole numbers (the bucket (2, 4] holds 3s and 4s: 3.5), so one task per batch reads 1;
 - engine time per batch and queue wait are Ray's midpoint estimates (marked ≈ in reports).

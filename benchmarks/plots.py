@@ -78,7 +78,7 @@ def batches_over_time(result: ScenarioResult, path: Path) -> Path:
         top.plot(xs, [b.mean_batch_size for b in run.batches], ".-", label=run.run.name)
         bottom.plot(xs, [b.mean_distinct_tasks for b in run.batches], ".-", label=run.run.name)
     top.set_ylabel("mean batch size")
-    bottom.set_ylabel("distinct tasks per batch")
+    bottom.set_ylabel("distinct tasks per batch\n(server runs: ≈, from buckets)")
     bottom.set_xlabel("seconds since the run started")
     top.set_title(f"{result.scenario.name}: batches over time")
     for ax in (top, bottom):

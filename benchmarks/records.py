@@ -1,7 +1,9 @@
-"""One record per benchmark request, written as JSON Lines, and the batch samples of a run."""
+"""One record per benchmark request, written as JSON Lines (gzip-compressed for `.jsonl.gz`),
+and what a run's batches did."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +61,15 @@ class ServerStats:
     mean_queue_wait_s: dict[str, float] = field(default_factory=dict)  # by tenant: queued before compute
 
 
+def _open(path: Path, mode: str):
+    """A text file, gzip-compressed when its name ends in `.gz`."""
+    return gzip.open(path, mode + "t") if path.suffix == ".gz" else path.open(mode)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with path.open("w") as handle:
+    with _open(path, "w") as handle:
         for row in rows:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
             count += 1
@@ -74,5 +81,5 @@ def write_records(path: Path, records: Iterable[RequestRecord]) -> int:
 
 
 def read_records(path: Path) -> list[RequestRecord]:
-    with Path(path).open() as handle:
+    with _open(Path(path), "r") as handle:
         return [RequestRecord(**json.loads(line)) for line in handle if line.strip()]

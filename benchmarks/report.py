@@ -153,7 +153,7 @@ def _setup_lines(result: ScenarioResult) -> list[str]:
     scenario = result.scenario
     engine = ", ".join(f"{k}={v}" for k, v in scenario.engine.items()) or "defaults"
     lines = [f"Model `{scenario.model.get('source', 'embedded')}` ({scenario.model.get('dtype', 'float32')}), engine {engine}.",
-             f"Server variants: " + "; ".join(
+             "Server variants: " + "; ".join(
                  f"`{name}` ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})" for name, opts in scenario.servers.items()
              ) + "."]
     if scenario.repeat > 1:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import os
 import tempfile
@@ -29,8 +28,6 @@ from .stats import Summary, summarize
 from .targets import Target, TargetInfo
 from .workload import RequestSampler, TaskSpec, build_tasks
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class HarnessOptions:
@@ -44,6 +41,7 @@ class HarnessOptions:
     profile_on_miss: bool = False  # re-run a missed comparison's run under py-spy
     cleanup: bool = False  # delete the workload's prompts at the end (a running server)
     replica_cpus: float = 0.1
+    compress_records: bool = False  # records as .jsonl.gz (results committed to the repository)
     log: Callable[[str], None] = print
 
 
@@ -278,7 +276,10 @@ async def execute_run(
     window_end = max(r.stopped_at for r in results)
     streams = {r.name: summarize(r.records, r.warmup_s, r.stopped_at) for r in results}
     suffix = f"-r{repeat + 1}" if scenario.repeat > 1 else ""
-    records_file = options.output / "records" / scenario.name / f"{_file_name(run.name)}{suffix}.jsonl"
+    if profile:  # an extra run for a missed target: never over a measured run's records
+        suffix += "-profiled"
+    extension = ".jsonl.gz" if options.compress_records else ".jsonl"
+    records_file = options.output / "records" / scenario.name / f"{_file_name(run.name)}{suffix}{extension}"
     write_records(records_file, records)
     if run.target_kind == "engine":
         await target.close()  # its batcher; the engine itself stays loaded for the next run

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .analysis import notes_for
-from .batch_scaling import measure_batch_scaling, scaling_markdown
+from .analysis import Context, notes_for
+from .engine_figures import EngineBench, penalty_markdown, scaling_markdown
 from .machine import load_average, machine_info, results_folder_name
 from .plots import plot_scenario
 from .report import summary_table, write_report, write_summary_json
@@ -70,16 +70,17 @@ def run_suite(
     scenarios = [scale_scenario(load_scenario(name), scale) for name in names]
     options = dataclasses.replace(options, output=folder) if options else HarnessOptions(output=folder)
     options.profile_on_miss = True
+    options.compress_records = True  # suite results are committed: keep them small
     log = options.log
     log(f"promptmux bench suite: {len(scenarios)} scenarios, about {estimated_seconds(scenarios) / 60:.1f} min of load "
         f"plus start-up; results in {folder}")
     log(f"machine: {machine.describe()}; load average {machine.load_average}")
     started = time.time()
     results = run_scenarios(scenarios, options)
-    scaling, scaling_text = _batch_scaling(scenarios, log)
+    context, engine_text = _engine_figures(scenarios, log)
     elapsed = time.time() - started
     plots = {r.scenario.name: plot_scenario(r, folder / "plots") for r in results}
-    notes = notes_for(results, scaling)
+    notes = notes_for(results, context)
     end_load = load_average()
     command = "promptmux bench suite" + (" " + shlex.join(argv) if argv else "")
     intro = [
@@ -99,25 +100,30 @@ def run_suite(
         "",
     ]
     write_report(results, folder, machine, title="promptmux benchmark report: standard CPU suite",
-                 intro=intro, plots=plots, extra_sections=[_reading_guide(), "", scaling_text], notes=notes)
+                 intro=intro, plots=plots, extra_sections=[_reading_guide(), "", *engine_text], notes=notes)
     write_summary_json(results, folder, machine)
     print(summary_table(results))
     print(f"\nreport: {folder / 'report.md'}")
     return folder
 
 
-def _batch_scaling(scenarios: Sequence[Scenario], log) -> tuple[list, str]:
-    """The engine's batch-size curve on the per-task scenario's model and workload (after the
-    server has stopped, so nothing else of ours runs beside it)."""
+def _engine_figures(scenarios: Sequence[Scenario], log) -> tuple[Context, list[str]]:
+    """Engine-level batch scaling and mixing penalty on the per-task scenario's model and
+    workload, after the server has stopped, so nothing else of ours runs beside them."""
     source = next((s for s in scenarios if s.name == "mixed_vs_per_task"), scenarios[0])
     run = next((r for r in source.runs if r.streams[0].workload.tasks == 64), source.runs[0])
     workload = run.streams[0].workload
     threads = source.servers[run.variant].get("torch_threads")
-    log("measuring the engine's batch scaling ...")
-    points = measure_batch_scaling(source.model, source.engine, workload, torch_threads=threads)
-    text = scaling_markdown(points, f"Model `{source.model.get('source')}`, {workload.describe()}, "
-                                    f"{threads or 'default'} torch thread(s).")
-    return points, text
+    log("measuring engine-level batch scaling and mixing penalty ...")
+    bench = EngineBench(source.model, source.engine, threads)
+    try:
+        scaling = bench.batch_scaling(workload)
+        penalty = bench.mixing_penalty(workload)
+    finally:
+        bench.close()
+    described = (f"Model `{source.model.get('source')}`, {workload.describe()}, "
+                 f"{threads or 'default'} torch thread(s).")
+    return Context(scaling=scaling, penalty=penalty), [scaling_markdown(scaling, described), penalty_markdown(penalty)]
 
 
 def _reading_guide() -> str:

@@ -104,6 +104,16 @@ def test_streaming_records_time_to_first_token():
     assert all(r.ttft_s is not None and 0 <= r.ttft_s <= r.latency_s for r in result.records)
 
 
+def test_records_round_trip_plain_and_gzipped(tmp_path):
+    from promptmux.benchmarks.records import read_records, write_records
+
+    result = run(LoadSpec(mode="closed", concurrency=2, duration_s=None, requests=5, warmup_s=0), FakeTarget())
+    for name in ("r.jsonl", "r.jsonl.gz"):
+        assert write_records(tmp_path / name, result.records) == 5
+        assert read_records(tmp_path / name) == result.records
+    assert (tmp_path / "r.jsonl.gz").read_bytes()[:2] == b"\x1f\x8b"
+
+
 def test_load_specs_refuse_unbounded_or_incomplete_settings():
     with pytest.raises(ValueError, match="needs a bound"):
         LoadSpec(mode="closed", concurrency=1, duration_s=None, requests=None)

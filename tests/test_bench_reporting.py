@@ -122,7 +122,7 @@ def test_weight_bytes_count_tied_tensors_once():
 
 
 def test_batch_scaling_curve_and_interpolation():
-    from promptmux.benchmarks.batch_scaling import ScalingPoint, measure_batch_scaling, rate_at
+    from promptmux.benchmarks.engine_figures import ScalingPoint, measure_batch_scaling, rate_at
     from promptmux.benchmarks.workload import WorkloadSpec
 
     points = measure_batch_scaling({"source": "random:tiny"}, {"max_new_tokens_limit": 8},
@@ -167,8 +167,8 @@ def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
 
 
 def test_notes_explain_misses_with_the_measured_numbers():
-    from promptmux.benchmarks.analysis import notes_for
-    from promptmux.benchmarks.batch_scaling import ScalingPoint
+    from promptmux.benchmarks.analysis import Context, notes_for
+    from promptmux.benchmarks.engine_figures import ScalingPoint
     from promptmux.benchmarks.records import ServerStats
     from promptmux.benchmarks.runner import ScenarioResult, evaluate
     from promptmux.benchmarks.scenario import load_scenario
@@ -192,8 +192,22 @@ def test_notes_explain_misses_with_the_measured_numbers():
     ]
     fairness_result = ScenarioResult(fairness, runs, evaluate(fairness, runs), 0, 0)
 
-    notes = notes_for([per_task_result, fairness_result], scaling)
+    notes = notes_for([per_task_result, fairness_result], Context(scaling=scaling))
     assert "per-task batches 4.0" in notes["mixed_vs_per_task"]
     assert "The goal of 8x is above this engine's whole batching gain" in notes["mixed_vs_per_task"]
     assert "≈350 ms against ≈1500 ms" in notes["fairness"] and "p99 ≈ 1400 ms is expected" in notes["fairness"]
-    assert notes_for([per_task_result], None)["mixed_vs_per_task"]  # still said without the scaling curve
+    assert notes_for([per_task_result])["mixed_vs_per_task"]  # still said without the scaling curve
+
+
+def test_engine_mixing_penalty_alternates_identical_texts():
+    from promptmux.benchmarks.engine_figures import EngineBench
+    from promptmux.benchmarks.workload import WorkloadSpec
+
+    bench = EngineBench({"source": "random:tiny"}, {"max_new_tokens_limit": 8}, max_batch_size=4)
+    try:
+        penalty = bench.mixing_penalty(WorkloadSpec(tasks=4, prompt_length=2, input_length=6, output_length=2),
+                                       batch_size=4, repeats=2)
+    finally:
+        bench.close()
+    assert penalty.distinct_prompts == 4 and len(penalty.single_s) == len(penalty.mixed_s) == 2
+    assert penalty.median_ratio > 0 and penalty.best_ratio > 0
