@@ -173,10 +173,11 @@ def penalty_note(result: ScenarioResult, context: Context) -> str:
         "request), so both do the same work except gathering different prompt rows, one indexed copy per batch."
     ]
     if context.same_work_ratio is not None:
+        noise = abs(1 - context.same_work_ratio)
         lines.append(
-            f"Noise on this machine is as large as the effect sought: two runs doing identical work in this session "
-            f"(mixed / per-task at 1 task, where both modes form the same batches) came out {context.same_work_ratio:.2f} "
-            "apart, so an end-to-end ratio within a few percent of 1 cannot be told from 1 here."
+            f"How much noise alone moves a ratio here: two runs doing identical work in this session (mixed / "
+            f"per-task at 1 task, where both modes form the same batches) gave {context.same_work_ratio:.2f}, "
+            f"{noise:.0%} off 1; an end-to-end penalty smaller than that cannot be resolved on this machine."
         )
     if context.penalty is not None:
         p = context.penalty

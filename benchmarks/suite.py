@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .analysis import Context, notes_for
 from .engine_figures import EngineBench, penalty_markdown, scaling_markdown
-from .machine import load_average, machine_info, results_folder_name
+from .machine import busy_elsewhere, load_average, machine_info, results_folder_name
 from .plots import plot_scenario
 from .report import summary_table, write_report, write_summary_json
 from .runner import HarnessOptions, run_scenarios
@@ -75,10 +75,12 @@ def run_suite(
     log(f"promptmux bench suite: {len(scenarios)} scenarios, about {estimated_seconds(scenarios) / 60:.1f} min of load "
         f"plus start-up; results in {folder}")
     log(f"machine: {machine.describe()}; load average {machine.load_average}")
+    before = busy_elsewhere()
     started = time.time()
     results = run_scenarios(scenarios, options)
     context, engine_text = _engine_figures(scenarios, log)
     elapsed = time.time() - started
+    after = busy_elsewhere()
     plots = {r.scenario.name: plot_scenario(r, folder / "plots") for r in results}
     notes = notes_for(results, context)
     end_load = load_average()
@@ -90,7 +92,9 @@ def run_suite(
         f"(`{command}`).",
         "",
         f"Run on {datetime.datetime.fromtimestamp(started):%Y-%m-%d %H:%M} in {elapsed / 60:.1f} min. "
-        f"Load average (1, 5, 15 min) at the start {machine.load_average}, at the end {end_load}.",
+        f"Load average (1, 5, 15 min) at the start {machine.load_average}, at the end {end_load}. "
+        f"Other users' processes kept {before[0]:.1f} of the {machine.cores} cores busy just before the suite "
+        f"({', '.join(before[1]) or 'none notable'}) and {after[0]:.1f} just after ({', '.join(after[1]) or 'none notable'}).",
         "",
         "Setup shared by the scenarios: the embedded model's shape (ByT5 vocabulary, d_model 256, 3+3 "
         "layers) with random weights, so output lengths are set by `max_new_tokens` rather than by "
@@ -130,16 +134,19 @@ def _reading_guide() -> str:
     return "\n".join([
         "## How to read this",
         "",
-        "- Throughput counts replies that arrived inside the measurement window (after the warm-up, "
-        "before the load stopped) per second. Latency is from sending a request to its reply, for "
-        "requests sent inside the window, at the client.",
-        "- Closed-loop runs keep N requests in flight (N = 2 × the batch size, so a full batch waits "
-        "while one computes); open-loop runs send Poisson arrivals at a fixed rate.",
-        "- `batch size` and `tasks/batch` are means over the run, from the replica's Prometheus "
-        "histograms (`promptmux_batch_size`, `promptmux_batch_distinct_tasks`) scraped every second, or "
-        "from the engine itself for engine-direct runs.",
-        "- A missed target comes with a py-spy profile of the process that limits it, taken in an extra "
-        "run after the measured ones.",
+        "- Throughput is the rate of replies that arrived inside the measurement window (after the warm-up, "
+        "before the load stopped), as the slope of their cumulative count, so a batch's replies landing just "
+        "inside or outside the window do not move it. Latency runs from sending a request to its reply, at "
+        "the client, for requests sent inside the window.",
+        "- Closed-loop runs keep N requests in flight (N = 2 × the batch size, so a full batch waits while one "
+        "computes); open-loop runs send Poisson arrivals at a fixed rate.",
+        "- Batch size is exact (completed requests over batches, from the replica's Prometheus counters, or the "
+        "engine itself for engine-direct runs). Tasks per batch, engine time per batch and queue waits of "
+        "server runs are marked ≈: Ray records a histogram observation as its bucket's midpoint.",
+        "- CPU tables give the CPU time of every process of a run (load generator, proxy, replica, Ray) over "
+        "the window, from psutil: other users' load moves it far less than it moves wall-clock figures.",
+        "- Ratio scenarios run each run several times, a b b a, and compare each run's best repeat. A missed "
+        "target comes with a py-spy profile of the serving processes, taken in an extra run afterwards.",
     ])
 
 
