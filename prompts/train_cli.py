@@ -53,7 +53,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
     add_model_arguments(parser)  # --config, --model, --dtype, --device, --store, as every command
     outputs = parser.add_argument_group("outputs")
-    outputs.add_argument("--output", type=Path, help="directory for best.safetensors, early.safetensors, history.json")
+    outputs.add_argument("--output", type=Path, help="directory for best.safetensors, early.safetensors, history.json and curve.png")
     outputs.add_argument("--no-register", action="store_true", help="train and save, but leave the store unchanged")
     outputs.add_argument("--no-progress", action="store_true", help="log evaluations instead of a progress bar")
     parser.set_defaults(handler=handle_train)

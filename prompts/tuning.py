@@ -36,6 +36,7 @@ from promptmux.serving.errors import InvalidRequestError
 from .records import PromptMeta
 from .store import PromptStore
 from .synthetic_tasks import Example
+from .training_plot import plot_training_curve
 
 Init = Literal["random-uniform", "vocab", "text", "prompt"]
 Optimizer = Literal["adafactor", "adam"]
@@ -409,7 +410,8 @@ def _batches(examples: Sequence[Example], batch_size: int, seed: int) -> Iterabl
 
 # ---------------------------------------------------------------- outputs
 def save_checkpoints(result: TuningResult, config: TrainConfig) -> dict[str, Path]:
-    """`best.safetensors`, `early.safetensors` (the task embedding) and `history.json`."""
+    """`best.safetensors`, `early.safetensors` (the task embedding), `history.json` and, with
+    matplotlib installed, `curve.png`."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"best": out / "best.safetensors", "early": out / "early.safetensors", "history": out / "history.json"}
@@ -421,6 +423,13 @@ def save_checkpoints(result: TuningResult, config: TrainConfig) -> dict[str, Pat
         "history": [dataclasses.asdict(p) for p in result.history],
         "train_losses": result.train_losses,
     }))
+    curve = plot_training_curve(
+        result.train_losses, [(p.step, p.exact_match, p.loss) for p in result.history], out / "curve.png",
+        title=f"prompt tuning {config.tenant}/{config.task}",
+        early_step=min(config.early_checkpoint_step, config.steps), best_step=result.best.step if result.best else None,
+    )
+    if curve is not None:
+        paths["curve"] = curve
     return paths
 
 
