@@ -28,13 +28,22 @@ def _family(name: str) -> str:
     return name.split("@", 1)[0]
 
 
+def _offered_load(run: RunResult) -> tuple[float, float]:
+    """(total open-loop rate, total closed-loop clients) over the run's streams."""
+    loads = [stream.load for stream in run.run.streams]
+    return (sum(load.rate or 0.0 for load in loads if load.mode == "open"),
+            sum(load.concurrency or 0 for load in loads if load.mode == "closed"))
+
+
 def latency_vs_throughput(result: ScenarioResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families: dict[str, list[RunResult]] = {}
     for run in _first_repeats(result):
         families.setdefault(_family(run.run.name), []).append(run)
     for family, runs in families.items():
-        runs = sorted(runs, key=lambda r: r.summary.throughput_rps)
+        # Joined in order of offered load: past saturation throughput stalls or falls while
+        # latency climbs, and ordering by measured throughput would draw that as a zig-zag.
+        runs = sorted(runs, key=_offered_load)
         xs = [r.summary.throughput_rps for r in runs]
         for quantile, style in (("p50", "o-"), ("p99", "s--")):
             ys = [r.summary.latency_s.get(quantile, float("nan")) * 1000 for r in runs]
