@@ -15,7 +15,7 @@ from typing import Sequence
 
 import yaml
 
-from .config import ModelConfig, PromptmuxConfig, StoreConfig
+from .config import PromptmuxConfig
 from .errors import PromptmuxError
 
 DEFAULT_TENANT = "demo"
@@ -99,13 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(commands, prompt_commands) -> None:
-    """Commands whose modules need optional extras (Ray, gRPC, matplotlib)."""
-    try:
-        from promptmux.prompts.train_cli import add_train_parser
-    except ImportError:
-        pass
-    else:
-        add_train_parser(prompt_commands)
+    """`prompts train`, and the commands whose modules need optional extras (Ray, gRPC, matplotlib)."""
+    from promptmux.prompts.train_cli import add_train_parser
+
+    add_train_parser(prompt_commands)
     try:
         from .serve_cli import add_serve_parser
     except ImportError:  # the serve extra is not installed
@@ -157,17 +154,6 @@ def open_store(config: PromptmuxConfig):
     )
 
 
-def seed_demo_prompts_if_embedded(config: PromptmuxConfig, store) -> None:
-    """The embedded default ships demo prompts for the shared `demo` tenant."""
-    if config.model.source != "embedded":
-        return
-    try:
-        from .demo_prompts import seed_demo_prompts
-    except ImportError:
-        return
-    seed_demo_prompts(store)
-
-
 def parse_requests(args: argparse.Namespace):
     from .requests import GenerationParams, GenerationRequest
 
@@ -204,11 +190,12 @@ def parse_requests(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from .demo_prompts import seed_demo_prompts_if_embedded
     from .engine import Engine
 
     config = config_from_args(args)
     engine = Engine.from_config(config)
-    seed_demo_prompts_if_embedded(config, engine.store)
+    seed_demo_prompts_if_embedded(config.model, engine.store)
     engine.refresh_prompts()
     requests = parse_requests(args)
     results = engine.generate(requests)
@@ -262,9 +249,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from .demo_prompts import seed_demo_prompts_if_embedded
+
     config = config_from_args(args)
     store = open_store(config)
-    seed_demo_prompts_if_embedded(config, store)
+    seed_demo_prompts_if_embedded(config.model, store)
     metas = store.list(args.tenant)
     if not metas:
         print("no prompts registered")

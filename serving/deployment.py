@@ -22,6 +22,7 @@ import torch
 
 from .auth import KeyRing, Principal, require_owner_or_admin
 from .batcher import Batcher
+from .demo_prompts import seed_demo_prompts_if_embedded
 from .engine import Engine
 from .errors import InvalidRequestError, PromptmuxError
 from .grpc_convert import (
@@ -112,6 +113,9 @@ class PromptmuxServer:
         self._config = config
         self._keys = KeyRing.from_file(keys_file)
         self._engine = Engine.from_config(config.promptmux)
+        # Replicas seed too (KubeRay starts no `promptmux serve`); two replicas racing at most
+        # register the same content twice.
+        seed_demo_prompts_if_embedded(config.promptmux.model, self._engine.store)
         self._engine.refresh_prompts()
         self._metrics = ServingMetrics()
         self._batcher = Batcher(serving, self._engine.run_batch, observer=self._metrics)

@@ -100,7 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
-    from .cli import open_store, seed_demo_prompts_if_embedded
+    from .cli import open_store
+    from .demo_prompts import seed_demo_prompts_if_embedded
     from .proto_build import ensure_built
     from .serving_config import AppConfig
 
@@ -117,7 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
     http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
 
     ensure_built()
-    seed_demo_prompts_if_embedded(config.promptmux, open_store(config.promptmux))
+    seed_demo_prompts_if_embedded(config.promptmux.model, open_store(config.promptmux))
     # address="local": always a fresh cluster of our own, never one someone else started here.
     ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
     stop = _stop_on_signals()

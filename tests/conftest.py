@@ -167,11 +167,18 @@ def multi_task_batches(text: str) -> float:
 
 
 def seed_prompts(store) -> None:
+    """Random prompts for every test task, except the demo tasks the replica itself seeds from
+    the shipped assets (the embedded model's real `reverse`)."""
     import torch
 
+    from promptmux.serving.demo_prompts import load_demo_prompts
+
+    shipped = {prompt.task for prompt in load_demo_prompts()}
     generator = torch.Generator().manual_seed(1234)
     for owner, tasks in [*PRIVATE_TASKS.items(), *SHARED_TASKS.items()]:
         for task in tasks:
+            if owner == "demo" and task in shipped:
+                continue
             tensor = torch.randn(6, D_MODEL, generator=generator)
             store.register(owner, task, tensor, shared=owner in SHARED_TASKS, description=f"{owner}'s {task}")
 

@@ -28,6 +28,7 @@ def test_plain_client_generates_what_the_project_stub_gets(serving):
         pb.GenerateRequest(task="reverse", text="hello", params=pb.GenerationParams(max_new_tokens=12)),
         metadata=serving.metadata("acme"), timeout=60,
     ).text
+    assert expected == "olleh"  # the shipped demo prompt on the embedded model, seeded by the replica
     unary = run_client(serving)
     assert unary.returncode == 0, unary.stderr
     assert unary.stdout == expected + "\n"

@@ -1,0 +1,93 @@
+"""The demo prompts that ship with the embedded model, and their seeding into a store.
+
+Each `assets/demo_prompts/<task>.safetensors` holds one float32 prompt under the key
+`prompt`, with `description` and the JSON `training` metadata in its header. They were
+trained by `python -m promptmux.prompts.build_demo_model` for the shipped embedded weights
+only: other models must not receive them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from promptmux.prompts.records import PromptMeta, content_hash
+from promptmux.prompts.store import PromptStore
+
+from .config import ModelConfig
+from .embedded_model import DEMO_PROMPTS_DIR
+from .errors import ModelLoadError, TaskNotFoundError
+
+DEMO_TENANT = "demo"
+
+
+@dataclass(frozen=True)
+class DemoPrompt:
+    task: str
+    tensor: torch.Tensor  # [L, D] float32
+    description: str
+    training: dict
+
+
+def load_demo_prompts(directory: Path = DEMO_PROMPTS_DIR) -> list[DemoPrompt]:
+    """Every shipped demo prompt, sorted by task id."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"no demo prompts in {str(directory)!r}; restore serving/assets from the repository or rebuild them "
+            "with `python -m promptmux.prompts.build_demo_model`"
+        )
+    return [_read(path) for path in files]
+
+
+def seed_demo_prompts(
+    store: PromptStore, tenant: str = DEMO_TENANT, *, directory: Path = DEMO_PROMPTS_DIR
+) -> dict[str, PromptMeta]:
+    """Register each demo prompt as a shared task of `tenant`, unless its latest version
+    already holds exactly that prompt (same content hash). Returns every demo task's live
+    metadata; running it again registers nothing."""
+    live = {}
+    for prompt in load_demo_prompts(directory):
+        current = _latest(store, tenant, prompt.task)
+        if current is not None and current.content_hash == content_hash(prompt.tensor) and current.shared:
+            live[prompt.task] = current
+            continue
+        live[prompt.task] = store.register(
+            tenant, prompt.task, prompt.tensor, shared=True, description=prompt.description,
+            extra={"source": "promptmux demo prompt", **prompt.training},
+        )
+    return live
+
+
+def seed_demo_prompts_if_embedded(model: ModelConfig, store: PromptStore) -> dict[str, PromptMeta]:
+    """The embedded default serves its demo tasks from the first start; other models get none
+    (the prompts were trained for the shipped weights alone)."""
+    return seed_demo_prompts(store) if model.source == "embedded" else {}
+
+
+def _latest(store: PromptStore, tenant: str, task: str) -> PromptMeta | None:
+    try:
+        return store.meta(tenant, task)
+    except TaskNotFoundError:
+        return None
+
+
+def _read(path: Path) -> DemoPrompt:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensor = handle.get_tensor("prompt")
+    except (SafetensorError, OSError, KeyError) as error:
+        raise ModelLoadError(
+            f"demo prompt {str(path)!r} is unreadable or has no 'prompt' tensor ({error}); restore serving/assets "
+            "from the repository"
+        ) from error
+    return DemoPrompt(
+        task=path.stem,
+        tensor=tensor.float().contiguous(),
+        description=header.get("description", ""),
+        training=json.loads(header.get("training", "{}")),
+    )
