@@ -1,6 +1,6 @@
 """Build the embedded demo model and its demo prompts, reproducibly, with no download.
 
-    python -m promptmux.prompts.build_demo_model            # ~35 min on a shared 2-core CPU
+    python -m promptmux.prompts.build_demo_model            # ~75 min on a shared 2-core CPU
 
 1. Pretrain the `embedded` T5 shape (random init, ALiBi-style position bias) on the
    prefixed synthetic string tasks of `synthetic_tasks` ("reverse: abc" -> "cba").
