@@ -165,18 +165,20 @@ def test_read_jsonl_reports_the_bad_line(tmp_path):
 # ---------------------------------------------------------------- learning, storing, serving
 @pytest.fixture(scope="module")
 def learnt(embedded):
-    """A task learnt by prompt tuning alone from a random-uniform prompt (about 15 s here)."""
+    """A task learnt by prompt tuning alone from a random-uniform prompt (about 20 s here).
+
+    16 rows at Adam 0.3 reached 0.89 dev exact match by step 30 on the shipped weights, where
+    8 rows at 0.1 were still at 0.27: a random prompt starts far from any token embedding."""
     train = task_examples("upper", 2000, seed=11)
     dev = task_examples("upper", 100, seed=12, exclude=(e.input for e in train))
-    config = TrainConfig(tenant="acme", task="upper", prompt_length=8, init="random-uniform",
-                         optimizer="adam", lr=0.1, schedule="cosine", steps=30, batch_size=32, eval_every=15,
+    config = TrainConfig(tenant="acme", task="upper", prompt_length=16, init="random-uniform",
+                         optimizer="adam", lr=0.3, schedule="cosine", steps=45, batch_size=32, eval_every=15,
                          early_checkpoint_step=10, max_new_tokens=24, progress=False)
     start, _ = initial_prompt(embedded.model, embedded.tokenizer, config)
     before, _, _ = evaluate(embedded.model, embedded.tokenizer, start, dev)
     return before, tune_prompt(embedded.model, embedded.tokenizer, train, dev, config), config, train, dev
 
 
-@pytest.mark.xfail(reason="on the shipped weights 30 steps from a random prompt reach only ~20%: the budget needs retuning", strict=False)
 def test_prompt_tuning_teaches_a_task_from_a_random_prompt(learnt):
     before, result, _, _, _ = learnt
     assert before <= 0.05
