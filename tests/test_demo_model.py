@@ -69,9 +69,9 @@ def test_every_demo_task_scores_95_percent_in_one_mixed_batch(mixed, tasks):
     assert mixed.output.stats.batch_size == len(mixed.rows) == len(tasks) * DEMO_EVAL_EXAMPLES
     assert mixed.output.stats.distinct_tasks == len(tasks)
     print("demo exact match:", {task: f"{100 * s:.1f}%" for task, s in mixed.scores.items()})
-    # reverse-upper (held out of pretraining, prompt tuning alone) reaches 93.5% with the
+    # reverse-upper (held out of pretraining, prompt tuning alone) reaches 94.5% with the
     # current build, short of the 95% bar: guarded at its measured level until the recipe improves.
-    bars = {task: (0.93 if task == "reverse-upper" else 0.95) for task in mixed.scores}
+    bars = {task: (0.94 if task == "reverse-upper" else 0.95) for task in mixed.scores}
     assert all(mixed.scores[task] >= bars[task] for task in bars), mixed.scores
 
 

@@ -165,14 +165,16 @@ def test_read_jsonl_reports_the_bad_line(tmp_path):
 # ---------------------------------------------------------------- learning, storing, serving
 @pytest.fixture(scope="module")
 def learnt(embedded):
-    """A task learnt by prompt tuning alone from a random-uniform prompt (about 20 s here).
+    """A task learnt by prompt tuning alone from a random-uniform prompt (about 30 s here).
 
-    16 rows at Adam 0.3 reached 0.89 dev exact match by step 30 on the shipped weights, where
-    8 rows at 0.1 were still at 0.27: a random prompt starts far from any token embedding."""
-    train = task_examples("upper", 2000, seed=11)
-    dev = task_examples("upper", 100, seed=12, exclude=(e.input for e in train))
-    config = TrainConfig(tenant="acme", task="upper", prompt_length=16, init="random-uniform",
-                         optimizer="adam", lr=0.3, schedule="cosine", steps=45, batch_size=32, eval_every=15,
+    On the shipped weights caesar, 16 rows at Adam 0.3, went from 0.00 to 0.93 dev exact
+    match by step 50 (reverse reached 0.84, upper 0.87 by step 60 of 90): a random prompt
+    starts far from any token embedding, so the budget is larger than a text-initialised
+    prompt needs."""
+    train = task_examples("caesar", 2000, seed=11)
+    dev = task_examples("caesar", 100, seed=12, exclude=(e.input for e in train))
+    config = TrainConfig(tenant="acme", task="caesar", prompt_length=16, init="random-uniform",
+                         optimizer="adam", lr=0.3, schedule="cosine", steps=75, batch_size=32, eval_every=25,
                          early_checkpoint_step=10, max_new_tokens=24, progress=False)
     start, _ = initial_prompt(embedded.model, embedded.tokenizer, config)
     before, _, _ = evaluate(embedded.model, embedded.tokenizer, start, dev)
@@ -190,7 +192,7 @@ def test_trained_prompt_round_trips_through_the_store_and_serves_identically(lea
     store = PromptStore(tmp_path / "store", d_model=embedded.d_model, max_length=64)
     meta = register_prompt(store, result, config, model_name=embedded.name, train_examples=len(train),
                            dev_examples=len(dev))
-    stored = store.get("acme", "upper")
+    stored = store.get("acme", "caesar")
     assert torch.equal(stored.tensor, result.prompt)
     assert stored.meta == meta
     assert meta.extra["method"] == "prompt-tuning"
@@ -204,7 +206,7 @@ def test_trained_prompt_round_trips_through_the_store_and_serves_identically(lea
     budget = max(len(embedded.tokenizer(e.target)["input_ids"]) for e in dev) + 1
     engine = Engine(embedded, store, EngineConfig(max_batch_size=len(dev)))
     served = engine.generate([
-        GenerationRequest(tenant="acme", task="upper", text=e.input, params=GenerationParams(max_new_tokens=budget))
+        GenerationRequest(tenant="acme", task="caesar", text=e.input, params=GenerationParams(max_new_tokens=budget))
         for e in dev
     ])
     assert [r.text for r in served] == trained_predictions
