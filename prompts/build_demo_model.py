@@ -241,7 +241,7 @@ def run_stages(config: BuildConfig, tokenizer: PreTrainedTokenizerBase,
     for index, stage in enumerate(config.stages):
         checkpoint = config.work_dir / f"{stage.name}.safetensors"
         key = stage_key(config, index)
-        cached = load_stage_checkpoint(checkpoint, key) if config.reuse_checkpoints else None
+        cached = load_stage_checkpoint(checkpoint, key, stage) if config.reuse_checkpoints else None
         if cached is not None:
             model, run = cached
             log(f"{stage.name}: reusing {checkpoint} ({run.seconds / 60:.0f} min when it was trained)")
@@ -261,15 +261,15 @@ def run_stages(config: BuildConfig, tokenizer: PreTrainedTokenizerBase,
     return model, runs
 
 
-def load_stage_checkpoint(checkpoint: Path, key: str) -> tuple[T5ForConditionalGeneration, StageRun] | None:
+def load_stage_checkpoint(checkpoint: Path, key: str,
+                          stage: TrainingStage) -> tuple[T5ForConditionalGeneration, StageRun] | None:
+    """The model and record of `stage` from `checkpoint`, or None unless it was written under `key`."""
     if not checkpoint.exists():
         return None
     with safe_open(str(checkpoint), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("key") != key:
         return None
-    recorded = json.loads(key)["stages"][-1]
-    stage = TrainingStage(**{**recorded, "weights": tuple(tuple(w) for w in recorded["weights"])})
     model = model_from_state_dict(load_file(str(checkpoint)), source=str(checkpoint))
     return model, StageRun(stage, json.loads(metadata["history"]), int(metadata["seconds"]),
                            int(metadata["threads"]), reused=True)
