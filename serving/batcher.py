@@ -31,13 +31,14 @@ from .errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from .requests import BatchStats, GenerationRequest, GenerationResult
+from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
 from .serving_config import ServingConfig
 
 log = logging.getLogger(__name__)
 
 TokenSink = Callable[[int], None]  # called on the event loop with each new token id
-RunBatch = Callable[[list[GenerationRequest], Callable[[int, int], None] | None], Any]  # -> BatchOutput
+Submittable = GenerationRequest | PreparedRequest  # prepared ones are never tokenized again
+RunBatch = Callable[[list[Submittable], Callable[[int, int], None] | None], Any]  # -> BatchOutput
 
 
 class BatchObserver(Protocol):
@@ -52,7 +53,7 @@ class BatchObserver(Protocol):
 
 @dataclass(eq=False)
 class QueuedRequest:
-    request: GenerationRequest
+    request: Submittable
     group: Hashable  # requests of one group may share a per_task batch
     enqueued_at: float
     deadline: float
@@ -104,7 +105,7 @@ class Batcher:
 
     async def submit(
         self,
-        request: GenerationRequest,
+        request: Submittable,
         *,
         on_token: TokenSink | None = None,
         deadline: float | None = None,

@@ -164,8 +164,9 @@ class PromptmuxServer:
         request = request_from_pb(request_pb, principal.tenant)
         if call is not None:
             call.task = task_label(request)
-        self._engine.validate(request)  # cheap and in memory: fails fast before queueing
-        result = await self._batcher.submit(request)
+        # Validated and tokenized once, off the event loop, before it takes a queue place.
+        prepared = await asyncio.to_thread(self._engine.prepare, request)
+        result = await self._batcher.submit(prepared)
         self._metrics.tokens(request, result)
         return result
 
@@ -181,9 +182,9 @@ class PromptmuxServer:
             principal = self._authenticate(grpc_context, call)
             generation = request_from_pb(request, principal.tenant)
             call.task = task_label(generation)
-            self._engine.validate(generation)
+            prepared = await asyncio.to_thread(self._engine.prepare, generation)
             tokens: asyncio.Queue[int | None] = asyncio.Queue()
-            job = asyncio.ensure_future(self._batcher.submit(generation, on_token=tokens.put_nowait))
+            job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
             job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
             deltas = TextDeltas(self._engine.tokenizer)
             try:

@@ -32,7 +32,7 @@ from .errors import InvalidRequestError, PromptmuxError
 from .model_loading import LoadedModel, load_model
 from .prompt_bank import Lease, PromptBank
 from .prompt_index import PromptIndex
-from .requests import BatchStats, GenerationRequest, GenerationResult, PromptVersionRef
+from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
 
 TokenCallback = Callable[[int, int], None]
 
@@ -45,12 +45,16 @@ class BatchOutput:
 
 @dataclass
 class _Prepared:
-    """A request that passed validation, with its tokens and resolved prompt versions."""
+    """A prepared request and its position in the caller's list."""
 
     index: int  # position in the caller's list
     request: GenerationRequest
     token_ids: list[int]
     prompts: list[PromptMeta]
+
+    @classmethod
+    def at(cls, index: int, prepared: PreparedRequest) -> "_Prepared":
+        return cls(index, prepared.request, list(prepared.token_ids), list(prepared.prompts))
 
 
 class Engine:
@@ -97,14 +101,27 @@ class Engine:
             self.index = PromptIndex.from_store(self.store)
 
     # ------------------------------------------------------------------ requests
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validate, tokenize and resolve prompt versions once; no model compute.
+
+        Raises the request's PromptmuxError (InvalidRequestError, TaskNotFoundError). CPU
+        work proportional to the text: callers on an event loop run it in a thread."""
+        return self._prepare(request, self.index)
+
     def validate(self, request: GenerationRequest) -> None:
         """Cheap checks, no compute: raises InvalidRequestError or TaskNotFoundError."""
-        self._prepare(0, request, self.index)
+        self.prepare(request)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | PromptmuxError]:
         return self.run_batch(requests).results
 
-    def run_batch(self, requests: Sequence[GenerationRequest], on_token: TokenCallback | None = None) -> BatchOutput:
+    def run_batch(
+        self,
+        requests: Sequence[GenerationRequest | PreparedRequest],
+        on_token: TokenCallback | None = None,
+    ) -> BatchOutput:
+        """Run one batch. Requests already prepared (`prepare`) are not validated or
+        tokenized again; plain ones are prepared here against one view of the index."""
         if len(requests) > self.config.max_batch_size:
             raise InvalidRequestError(
                 f"batch of {len(requests)} requests exceeds engine.max_batch_size={self.config.max_batch_size}; "
@@ -115,7 +132,8 @@ class Engine:
         prepared: list[_Prepared] = []
         for i, request in enumerate(requests):
             try:
-                prepared.append(self._prepare(i, request, index))
+                ready = request if isinstance(request, PreparedRequest) else self._prepare(request, index)
+                prepared.append(_Prepared.at(i, ready))
             except PromptmuxError as error:
                 results[i] = error
         stats = BatchStats(len(prepared), 0, 0.0, 0, 0, 0.0, 0.0)
@@ -127,7 +145,7 @@ class Engine:
                 self.bank.release(lease)
         return BatchOutput(results=results, stats=stats)  # type: ignore[arg-type]
 
-    def _prepare(self, index: int, request: GenerationRequest, prompts: PromptIndex) -> _Prepared:
+    def _prepare(self, request: GenerationRequest, prompts: PromptIndex) -> PreparedRequest:
         if not isinstance(request.text, str) or not request.text.strip():
             raise InvalidRequestError("the request text is empty; send the input text to run the task on")
         if not ID_PATTERN.match(request.tenant or ""):
@@ -143,7 +161,7 @@ class Engine:
                     "(engine.max_input_tokens); shorten it or set truncate=true"
                 )
             token_ids = token_ids[: limit - 1] + [self.eos_token_id]
-        return _Prepared(index=index, request=request, token_ids=token_ids, prompts=metas)
+        return PreparedRequest(request=request, token_ids=tuple(token_ids), prompts=tuple(metas))
 
     # ------------------------------------------------------------------ compute
     @torch.inference_mode()

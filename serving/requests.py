@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from promptmux.prompts.records import PromptMeta
+
 from .errors import InvalidRequestError
 
 Strategy = Literal["greedy", "beam", "sample"]
@@ -71,6 +73,30 @@ class GenerationRequest:
         if self.prompt_segments:
             return tuple(self.prompt_segments)
         return (self.task,) if self.task else ()
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request that passed validation, tokenized once, with its prompt versions resolved.
+
+    `Engine.prepare` makes it off the event loop when the request is admitted; the batcher
+    and the engine pass it on and never validate or tokenize it again."""
+
+    request: GenerationRequest
+    token_ids: tuple[int, ...]  # after truncation
+    prompts: tuple[PromptMeta, ...]  # in concatenation order (language, then task)
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def prompt_task_ids(self) -> tuple[str, ...]:
+        return self.request.prompt_task_ids
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.request.params
 
 
 @dataclass(frozen=True)
