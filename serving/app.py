@@ -22,7 +22,7 @@ from .serving_config import AppConfig
 APP_NAME = "promptmux"
 ROUTE_PREFIX = "/promptmux"
 DEPLOYMENT_NAME = "PromptmuxServer"
-GRPC_SERVICER = "promptmux.serving.proto_gen.promptmux_pb2_grpc.add_PromptmuxServicer_to_server"
+GRPC_SERVICER = "promptmux.serving.proxy_status.add_PromptmuxServicer_to_server"
 
 
 def deployment_defaults(config: AppConfig) -> dict[str, Any]:

@@ -90,6 +90,9 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         self._running = False  # a batch is in the engine
+        # When the engine last made progress (started or finished a batch), or work arrived
+        # at an idle batcher: what the replica's health check measures a stall from.
+        self._progress_at = clock()
 
     # ------------------------------------------------------------------ public
     @property
@@ -102,6 +105,14 @@ class Batcher:
 
     def in_flight(self, tenant: str) -> int:
         return self._in_flight.get(tenant, 0)
+
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds since the engine last made progress (started or finished a batch) while
+        work is queued or running; 0.0 when idle. The replica's health check reads this."""
+        if not (self._queued or self._running):
+            return 0.0
+        now = self._clock() if now is None else now
+        return max(0.0, now - self._progress_at)
 
     async def submit(
         self,
@@ -173,6 +184,8 @@ class Batcher:
         self._in_flight[tenant] = in_flight + 1
 
     def _enqueue(self, item: QueuedRequest) -> None:
+        if not (self._queued or self._running):
+            self._progress_at = item.enqueued_at  # idle time is not a stall
         queue = self._queues.get(item.tenant)
         if queue is None:
             queue = self._queues[item.tenant] = deque()
@@ -309,6 +322,7 @@ class Batcher:
     async def _compute(self, batch: list[QueuedRequest]) -> None:
         loop = asyncio.get_running_loop()
         started = self._clock()
+        self._progress_at = started
         for item in batch:
             item.started_at = started
         sinks = {i: item.on_token for i, item in enumerate(batch) if item.on_token is not None}
@@ -320,9 +334,12 @@ class Batcher:
 
         requests = [item.request for item in batch]
         try:
-            output = await loop.run_in_executor(
-                self._executor, self._run_batch, requests, on_token if sinks else None
-            )
+            try:
+                output = await loop.run_in_executor(
+                    self._executor, self._run_batch, requests, on_token if sinks else None
+                )
+            finally:
+                self._progress_at = self._clock()
             if len(output.results) != len(batch):
                 raise RuntimeError(f"the engine returned {len(output.results)} results for {len(batch)} requests")
         except asyncio.CancelledError:  # close() stopped waiting for this batch

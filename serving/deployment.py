@@ -36,6 +36,7 @@ from .grpc_convert import (
     task_info_to_pb,
     tensor_from_pb,
 )
+from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from .serving_config import API_KEYS_ENV, AppConfig
 from .streaming import TextDeltas
@@ -119,6 +120,7 @@ class PromptmuxServer:
         self._engine.refresh_prompts()
         self._metrics = ServingMetrics()
         self._batcher = Batcher(serving, self._engine.run_batch, observer=self._metrics)
+        self._health = ReplicaHealth(serving, self._batcher, config.promptmux.store.root)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
         self._refresher.start()
@@ -135,6 +137,11 @@ class PromptmuxServer:
                 self._keys.reload_if_changed()
             except Exception:  # a transient store error must not end refreshing
                 log.exception("refreshing prompts failed; retrying in %.1fs", interval)
+
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy, and
+        Serve replaces it (serving/health.py: a stalled engine, a hung or missing store)."""
+        await self._health.check()
 
     async def shutdown(self) -> None:
         """Refuse new work (UNAVAILABLE), let queued work finish within serving.shutdown_grace_s."""

@@ -45,6 +45,14 @@ class ServingConfig:
     shutdown_grace_s: float = 10.0
     # torch intra-op threads per replica; None leaves torch's default.
     torch_threads: int | None = None
+    # Health (serving/health.py, Serve's check_health): a replica whose engine has started or
+    # finished no batch for this long while requests are queued or running is unhealthy, and
+    # Serve replaces it. Keep it above the longest batch (max_new_tokens_limit decode steps).
+    engine_stall_timeout_s: float = 120.0
+    # The health check also lists the prompt store's root; a listing that fails or takes
+    # longer than this (a hung NFS mount) fails the check. Keep it below Serve's
+    # health_check_timeout_s so the replica's own message, not a bare timeout, says why.
+    store_check_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.batching not in ("mixed", "per_task"):
@@ -53,6 +61,8 @@ class ServingConfig:
             "max_queue_size": self.max_queue_size,
             "max_in_flight_per_tenant": self.max_in_flight_per_tenant,
             "max_queue_wait_s": self.max_queue_wait_s,
+            "engine_stall_timeout_s": self.engine_stall_timeout_s,
+            "store_check_timeout_s": self.store_check_timeout_s,
         }
         if self.max_batch_size is not None:
             positive["max_batch_size"] = self.max_batch_size

@@ -415,7 +415,7 @@ def test_serve_config_follows_the_serving_contract(kustomization):
     assert app["import_path"] == "promptmux.serving.app:build_app"
     assert app["route_prefix"] == "/promptmux"
     assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "promptmux.serving.proto_gen.promptmux_pb2_grpc.add_PromptmuxServicer_to_server"]
+        "promptmux.serving.proxy_status.add_PromptmuxServicer_to_server"]
     assert config["grpc_options"]["port"] == 9000
     assert config["http_options"]["port"] == 8000
     assert set(app["args"]) <= {"model", "store", "engine", "serving"}
