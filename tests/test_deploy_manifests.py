@@ -1131,6 +1131,30 @@ def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bray_[a-z0-9_]+\b", expr))
 
 
+# Labels Prometheus adds to every scraped series (PodMonitor targets, histogram buckets).
+SCRAPE_LABELS = {"le", "pod", "namespace", "ray_io_cluster", "job", "instance"}
+SERVE_METRIC_TAGS = {"application", "deployment"}
+
+
+def promptmux_tags() -> set[str]:
+    from promptmux.serving.metrics import ServingMetrics
+
+    return {tag for metric in vars(ServingMetrics()).values() for tag in metric._tag_keys}
+
+
+def unknown_labels(expr: str) -> set[str]:
+    """Label names a query filters or groups by that its series never carry."""
+    allowed = promptmux_tags() | SCRAPE_LABELS
+    if metric_names(expr) & SERVE_METRICS:
+        allowed |= SERVE_METRIC_TAGS
+    used = set()
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        used |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", selector))
+    for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        used |= {label.strip() for label in grouping.split(",") if label.strip()}
+    return used - allowed
+
+
 def test_exported_series_are_what_the_metrics_endpoint_shows():
     series = exported_promptmux_series()
     assert {"ray_promptmux_requests_total", "ray_promptmux_queue_depth", "ray_promptmux_batch_size_bucket",
@@ -1147,6 +1171,7 @@ def test_alert_rules_validate_and_read_only_exported_series(kustomization):
         for entry in group["rules"]:
             names = metric_names(entry["expr"])
             assert names and names <= known, f"{entry['alert']} reads series nobody exports: {names - known}"
+            assert not unknown_labels(entry["expr"]), f"{entry['alert']} uses labels its series lack: {unknown_labels(entry['expr'])}"
             assert entry["expr"].count("(") == entry["expr"].count(")"), entry["alert"]
             assert entry["labels"]["severity"] in {"warning", "critical"}
             assert entry["annotations"]["summary"] and entry["annotations"]["description"]
@@ -1206,6 +1231,8 @@ def test_grafana_dashboard_parses_and_every_query_names_an_exported_series():
             names = metric_names(target["expr"])
             assert names, f"panel {panel['title']!r}: query names no ray_* series"
             assert names <= exported, f"panel {panel['title']!r} reads series the server never exports: {names - exported}"
+            # ray.util.metrics carry only their own tags (no Serve application/replica tags).
+            assert not unknown_labels(target["expr"]), f"panel {panel['title']!r} uses labels its series lack"
             assert target["expr"].count("(") == target["expr"].count(")")
             used |= names
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
