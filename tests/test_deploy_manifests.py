@@ -1036,10 +1036,15 @@ def test_upgrades_keep_serving(kustomization):
     # follow it, so a cluster upgrade is blue-green, and deploy/README.md says what clients see.
     assert spec["upgradeStrategy"] == {"type": "NewCluster"}
     app = the_app(serve_config(kustomization))
-    assert app["deployments"][0]["autoscaling_config"]["min_replicas"] >= 2
+    deployment = app["deployments"][0]
+    scaling = deployment["autoscaling_config"]
+    assert scaling["min_replicas"] >= 2
+    # In-place updates start replacements before stopping old replicas, one pod of headroom.
+    surge = -(-deployment["max_surge_percent"] * scaling["max_replicas"] // 100)
+    assert surge >= 1
     for group in spec["rayClusterConfig"]["workerGroupSpecs"]:
-        assert group["minReplicas"] >= app["deployments"][0]["autoscaling_config"]["min_replicas"], \
-            "the worker group starts with room for every minimum replica"
+        assert group["minReplicas"] >= scaling["min_replicas"], "the worker group starts with room for every minimum replica"
+        assert group["maxReplicas"] >= scaling["max_replicas"] + surge, "no room for the update's surge replica"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
