@@ -954,8 +954,10 @@ def test_network_policies_close_every_pod_and_admit_only_the_intended_callers(ku
             elif peer == clients:
                 assert role.startswith("worker") and ports == {"serve", "serve-grpc"}, "clients reach health and gRPC only"
             else:
-                head_only = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "promptmux", "ray.io/node-type": "head"}}}
-                assert role == "promptmux-redis" and peer == head_only and ports == {"redis"}, (role, peer)
+                # The head, and KubeRay's Redis cleanup Job (built from the head's template).
+                head_template = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "promptmux",
+                                                                 "app.kubernetes.io/component": "ray-head"}}}
+                assert role == "promptmux-redis" and peer == head_template and ports == {"redis"}, (role, peer)
     head_rules = admitted(objs, "head")
     assert any(peer == operator for peer, _ in head_rules)
     assert not any(peer == clients for peer, _ in head_rules), "the head takes no client traffic"
