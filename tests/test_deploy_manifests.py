@@ -762,6 +762,15 @@ def test_images_are_pinned_and_match_the_device(kustomization):
             assert suffix.endswith("-cuda" if uses_gpus else "-cpu"), f"{role}: {container['image']} on the wrong device"
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_image_carries_a_version(kustomization):
+    for role, (_, spec) in promptmux_pods(objects(kustomization)).items():
+        for container in spec["containers"] + spec.get("initContainers", []):
+            name, suffix = split_image(container["image"])
+            assert re.fullmatch(r"(:[\w.-]*\d[\w.-]*|@sha256:[0-9a-f]{64})", suffix) and suffix != ":latest", \
+                f"{role}: image {container['image']!r} must carry a version tag or digest"
+
+
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
 def test_dockerfile_base_image_matches_ray_and_python(flavour):
     instructions = dockerfile_instructions(DOCKERFILES[flavour])

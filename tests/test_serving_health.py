@@ -318,3 +318,12 @@ def test_requests_in_flight_on_a_killed_replica_get_unavailable_and_retries_all_
         again = [pool.submit(fragile.generate, task, "acme", retrying) for task in ("hang-kill", "reverse") * 4]
         assert [outcome(call)[0] for call in again] == [grpc.StatusCode.OK] * len(again)
     assert fragile.replica().pid != doomed.pid
+
+
+@pytest.mark.ray
+def test_serve_exports_the_healthy_replica_count_the_alert_rules_read(serving):
+    # deploy/kubernetes/base/prometheusrule.yaml alerts on this series, by these labels.
+    from conftest import metric
+
+    serving.wait_for_metrics(lambda text: metric(
+        text, "ray_serve_deployment_replica_healthy", application="promptmux", deployment="PromptmuxServer") >= 1)
