@@ -272,6 +272,16 @@ def wait_until_check_health_fails(replica: Replica, limit_s: float = 60) -> str:
     raise AssertionError(f"check_health never failed within {limit_s}s although the engine is stalled")
 
 
+def wait_until_in_replica(replica: Replica, count: int, limit_s: float = 60) -> None:
+    """Until `count` requests are inside the replica (Serve's own count, read off the event loop)."""
+    import ray
+
+    end = time.monotonic() + limit_s
+    while ray.get(replica.actor.get_num_ongoing_requests.remote(), timeout=10) < count:
+        assert time.monotonic() < end, f"{count} requests never reached the replica"
+        time.sleep(0.05)
+
+
 def outcome(call):
     try:
         call.result(timeout=180)
@@ -307,7 +317,7 @@ def test_requests_in_flight_on_a_killed_replica_get_unavailable_and_retries_all_
         with hung_read(path):
             in_flight = [pool.submit(fragile.generate, "hang-kill")] + [
                 pool.submit(fragile.generate, "reverse", tenant) for tenant in ("globex", "flood", "acme")]
-            wait_until_check_health_fails(doomed)  # every request above is in the replica now
+            wait_until_in_replica(doomed, len(in_flight))  # long before Serve's health check could act
             os.kill(doomed.pid, signal.SIGKILL)  # only the replica this test started
         outcomes = [outcome(call) for call in in_flight]
         for code, details in outcomes:
