@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 
 from promptmux.serving.engine import BatchOutput, Engine
-from promptmux.serving.errors import PromptmuxError
+from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.requests import GenerationParams, GenerationRequest
 
 from .synthetic_tasks import Example, task_examples

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from promptmux.serving.errors import InvalidPromptError
+from promptmux.prompts.errors import InvalidPromptError
 
 _NUMPY_MAGIC = b"\x93NUMPY"
 

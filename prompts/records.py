@@ -21,9 +21,12 @@ class PromptMeta:
     length: int
     dtype: str
     created_at: float  # unix seconds
-    shared: bool = False
+    shared: bool = False  # other tenants may call it as `tenant/task`
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. training metadata
+    # In the global namespace: a bare `task` reaches it for tenants without their own `task`.
+    # Implies shared. Older files lack the field and read as False.
+    published: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

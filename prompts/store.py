@@ -3,39 +3,72 @@
 Layout on disk (works on a local disk and on a shared ReadWriteMany volume):
 
     <root>/<tenant>/<task>/v00000001.safetensors   one immutable version each
-    <root>/<tenant>/<task>/v00000002.deleted       a tombstone: the task was deleted
+    <root>/<tenant>/<task>/v00000002.deleted       a tombstone: every older version is deleted
+    <root>/<tenant>/.lock                          held (flock) while a registration checks quotas
+    <root>/.published/<task>                       the claim on a task id in the global namespace;
+                                                   it holds the publishing tenant's id
 
 A version appears atomically: it is written to a temporary file, fsynced, then hard-linked
 to its final name. The link fails if another writer took that version number, so
 concurrent registrations never overwrite each other, and a crash mid-write leaves only an
-ignored temporary file. Version numbers never restart, so a task deleted and registered
-again never reuses a version, and caches keyed by version stay valid.
+ignored temporary file.
+
+Version numbers are never reused, also across processes: a name, once linked, is never
+unlinked. Deleting a task writes a tombstone numbered after every existing version, then
+atomically replaces each version file *below the tombstone* by an empty placeholder (the
+bytes are freed, the number stays taken). So a writer that picked a number from an older
+listing fails to link it and takes the next one, which lies above the tombstone: a delete
+never removes a version registered after it, and caches keyed by version stay valid.
+
+A corrupt or unreadable file is skipped and logged with its path (once per change of the
+file); it never stops listing, resolving or starting a replica. A task whose newest version
+is unreadable serves its newest readable version.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import struct
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from promptmux.serving.errors import InvalidPromptError, PermissionDeniedError, TaskNotFoundError
+from promptmux.prompts.errors import (
+    AlreadyExistsError,
+    InvalidPromptError,
+    PermissionDeniedError,
+    StoredPromptUnreadableError,
+    TaskNotFoundError,
+)
 
+from .ids import ID_PATTERN, check_id, is_valid_id, parse_task_ref
+from .namespace import TaskNamespace, task_not_found
+from .quotas import StoreQuotas
 from .records import SUPPORTED_DTYPES, PromptMeta, StoredPrompt, content_hash
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION_FILE = re.compile(r"^v(\d{8})\.(safetensors|deleted)$")
+__all__ = ["ID_PATTERN", "PromptStore", "StoreQuotas"]
+
+log = logging.getLogger(__name__)
+
+_VERSION_FILE = re.compile(r"v(\d{8})\.(safetensors|deleted)\Z")
 _TENSOR_KEY = "prompt"
 _META_KEY = "promptmux"
 _STALE_TEMP_SECONDS = 3600
+_CLAIMS_DIR = ".published"
+_LOCK_FILE = ".lock"
+# What reading a damaged file can raise: I/O errors, a bad safetensors header, bad JSON, a
+# metadata record with missing or unknown fields.
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, struct.error, SafetensorError)
 
 
 class PromptStore:
@@ -46,13 +79,16 @@ class PromptStore:
         d_model: int,
         max_length: int,
         allowed_tenants: Iterable[str] | None = None,
+        quotas: StoreQuotas | None = None,
     ) -> None:
         self.root = Path(root)
         self.d_model = d_model
         self.max_length = max_length
         self.allowed_tenants = None if allowed_tenants is None else frozenset(allowed_tenants)
+        self.quotas = quotas or StoreQuotas()
         self.root.mkdir(parents=True, exist_ok=True)
         self._meta_cache: dict[Path, PromptMeta] = {}  # immutable versions: never invalidated
+        self._unreadable: dict[Path, object] = {}  # path -> the file stamp already logged
         self._remove_stale_temp_files()
 
     # ---------------------------------------------------------------- writes
@@ -63,49 +99,65 @@ class PromptStore:
         tensor: torch.Tensor,
         *,
         shared: bool = False,
+        publish: bool = False,
         description: str = "",
         extra: dict | None = None,
     ) -> PromptMeta:
-        """Validate and store a new version; returns its metadata."""
+        """Validate and store a new version; returns its metadata.
+
+        `shared`: other tenants may call it as `tenant/task`. `publish` (implies shared): put
+        the task id in the global namespace, where a bare `task` reaches it for tenants
+        without their own `task`; refused with ALREADY_EXISTS while another tenant holds the
+        id. The store does not authenticate: the server allows `publish` to admin keys only."""
         self._check_ids(tenant, task)
         self._check_tenant_allowed(tenant)
+        self.quotas.check_description(tenant, description)
         tensor = self.validate_tensor(tensor)
+        shared = shared or publish
         task_dir = self._task_dir(tenant, task)
         task_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            version = self._next_version(task_dir)
-            meta = PromptMeta(
-                tenant=tenant,
-                task=task,
-                version=version,
-                content_hash=content_hash(tensor),
-                d_model=int(tensor.shape[1]),
-                length=int(tensor.shape[0]),
-                dtype=_dtype_name(tensor.dtype),
-                created_at=time.time(),
-                shared=shared,
-                description=description,
-                extra=dict(extra or {}),
-            )
-            payload = st_save({_TENSOR_KEY: tensor}, metadata={_META_KEY: meta.to_json()})
-            if _publish(task_dir, f"v{version:08d}.safetensors", payload):
-                return meta
-            # Another writer took this version number first: take the next one.
+        with self._tenant_lock(tenant):
+            self._check_usage(tenant, task, int(tensor.shape[0]))
+            if publish:
+                self._claim(task, tenant)
+            while True:
+                version = self._next_version(task_dir)
+                meta = PromptMeta(
+                    tenant=tenant,
+                    task=task,
+                    version=version,
+                    content_hash=content_hash(tensor),
+                    d_model=int(tensor.shape[1]),
+                    length=int(tensor.shape[0]),
+                    dtype=_dtype_name(tensor.dtype),
+                    created_at=time.time(),
+                    shared=shared,
+                    description=description,
+                    extra=dict(extra or {}),
+                    published=publish,
+                )
+                payload = st_save({_TENSOR_KEY: tensor}, metadata={_META_KEY: meta.to_json()})
+                if _publish(task_dir, f"v{version:08d}.safetensors", payload):
+                    return meta
+                # Another writer took this version number first: take the next one.
 
     def delete(self, tenant: str, task: str) -> int:
-        """Delete a task (every version). Returns how many versions were removed."""
+        """Delete a task: every version older than the tombstone this writes, and the task's
+        claim on its id in the global namespace. Returns how many versions were removed."""
         self._check_ids(tenant, task)
-        current = self._latest_file(tenant, task)
-        if current is None:
-            raise self._not_found(tenant, task)
-        task_dir = current.parent
-        while not _publish(task_dir, f"v{self._next_version(task_dir):08d}.deleted", b""):
-            pass
+        task_dir = self._task_dir(tenant, task)
+        if not _live_files(task_dir, self._log_unreadable) and self.published_claims().get(task) != tenant:
+            raise task_not_found(tenant, task)  # a task whose every version is corrupt can still be deleted
+        while True:
+            tombstone = self._next_version(task_dir)
+            if _publish(task_dir, f"v{tombstone:08d}.deleted", b""):
+                break
         removed = 0
-        for path in task_dir.glob("v*.safetensors"):
-            path.unlink(missing_ok=True)
-            self._meta_cache.pop(path, None)
-            removed += 1
+        for number, path in _version_entries(task_dir):
+            if number < tombstone and path.suffix == ".safetensors" and _replace_with_placeholder(path):
+                self._meta_cache.pop(path, None)
+                removed += 1
+        self._release_claim(task, tenant)
         return removed
 
     # ---------------------------------------------------------------- reads
@@ -113,59 +165,95 @@ class PromptStore:
         path = self._version_file(tenant, task, version)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:  # deleted between listing and reading
-            raise self._not_found(tenant, task) from None
-        tensors = st_load(data)
-        meta = self._meta_from_bytes(path, data)
-        return StoredPrompt(meta=meta, tensor=tensors[_TENSOR_KEY])
+        except FileNotFoundError:  # a store edited by hand; versions themselves are never unlinked
+            raise task_not_found(tenant, task) from None
+        try:
+            tensor = st_load(data)[_TENSOR_KEY]
+            meta = self._meta_from_bytes(path, data)
+        except _UNREADABLE as error:
+            self._log_unreadable(path, error)
+            raise StoredPromptUnreadableError(
+                f"version {int(path.stem[1:])} of task {task!r} of tenant {tenant!r} is unreadable in the prompt "
+                "store (the server log names the file); register a new version or ask the operator to restore it"
+            ) from None
+        return StoredPrompt(meta=meta, tensor=tensor)
 
     def meta(self, tenant: str, task: str, version: int | None = None) -> PromptMeta:
-        return self._read_meta(self._version_file(tenant, task, version))
+        path = self._version_file(tenant, task, version)
+        meta = self._read_meta(path)
+        if meta is None:
+            raise StoredPromptUnreadableError(
+                f"version {int(path.stem[1:])} of task {task!r} of tenant {tenant!r} is unreadable in the prompt "
+                "store (the server log names the file); register a new version or ask the operator to restore it"
+            )
+        return meta
 
     def versions(self, tenant: str, task: str) -> list[PromptMeta]:
-        """Every live version of a task, oldest first."""
+        """Every live, readable version of a task, oldest first."""
         self._check_ids(tenant, task)
-        if self._latest_file(tenant, task) is None:
-            raise self._not_found(tenant, task)
-        entries = _version_entries(self._task_dir(tenant, task))
-        return [self._read_meta(path) for _, path in entries if path.suffix == ".safetensors"]
+        task_dir = self._task_dir(tenant, task)
+        if self._latest_meta(task_dir) is None:
+            raise task_not_found(tenant, task)
+        metas = (self._read_meta(path) for path in _live_files(task_dir))
+        return [m for m in metas if m is not None]
 
     def list(self, tenant: str | None = None) -> list[PromptMeta]:
         """The latest version of every live task, optionally of one tenant only."""
-        return sorted(
-            (m for m in self.snapshot().values() if tenant is None or m.tenant == tenant),
-            key=lambda m: (m.tenant, m.task),
-        )
+        tenants = None if tenant is None else [tenant]
+        return sorted(self.snapshot(tenants).values(), key=lambda m: (m.tenant, m.task))
 
-    def snapshot(self) -> dict[tuple[str, str], PromptMeta]:
-        """Latest live version of every task. Cheap to repeat: only new files are opened."""
+    def snapshot(self, tenants: Iterable[str] | None = None) -> dict[tuple[str, str], PromptMeta]:
+        """Latest live, readable version of every task (of `tenants`, default all). Cheap to
+        repeat: only new files are opened."""
         out: dict[tuple[str, str], PromptMeta] = {}
-        for tenant_dir in _subdirs(self.root):
-            for task_dir in _subdirs(tenant_dir):
-                entries = _version_entries(task_dir)
-                if entries and entries[-1][1].suffix == ".safetensors":
-                    try:
-                        meta = self._read_meta(entries[-1][1])
-                    except FileNotFoundError:
-                        continue  # deleted while listing
+        tenant_dirs = self._subdirs(self.root) if tenants is None else [self.root / t for t in tenants if is_valid_id(t)]
+        for tenant_dir in tenant_dirs:
+            for task_dir in self._subdirs(tenant_dir):
+                meta = self._latest_meta(task_dir)
+                if meta is not None:
                     out[meta.key] = meta
         return out
 
-    def resolve(self, tenant: str, task: str) -> PromptMeta:
-        """The version a tenant's request for `task` uses: its own task, else a shared one.
+    def published_claims(self) -> dict[str, str]:
+        """Task id -> the tenant holding it in the global namespace."""
+        claims_dir = self.root / _CLAIMS_DIR
+        try:
+            names = os.listdir(claims_dir)
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            self._log_unreadable(claims_dir, error)
+            return {}
+        claims = {}
+        for name in names:
+            if not is_valid_id(name):
+                continue  # temporary files
+            try:
+                owner = (claims_dir / name).read_text().strip()
+            except FileNotFoundError:
+                continue  # released while listing
+            except OSError as error:
+                self._log_unreadable(claims_dir / name, error)
+                continue
+            if is_valid_id(owner):
+                claims[name] = owner
+        return claims
 
-        Another tenant's private task answers exactly as an unknown task does."""
-        self._check_ids(tenant, task)
-        own = self._latest_file(tenant, task)
-        if own is not None:
-            return self._read_meta(own)
-        for tenant_dir in _subdirs(self.root):
-            other = self._latest_file(tenant_dir.name, task)
-            if other is not None:
-                meta = self._read_meta(other)
-                if meta.shared:
-                    return meta
-        raise self._not_found(tenant, task)
+    def namespace(self) -> TaskNamespace:
+        """What every tenant's task references resolve to, as of now."""
+        return TaskNamespace.build(self.snapshot(), self.published_claims())
+
+    def resolve(self, tenant: str, ref: str) -> PromptMeta:
+        """The version a tenant's request for `ref` (`task` or `owner/task`) uses; see
+        prompts/namespace.py. Another tenant's private task answers exactly as an unknown one."""
+        check_id("tenant", tenant, InvalidPromptError)
+        owner, task = parse_task_ref(ref)
+        claims = self.published_claims() if owner is None else {}
+        candidates = {(owner or tenant, task)}
+        if task in claims:
+            candidates.add((claims[task], task))
+        latest = {key: meta for key in candidates if (meta := self._latest_meta(self._task_dir(*key)))}
+        return TaskNamespace.build(latest, claims).resolve(tenant, ref)
 
     # ---------------------------------------------------------------- validation
     def validate_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -200,12 +288,8 @@ class PromptStore:
         return tensor.detach().cpu().contiguous()
 
     def _check_ids(self, tenant: str, task: str) -> None:
-        for kind, value in (("tenant", tenant), ("task", task)):
-            if not isinstance(value, str) or not ID_PATTERN.match(value):
-                raise InvalidPromptError(
-                    f"invalid {kind} id {value!r}: expected 1-128 characters of letters, digits, "
-                    "'.', '_' or '-', starting with a letter or digit"
-                )
+        check_id("tenant", tenant, InvalidPromptError)
+        check_id("task", task, InvalidPromptError)
 
     def _check_tenant_allowed(self, tenant: str) -> None:
         if self.allowed_tenants is not None and tenant not in self.allowed_tenants:
@@ -214,34 +298,71 @@ class PromptStore:
                 f"configured by the operator"
             )
 
-    def _not_found(self, tenant: str, task: str) -> TaskNotFoundError:
-        return TaskNotFoundError(
-            f"unknown task {task!r} for tenant {tenant!r}; register its prompt first "
-            "(promptmux prompts import) or list tasks with `promptmux prompts list`"
+    def _check_usage(self, tenant: str, task: str, new_rows: int) -> None:
+        """Quotas, with the tenant's lock held: usage as it would be after this registration."""
+        usage = self.snapshot([tenant])
+        previous = usage.pop((tenant, task), None)  # a new version replaces the task's latest
+        prompts = len(usage) + 1
+        rows = sum(m.length for m in usage.values()) + new_rows
+        if previous is None or new_rows > previous.length:  # a version that grows nothing always fits
+            self.quotas.check_usage(tenant, prompts=prompts, rows=rows)
+
+    # ---------------------------------------------------------------- the global namespace
+    def _claim(self, task: str, tenant: str) -> None:
+        claims_dir = self.root / _CLAIMS_DIR
+        claims_dir.mkdir(exist_ok=True)
+        if _publish(claims_dir, task, tenant.encode()):
+            return
+        holder = self.published_claims().get(task)
+        if holder == tenant:
+            return
+        raise AlreadyExistsError(
+            f"task id {task!r} is already published in the global namespace by tenant {holder!r}; "
+            f"tenants calling {task!r} by its bare id keep reaching that prompt, so it cannot be taken over. "
+            f"Register under another task id, share it without publishing (callers then name it "
+            f"'{tenant}/{task}'), or have {holder!r}'s task deleted first"
         )
+
+    def _release_claim(self, task: str, tenant: str) -> None:
+        if self.published_claims().get(task) == tenant:
+            (self.root / _CLAIMS_DIR / task).unlink(missing_ok=True)
+            _fsync_directory(self.root / _CLAIMS_DIR)
+
+    @contextmanager
+    def _tenant_lock(self, tenant: str) -> Iterator[None]:
+        tenant_dir = self.root / tenant
+        tenant_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tenant_dir / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # ---------------------------------------------------------------- internals
     def _task_dir(self, tenant: str, task: str) -> Path:
         return self.root / tenant / task
 
-    def _latest_file(self, tenant: str, task: str) -> Path | None:
-        entries = _version_entries(self._task_dir(tenant, task))
-        if not entries or entries[-1][1].suffix != ".safetensors":
-            return None
-        return entries[-1][1]
+    def _latest_meta(self, task_dir: Path) -> PromptMeta | None:
+        """The newest live version that reads cleanly; None for a deleted or unknown task."""
+        for path in reversed(_live_files(task_dir, self._log_unreadable)):
+            meta = self._read_meta(path)
+            if meta is not None:
+                return meta
+        return None
 
     def _version_file(self, tenant: str, task: str, version: int | None) -> Path:
         self._check_ids(tenant, task)
-        latest = self._latest_file(tenant, task)
+        task_dir = self._task_dir(tenant, task)
+        latest = self._latest_meta(task_dir)
         if latest is None:
-            raise self._not_found(tenant, task)
+            raise task_not_found(tenant, task)
         if version is None:
-            return latest
-        path = latest.parent / f"v{version:08d}.safetensors"
-        if not path.exists():
+            return task_dir / f"v{latest.version:08d}.safetensors"
+        path = task_dir / f"v{version:08d}.safetensors"
+        if path not in _live_files(task_dir):
             raise TaskNotFoundError(
-                f"task {task!r} of tenant {tenant!r} has no live version {version}; "
-                f"the latest is {int(latest.stem[1:])}"
+                f"task {task!r} of tenant {tenant!r} has no live version {version}; the latest is {latest.version}"
             )
         return path
 
@@ -249,13 +370,24 @@ class PromptStore:
         entries = _version_entries(task_dir)
         return entries[-1][0] + 1 if entries else 1
 
-    def _read_meta(self, path: Path) -> PromptMeta:
+    def _read_meta(self, path: Path) -> PromptMeta | None:
+        """The version's metadata; None (logged once) if the file is unreadable or corrupt."""
         cached = self._meta_cache.get(path)
-        if cached is None:
+        if cached is not None:
+            return cached
+        if path in self._unreadable and self._unreadable[path] == _stamp(path):
+            return None  # known bad and unchanged: already logged
+        try:
             with safe_open(str(path), framework="pt") as handle:
-                cached = PromptMeta.from_json(handle.metadata()[_META_KEY])
-            self._meta_cache[path] = cached
-        return cached
+                meta = PromptMeta.from_json(handle.metadata()[_META_KEY])
+        except FileNotFoundError:
+            return None  # a store edited by hand
+        except _UNREADABLE as error:
+            self._log_unreadable(path, error)
+            return None
+        self._unreadable.pop(path, None)
+        self._meta_cache[path] = meta
+        return meta
 
     def _meta_from_bytes(self, path: Path, data: bytes) -> PromptMeta:
         cached = self._meta_cache.get(path)
@@ -266,13 +398,31 @@ class PromptStore:
             self._meta_cache[path] = cached
         return cached
 
+    def _log_unreadable(self, path: Path, error: BaseException) -> None:
+        stamp = _stamp(path)
+        if self._unreadable.get(path, ()) == stamp:
+            return
+        self._unreadable[path] = stamp
+        log.warning("prompt store: skipping unreadable %s (%s: %s); restore or remove the file",
+                    path, type(error).__name__, error)
+
+    def _subdirs(self, path: Path) -> list[Path]:
+        try:
+            names = os.listdir(path)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            self._log_unreadable(path, error)
+            return []
+        return sorted(path / name for name in names if is_valid_id(name) and (path / name).is_dir())
+
     def _remove_stale_temp_files(self) -> None:
         cutoff = time.time() - _STALE_TEMP_SECONDS
-        for temp in self.root.glob("*/*/.tmp-*"):
+        for temp in [*self.root.glob("*/*/.tmp-*"), *self.root.glob(f"{_CLAIMS_DIR}/.tmp-*")]:
             try:
                 if temp.stat().st_mtime < cutoff:
                     temp.unlink()
-            except FileNotFoundError:
+            except OSError:
                 pass
 
 
@@ -289,6 +439,20 @@ def _publish(directory: Path, name: str, payload: bytes) -> bool:
         return True
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _replace_with_placeholder(path: Path) -> bool:
+    """Free a deleted version's bytes but keep its name taken. False if it was empty already."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+    except FileNotFoundError:
+        return False
+    temp = path.parent / f".tmp-{uuid.uuid4().hex}"
+    _write_durably(temp, b"")
+    os.replace(temp, path)
+    _fsync_directory(path.parent)
+    return True
 
 
 def _write_durably(path: Path, payload: bytes) -> None:
@@ -311,10 +475,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _version_entries(task_dir: Path) -> list[tuple[int, Path]]:
+def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
+    """(number, path) of every version file and tombstone, by number."""
     try:
         names = os.listdir(task_dir)
     except FileNotFoundError:
+        return []
+    except OSError as error:
+        if on_error is None:
+            raise
+        on_error(task_dir, error)
         return []
     entries = []
     for name in names:
@@ -325,11 +495,23 @@ def _version_entries(task_dir: Path) -> list[tuple[int, Path]]:
     return entries
 
 
-def _subdirs(path: Path) -> list[Path]:
+def _live_files(task_dir: Path, on_error=None) -> list[Path]:
+    """Version files above the newest tombstone, oldest first (everything below it is deleted)."""
+    live: list[Path] = []
+    for _, path in _version_entries(task_dir, on_error):
+        if path.suffix == ".deleted":
+            live = []
+        else:
+            live.append(path)
+    return live
+
+
+def _stamp(path: Path) -> object:
     try:
-        return sorted(p for p in path.iterdir() if p.is_dir() and ID_PATTERN.match(p.name))
-    except FileNotFoundError:
-        return []
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -82,7 +82,8 @@ def handle_train(args: argparse.Namespace) -> int:
     train = read_jsonl(args.data)
     dev = read_jsonl(args.dev) if args.dev else []
     loaded = load_model(settings.model)
-    store = PromptStore(settings.store.root, d_model=loaded.d_model, max_length=settings.store.max_prompt_length)
+    store = PromptStore(settings.store.root, d_model=loaded.d_model, max_length=settings.store.max_prompt_length,
+                        quotas=settings.store.quotas())
     result = tune_prompt(loaded.model, loaded.tokenizer, train, dev, config, store=store,
                          log=None if config.progress else print)
     summary = (f"best dev exact match {result.best.exact_match:.3f} (loss {result.best.loss:.4f}) at step "

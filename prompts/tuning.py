@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 
 from .records import PromptMeta
 from .store import PromptStore

@@ -14,6 +14,7 @@ Secrets in place), so keys rotate without a restart.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from typing import Iterable, Mapping
 
 import yaml
 
-from promptmux.prompts.store import ID_PATTERN
+from promptmux.prompts.ids import ID_RULE, is_valid_id
 
 from .errors import PermissionDeniedError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
 
 _HEX64 = frozenset("0123456789abcdef")
 _BEARER = "bearer "
@@ -63,6 +66,7 @@ class KeyRing:
         self._principals = dict(principals)
         self.source = source
         self._stamp = _file_stamp(source) if source else None
+        self._failed_stamp: tuple[int, int] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "KeyRing":
@@ -107,9 +111,16 @@ class KeyRing:
             return False
         try:
             principals = parse_key_file(self.source.read_text(), str(self.source))
-        except (OSError, ValueError):
-            return False  # mid-rotation or a typo: keep serving with the keys we have
-        self._principals, self._stamp = principals, stamp
+        except (OSError, ValueError) as error:
+            # Mid-rotation or a typo: keep serving with the keys we have, say so once per
+            # version of the file, and try again when it changes. Messages name no key.
+            if stamp != self._failed_stamp:
+                self._failed_stamp = stamp
+                log.error("API key file %s could not be reloaded; still using the %d keys loaded before (%s)",
+                          self.source, len(self._principals), error)
+            return False
+        self._principals, self._stamp, self._failed_stamp = principals, stamp, None
+        log.info("API key file %s reloaded: %d keys", self.source, len(principals))
         return True
 
 
@@ -129,11 +140,8 @@ def parse_key_file(text: str, where: str = "API key file") -> dict[str, Principa
         if unknown:
             raise ValueError(f"{where}: keys[{i}] has unknown field(s) {sorted(unknown)}; expected tenant, sha256, admin")
         tenant, digest, admin = entry.get("tenant"), str(entry.get("sha256", "")).lower(), entry.get("admin", False)
-        if not isinstance(tenant, str) or not ID_PATTERN.match(tenant):
-            raise ValueError(
-                f"{where}: keys[{i}].tenant={tenant!r} is not a valid tenant id (1-128 letters, digits, "
-                "'.', '_' or '-', starting with a letter or digit)"
-            )
+        if not is_valid_id(tenant):
+            raise ValueError(f"{where}: keys[{i}].tenant={tenant!r} is not a valid tenant id ({ID_RULE})")
         if len(digest) != 64 or not set(digest) <= _HEX64:
             raise ValueError(
                 f"{where}: keys[{i}].sha256 must be the 64 hex digits of the key's sha256 "
@@ -176,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tenant")
     parser.add_argument("--admin", action="store_true", help="let the key administer every tenant's prompts")
     args = parser.parse_args(argv)
-    if not ID_PATTERN.match(args.tenant):
-        parser.error(f"invalid tenant id {args.tenant!r}")
+    if not is_valid_id(args.tenant):
+        parser.error(f"invalid tenant id {args.tenant!r}: expected {ID_RULE}")
     key = generate_key()
     print(f"# give this key to the client (it is shown once): {key}")
     print(yaml.safe_dump([{"tenant": args.tenant, "sha256": hash_key(key), "admin": args.admin}], sort_keys=False), end="")

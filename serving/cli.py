@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tenant", default=DEFAULT_TENANT)
     imp.add_argument("--task", required=True)
     imp.add_argument("--format", default="auto", choices=["auto", "numpy", "peft", "safetensors"])
-    imp.add_argument("--shared", action="store_true", help="let every tenant use this task")
+    imp.add_argument("--shared", action="store_true", help="let every tenant call this task as TENANT/TASK")
+    imp.add_argument("--publish", action="store_true",
+                     help="publish the task id in the global namespace: tenants without their own TASK reach it "
+                          "by the bare id (an id has one publisher at a time)")
     imp.add_argument("--description", default="")
     imp.add_argument("path")
     imp.set_defaults(handler=run_import)
@@ -150,7 +153,8 @@ def open_store(config: PromptmuxConfig):
     from .model_loading import model_d_model
 
     return PromptStore(
-        config.store.root, d_model=model_d_model(config.model), max_length=config.store.max_prompt_length
+        config.store.root, d_model=model_d_model(config.model), max_length=config.store.max_prompt_length,
+        quotas=config.store.quotas(),
     )
 
 
@@ -230,7 +234,7 @@ def run_import(args: argparse.Namespace) -> int:
     store = open_store(config_from_args(args))
     tensor = load_prompt(args.path, args.format)
     meta = store.register(
-        args.tenant, args.task, tensor, shared=args.shared, description=args.description,
+        args.tenant, args.task, tensor, shared=args.shared, publish=args.publish, description=args.description,
         extra={"imported_from": str(args.path)},
     )
     print(f"registered {meta.tenant}/{meta.task} version {meta.version}: length {meta.length}, "
@@ -258,9 +262,10 @@ def run_list(args: argparse.Namespace) -> int:
     if not metas:
         print("no prompts registered")
         return 0
-    print(f"{'tenant':<16} {'task':<24} {'ver':>4} {'len':>5} {'dtype':<9} {'shared':<6} sha256")
+    print(f"{'tenant':<16} {'task':<24} {'ver':>4} {'len':>5} {'dtype':<9} {'scope':<9} sha256")
     for m in metas:
-        print(f"{m.tenant:<16} {m.task:<24} {m.version:>4} {m.length:>5} {m.dtype:<9} {str(m.shared):<6} {m.content_hash[:12]}")
+        scope = "published" if m.published else "shared" if m.shared else "private"
+        print(f"{m.tenant:<16} {m.task:<24} {m.version:>4} {m.length:>5} {m.dtype:<9} {scope:<9} {m.content_hash[:12]}")
     return 0
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from promptmux.prompts.quotas import StoreQuotas
+
 DTypeName = Literal["float32", "bfloat16"]
 Quantization = Literal["none", "8bit", "4bit"]
 
@@ -37,6 +39,18 @@ class StoreConfig:
     max_prompt_length: int = 1024
     # How often a replica re-reads the store's listing, so updates land without a restart.
     refresh_interval_s: float = 0.5
+    # Per-tenant quotas (prompts/quotas.py); a registration past one is RESOURCE_EXHAUSTED.
+    # Prompts and rows count each task's latest version.
+    max_prompts_per_tenant: int = 10_000
+    max_rows_per_tenant: int = 1_048_576
+    max_description_bytes: int = 4096
+
+    def quotas(self) -> StoreQuotas:
+        return StoreQuotas(
+            max_prompts_per_tenant=self.max_prompts_per_tenant,
+            max_rows_per_tenant=self.max_rows_per_tenant,
+            max_description_bytes=self.max_description_bytes,
+        )
 
 
 @dataclass(frozen=True)

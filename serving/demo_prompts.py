@@ -8,6 +8,7 @@ only: other models must not receive them.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from promptmux.prompts.store import PromptStore
 
 from .config import ModelConfig
 from .embedded_model import DEMO_PROMPTS_DIR
-from .errors import ModelLoadError, TaskNotFoundError
+from .errors import AlreadyExistsError, ModelLoadError, TaskNotFoundError
+
+log = logging.getLogger(__name__)
 
 DEMO_TENANT = "demo"
 
@@ -46,19 +49,27 @@ def load_demo_prompts(directory: Path = DEMO_PROMPTS_DIR) -> list[DemoPrompt]:
 def seed_demo_prompts(
     store: PromptStore, tenant: str = DEMO_TENANT, *, directory: Path = DEMO_PROMPTS_DIR
 ) -> dict[str, PromptMeta]:
-    """Register each demo prompt as a shared task of `tenant`, unless its latest version
-    already holds exactly that prompt (same content hash). Returns every demo task's live
-    metadata; running it again registers nothing."""
+    """Register each demo prompt as a task of `tenant` published in the global namespace (every
+    tenant calls it by its bare id, e.g. `reverse`, unless it has its own task of that id),
+    unless its latest version already holds exactly that prompt, published. Returns every
+    demo task's live metadata; running it again registers nothing.
+
+    An id another tenant already published stays theirs: the demo prompt is then registered
+    shared only (callers name it `demo/<task>`) and a warning says so."""
     live = {}
     for prompt in load_demo_prompts(directory):
         current = _latest(store, tenant, prompt.task)
-        if current is not None and current.content_hash == content_hash(prompt.tensor) and current.shared:
+        if current is not None and current.content_hash == content_hash(prompt.tensor) and current.published:
             live[prompt.task] = current
             continue
-        live[prompt.task] = store.register(
-            tenant, prompt.task, prompt.tensor, shared=True, description=prompt.description,
-            extra={"source": "promptmux demo prompt", **prompt.training},
-        )
+        fields = dict(description=prompt.description, extra={"source": "promptmux demo prompt", **prompt.training})
+        try:
+            live[prompt.task] = store.register(tenant, prompt.task, prompt.tensor, publish=True, **fields)
+        except AlreadyExistsError as error:
+            log.warning("demo prompt %r not published: %s", prompt.task, error)
+            if current is None or current.content_hash != content_hash(prompt.tensor):
+                current = store.register(tenant, prompt.task, prompt.tensor, shared=True, **fields)
+            live[prompt.task] = current
     return live
 
 

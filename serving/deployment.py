@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -24,11 +25,13 @@ from .auth import KeyRing, Principal, require_owner_or_admin
 from .batcher import Batcher
 from .demo_prompts import seed_demo_prompts_if_embedded
 from .engine import Engine
-from .errors import InvalidRequestError, PromptmuxError
+from .errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
 from .grpc_convert import (
     batch_item_to_pb,
     pb,
     prompt_info_to_pb,
+    prompt_owner_from_pb,
+    prompt_task_from_pb,
     reply_to_pb,
     request_from_pb,
     stream_delta_to_pb,
@@ -42,6 +45,10 @@ from .serving_config import API_KEYS_ENV, AppConfig
 from .streaming import TextDeltas
 
 log = logging.getLogger(__name__)
+
+# Trailing metadata on every unary reply: which replica answered.
+REPLICA_METADATA = "promptmux-replica"
+_REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _Call:
@@ -74,6 +81,7 @@ def unary_rpc(reply_type: Callable[[], Any]):
     def wrap(method: Callable[..., Awaitable[Any]]):
         async def handler(self: "PromptmuxServer", request, grpc_context):
             call = _Call(method.__name__)
+            grpc_context.set_trailing_metadata([(REPLICA_METADATA, _REPLICA_ID)])
             try:
                 return await method(self, request, grpc_context, call)
             except PromptmuxError as error:
@@ -124,19 +132,30 @@ class PromptmuxServer:
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
         self._refresher.start()
+        self._key_reloader = threading.Thread(target=self._key_reload_loop, name="promptmux-keys", daemon=True)
+        self._key_reloader.start()
         log.info("replica ready: model %s, %d API keys, batching %s", config.promptmux.model.source,
                  len(self._keys), serving.batching)
 
     # ------------------------------------------------------------------ background
     def _refresh_loop(self) -> None:
-        """Pick up prompts other replicas registered or deleted, and rotated keys."""
+        """Pick up prompts other replicas registered or deleted."""
         interval = self._config.promptmux.store.refresh_interval_s
         while not self._stop.wait(interval):
             try:
                 self._engine.refresh_prompts()
-                self._keys.reload_if_changed()
             except Exception:  # a transient store error must not end refreshing
                 log.exception("refreshing prompts failed; retrying in %.1fs", interval)
+
+    def _key_reload_loop(self) -> None:
+        """Pick up rotated keys, on its own thread: a slow or failing prompt store never holds
+        back key rotation (reload_if_changed logs a file it cannot use)."""
+        interval = self._config.promptmux.store.refresh_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self._keys.reload_if_changed()
+            except Exception:
+                log.exception("reloading the API key file failed; retrying in %.1fs", interval)
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy, and
@@ -250,13 +269,20 @@ class PromptmuxServer:
     @unary_rpc(pb.PromptInfo)
     async def RegisterPrompt(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        owner = request.tenant or principal.tenant
-        call.task = request.task
+        owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
+        call.task = task
         require_owner_or_admin(principal, owner, "register")
+        if request.publish and not principal.admin:
+            raise PermissionDeniedError(
+                f"tenant {principal.tenant!r} may not publish task ids in the global namespace (publish=true "
+                "needs an admin key); set shared=true instead and other tenants call it as "
+                f"'{owner}/{task}'"
+            )
+        self._engine.store.quotas.check_description(owner, request.description)  # before copying the tensor
         tensor = tensor_from_pb(request.tensor)
         meta = await asyncio.to_thread(
-            self._engine.store.register, owner, request.task, tensor,
-            shared=request.shared, description=request.description,
+            self._engine.store.register, owner, task, tensor,
+            shared=request.shared, publish=request.publish, description=request.description,
         )
         await asyncio.to_thread(self._engine.refresh_prompts)  # usable here at once, elsewhere within a refresh
         return prompt_info_to_pb(meta)
@@ -264,7 +290,7 @@ class PromptmuxServer:
     @unary_rpc(pb.ListPromptsReply)
     async def ListPrompts(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        owner = request.tenant or principal.tenant
+        owner = prompt_owner_from_pb(request, principal.tenant)
         require_owner_or_admin(principal, owner, "list")
         metas = await asyncio.to_thread(self._engine.store.list, owner)
         return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in metas])
@@ -272,26 +298,27 @@ class PromptmuxServer:
     @unary_rpc(pb.PromptInfo)
     async def GetPrompt(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        owner = request.tenant or principal.tenant
-        call.task = request.task
+        owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
+        call.task = task
         require_owner_or_admin(principal, owner, "read")
-        meta = await asyncio.to_thread(self._engine.store.meta, owner, request.task, request.version or None)
+        meta = await asyncio.to_thread(self._engine.store.meta, owner, task, request.version or None)
         return prompt_info_to_pb(meta)
 
     @unary_rpc(pb.DeletePromptReply)
     async def DeletePrompt(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        owner = request.tenant or principal.tenant
-        call.task = request.task
+        owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
+        call.task = task
         require_owner_or_admin(principal, owner, "delete")
-        removed = await asyncio.to_thread(self._engine.store.delete, owner, request.task)
+        removed = await asyncio.to_thread(self._engine.store.delete, owner, task)
         await asyncio.to_thread(self._engine.refresh_prompts)
-        return pb.DeletePromptReply(tenant=owner, task=request.task, versions_removed=removed)
+        return pb.DeletePromptReply(tenant=owner, task=task, versions_removed=removed)
 
     @unary_rpc(pb.ListTasksReply)
     async def ListTasks(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        return pb.ListTasksReply(tasks=[task_info_to_pb(m) for m in self._engine.index.visible_to(principal.tenant)])
+        callable_tasks = self._engine.index.visible_to(principal.tenant)
+        return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in callable_tasks])
 
     @unary_rpc(pb.HealthReply)
     async def Health(self, request, grpc_context, call: _Call):

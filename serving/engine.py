@@ -18,7 +18,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from promptmux.kernels.prompt_concat import build_encoder_inputs, pack_segments
 from promptmux.kernels.t5_attention_bias import install_t5_bias_attention
 from promptmux.prompts.records import PromptMeta
-from promptmux.prompts.store import ID_PATTERN, PromptStore
+from promptmux.prompts.ids import check_id
+from promptmux.prompts.store import PromptStore
 
 from .config import EngineConfig, PromptmuxConfig
 from .decoding import (
@@ -91,7 +92,8 @@ class Engine:
     @classmethod
     def from_config(cls, config: PromptmuxConfig) -> "Engine":
         loaded = load_model(config.model)
-        store = PromptStore(config.store.root, d_model=loaded.d_model, max_length=config.store.max_prompt_length)
+        store = PromptStore(config.store.root, d_model=loaded.d_model, max_length=config.store.max_prompt_length,
+                            quotas=config.store.quotas())
         return cls(loaded, store, config.engine)
 
     # ------------------------------------------------------------------ prompts
@@ -148,8 +150,7 @@ class Engine:
     def _prepare(self, request: GenerationRequest, prompts: PromptIndex) -> PreparedRequest:
         if not isinstance(request.text, str) or not request.text.strip():
             raise InvalidRequestError("the request text is empty; send the input text to run the task on")
-        if not ID_PATTERN.match(request.tenant or ""):
-            raise InvalidRequestError(f"invalid tenant id {request.tenant!r}")
+        check_id("tenant", request.tenant)
         request.params.validate(self.config.max_new_tokens_limit)
         metas = [prompts.resolve(request.tenant, task) for task in request.prompt_task_ids]
         token_ids = self.tokenizer(request.text)["input_ids"]

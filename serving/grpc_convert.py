@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from promptmux.prompts.ids import check_id, parse_task_ref
 from promptmux.prompts.records import SUPPORTED_DTYPES, PromptMeta
 
 from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
@@ -46,6 +47,10 @@ def request_from_pb(msg: "pb.GenerateRequest", tenant: str) -> GenerationRequest
             f"language={msg.language!r} was given without a task; a language prompt composes with a task "
             "prompt, so set `task` too"
         )
+    if msg.task:
+        parse_task_ref(msg.task, "task")
+    if msg.language:
+        parse_task_ref(msg.language, "language")
     return GenerationRequest(
         tenant=tenant,
         text=msg.text,
@@ -110,6 +115,16 @@ def tensor_from_pb(msg: "pb.PromptTensor") -> torch.Tensor:
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
 
 
+def prompt_owner_from_pb(msg, caller: str) -> str:
+    """The tenant a prompt-administration request names (`tenant`, default the caller), checked."""
+    return check_id("tenant", msg.tenant or caller)
+
+
+def prompt_task_from_pb(msg) -> str:
+    """The task id of a prompt-administration request: a plain id (never `owner/task`), checked."""
+    return check_id("task", msg.task)
+
+
 def tensor_to_pb(tensor: torch.Tensor) -> "pb.PromptTensor":
     tensor = tensor.detach().cpu().contiguous()
     dtype = str(tensor.dtype).removeprefix("torch.")
@@ -128,10 +143,11 @@ def prompt_info_to_pb(meta: PromptMeta) -> "pb.PromptInfo":
         created_at=meta.created_at,
         shared=meta.shared,
         description=meta.description,
+        published=meta.published,
     )
 
 
-def task_info_to_pb(meta: PromptMeta) -> "pb.TaskInfo":
+def task_info_to_pb(name: str, meta: PromptMeta) -> "pb.TaskInfo":
     return pb.TaskInfo(
         task=meta.task,
         owner=meta.tenant,
@@ -139,4 +155,6 @@ def task_info_to_pb(meta: PromptMeta) -> "pb.TaskInfo":
         length=meta.length,
         shared=meta.shared,
         description=meta.description,
+        name=name,
+        published=meta.published,
     )

@@ -180,7 +180,7 @@ def seed_prompts(store) -> None:
             if owner == "demo" and task in shipped:
                 continue
             tensor = torch.randn(6, D_MODEL, generator=generator)
-            store.register(owner, task, tensor, shared=owner in SHARED_TASKS, description=f"{owner}'s {task}")
+            store.register(owner, task, tensor, publish=owner in SHARED_TASKS, description=f"{owner}'s {task}")
 
 
 @pytest.fixture(scope="session")

@@ -65,11 +65,13 @@ def test_delete_then_register_never_reuses_a_version(store):
 def test_resolve_own_then_shared_and_private_is_invisible(store):
     store.register("acme", "private", prompt())
     store.register("acme", "public", prompt(seed=1), shared=True)
-    assert store.resolve("globex", "public").tenant == "acme"
+    assert store.resolve("globex", "acme/public").tenant == "acme"
+    with pytest.raises(TaskNotFoundError):
+        store.resolve("globex", "public")  # a share is reached by its owner's name, never by a bare id
     with pytest.raises(TaskNotFoundError) as other:
-        store.resolve("globex", "private")
+        store.resolve("globex", "acme/private")
     with pytest.raises(TaskNotFoundError) as unknown:
-        store.resolve("globex", "nonexistent-task")
+        store.resolve("globex", "acme/nonexistent-task")
     # Another tenant's private task answers exactly as an unknown one (same message shape).
     assert str(other.value).replace("private", "X") == str(unknown.value).replace("nonexistent-task", "X")
 
