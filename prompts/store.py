@@ -3,7 +3,8 @@
 Layout on disk (works on a local disk and on a shared ReadWriteMany volume):
 
     <root>/<tenant>/<task>/v00000001.safetensors   one immutable version each
-    <root>/<tenant>/<task>/v00000002.deleted       a tombstone: every older version is deleted
+    <root>/<tenant>/<task>/v00000002.safetensors   or a deletion marker (a few fixed bytes): a
+                                                   tombstone, and every older version is deleted
     <root>/<tenant>/.lock                          held (flock) while a registration checks quotas
     <root>/.published/<task>                       the claim on a task id in the global namespace;
                                                    it holds the publishing tenant's id
@@ -13,12 +14,14 @@ to its final name. The link fails if another writer took that version number, so
 concurrent registrations never overwrite each other, and a crash mid-write leaves only an
 ignored temporary file.
 
-Version numbers are never reused, also across processes: a name, once linked, is never
-unlinked. Deleting a task writes a tombstone numbered after every existing version, then
-atomically replaces each version file *below the tombstone* by an empty placeholder (the
-bytes are freed, the number stays taken). So a writer that picked a number from an older
-listing fails to link it and takes the next one, which lies above the tombstone: a delete
+Version numbers are never reused, also across processes: versions and tombstones share one
+name per number, and a name, once linked, is never unlinked. Deleting a task links a
+tombstone numbered after every existing version, then atomically replaces each version file
+*below the tombstone* by the same deletion marker (the bytes are freed, the number stays
+taken). So a writer that picked a number from an older listing fails to link it and takes the
+next one, which lies above the tombstone: numbers are taken in increasing order, a delete
 never removes a version registered after it, and caches keyed by version stay valid.
+(`.deleted` tombstones of stores written before this layout are still honoured.)
 
 A corrupt or unreadable file is skipped and logged with its path (once per change of the
 file); it never stops listing, resolving or starting a replica. A task whose newest version
@@ -65,6 +68,9 @@ _TENSOR_KEY = "prompt"
 _META_KEY = "promptmux"
 _STALE_TEMP_SECONDS = 3600
 _CLAIMS_DIR = ".published"
+# A tombstone's content, and what a deleted version's file is replaced by. No real version file
+# is this short (its header alone is longer), so the size tells them apart.
+_DELETED = b"promptmux: deleted\n"
 _LOCK_FILE = ".lock"
 # What reading a damaged file can raise: I/O errors, a bad safetensors header, bad JSON, a
 # metadata record with missing or unknown fields.
@@ -89,6 +95,10 @@ class PromptStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._meta_cache: dict[Path, PromptMeta] = {}  # immutable versions: never invalidated
         self._unreadable: dict[Path, object] = {}  # path -> the file stamp already logged
+        # Whether a version file is a deletion marker. A live version only turns into a marker
+        # once a newer tombstone exists, and listings stop at the newest tombstone, so a cached
+        # answer is never read stale.
+        self._is_marker: dict[Path, bool] = {}
         self._remove_stale_temp_files()
 
     # ---------------------------------------------------------------- writes
@@ -146,15 +156,15 @@ class PromptStore:
         claim on its id in the global namespace. Returns how many versions were removed."""
         self._check_ids(tenant, task)
         task_dir = self._task_dir(tenant, task)
-        if not _live_files(task_dir, self._log_unreadable) and self.published_claims().get(task) != tenant:
+        if not self._live_files(task_dir) and self.published_claims().get(task) != tenant:
             raise task_not_found(tenant, task)  # a task whose every version is corrupt can still be deleted
         while True:
             tombstone = self._next_version(task_dir)
-            if _publish(task_dir, f"v{tombstone:08d}.deleted", b""):
+            if _publish(task_dir, f"v{tombstone:08d}.safetensors", _DELETED):
                 break
         removed = 0
         for number, path in _version_entries(task_dir):
-            if number < tombstone and path.suffix == ".safetensors" and _replace_with_placeholder(path):
+            if number < tombstone and path.suffix == ".safetensors" and _replace_with_marker(path):
                 self._meta_cache.pop(path, None)
                 removed += 1
         self._release_claim(task, tenant)
@@ -194,7 +204,7 @@ class PromptStore:
         task_dir = self._task_dir(tenant, task)
         if self._latest_meta(task_dir) is None:
             raise task_not_found(tenant, task)
-        metas = (self._read_meta(path) for path in _live_files(task_dir))
+        metas = (self._read_meta(path) for path in self._live_files(task_dir))
         return [m for m in metas if m is not None]
 
     def list(self, tenant: str | None = None) -> list[PromptMeta]:
@@ -343,9 +353,32 @@ class PromptStore:
     def _task_dir(self, tenant: str, task: str) -> Path:
         return self.root / tenant / task
 
+    def _live_files(self, task_dir: Path) -> list[Path]:
+        """Version files above the newest tombstone, oldest first (everything below it is deleted)."""
+        live: list[Path] = []
+        for _, path in reversed(_version_entries(task_dir, self._log_unreadable)):
+            if path.suffix == ".deleted" or self._marker(path):
+                break
+            live.append(path)
+        live.reverse()
+        return live
+
+    def _marker(self, path: Path) -> bool:
+        known = self._is_marker.get(path)
+        if known is None:
+            try:
+                known = path.stat().st_size == len(_DELETED)
+            except FileNotFoundError:
+                return False  # a store edited by hand: reading it will say so
+            except OSError as error:
+                self._log_unreadable(path, error)
+                return False
+            self._is_marker[path] = known
+        return known
+
     def _latest_meta(self, task_dir: Path) -> PromptMeta | None:
         """The newest live version that reads cleanly; None for a deleted or unknown task."""
-        for path in reversed(_live_files(task_dir, self._log_unreadable)):
+        for path in reversed(self._live_files(task_dir)):
             meta = self._read_meta(path)
             if meta is not None:
                 return meta
@@ -360,7 +393,7 @@ class PromptStore:
         if version is None:
             return task_dir / f"v{latest.version:08d}.safetensors"
         path = task_dir / f"v{version:08d}.safetensors"
-        if path not in _live_files(task_dir):
+        if path not in self._live_files(task_dir):
             raise TaskNotFoundError(
                 f"task {task!r} of tenant {tenant!r} has no live version {version}; the latest is {latest.version}"
             )
@@ -441,15 +474,15 @@ def _publish(directory: Path, name: str, payload: bytes) -> bool:
         temp.unlink(missing_ok=True)
 
 
-def _replace_with_placeholder(path: Path) -> bool:
-    """Free a deleted version's bytes but keep its name taken. False if it was empty already."""
+def _replace_with_marker(path: Path) -> bool:
+    """Free a deleted version's bytes but keep its number taken. False if it was a marker already."""
     try:
-        if path.stat().st_size == 0:
+        if path.stat().st_size == len(_DELETED):
             return False
     except FileNotFoundError:
         return False
     temp = path.parent / f".tmp-{uuid.uuid4().hex}"
-    _write_durably(temp, b"")
+    _write_durably(temp, _DELETED)
     os.replace(temp, path)
     _fsync_directory(path.parent)
     return True
@@ -493,17 +526,6 @@ def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
             entries.append((int(match.group(1)), task_dir / name))
     entries.sort()
     return entries
-
-
-def _live_files(task_dir: Path, on_error=None) -> list[Path]:
-    """Version files above the newest tombstone, oldest first (everything below it is deleted)."""
-    live: list[Path] = []
-    for _, path in _version_entries(task_dir, on_error):
-        if path.suffix == ".deleted":
-            live = []
-        else:
-            live.append(path)
-    return live
 
 
 def _stamp(path: Path) -> object:
