@@ -112,22 +112,26 @@ class PromptStore:
         publish: bool = False,
         description: str = "",
         extra: dict | None = None,
+        check_quotas: bool = True,
     ) -> PromptMeta:
         """Validate and store a new version; returns its metadata.
 
         `shared`: other tenants may call it as `tenant/task`. `publish` (implies shared): put
         the task id in the global namespace, where a bare `task` reaches it for tenants
         without their own `task`; refused with ALREADY_EXISTS while another tenant holds the
-        id. The store does not authenticate: the server allows `publish` to admin keys only."""
+        id. The store does not authenticate: the server allows `publish` to admin keys only.
+        `check_quotas=False` is for the server's own seeding (demo prompts), never a tenant's call."""
         self._check_ids(tenant, task)
         self._check_tenant_allowed(tenant)
-        self.quotas.check_description(tenant, description)
+        if check_quotas:
+            self.quotas.check_description(tenant, description)
         tensor = self.validate_tensor(tensor)
         shared = shared or publish
         task_dir = self._task_dir(tenant, task)
         task_dir.mkdir(parents=True, exist_ok=True)
         with self._tenant_lock(tenant):
-            self._check_usage(tenant, task, int(tensor.shape[0]))
+            if check_quotas:
+                self._check_usage(tenant, task, int(tensor.shape[0]))
             if publish:
                 self._claim(task, tenant)
             while True:

@@ -62,7 +62,8 @@ def seed_demo_prompts(
         if current is not None and current.content_hash == content_hash(prompt.tensor) and current.published:
             live[prompt.task] = current
             continue
-        fields = dict(description=prompt.description, extra={"source": "promptmux demo prompt", **prompt.training})
+        fields = dict(description=prompt.description, extra={"source": "promptmux demo prompt", **prompt.training},
+                      check_quotas=False)  # the server's own prompts are no tenant's usage
         try:
             live[prompt.task] = store.register(tenant, prompt.task, prompt.tensor, publish=True, **fields)
         except AlreadyExistsError as error:
