@@ -35,9 +35,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                         help="random-uniform (U(-0.5, 0.5)), vocab (sampled token embeddings), text (embeddings "
                         "of --init-text) or prompt (a stored prompt, SPoT transfer; see --init-from)")
     target.add_argument("--init-text", help="text whose token embeddings start the prompt, e.g. 'reverse: '")
-    target.add_argument("--init-from", dest="init_from_task", help="task whose stored prompt starts training")
-    target.add_argument("--init-from-tenant", help="tenant of --init-from (default: --tenant, then shared tasks)")
-    target.add_argument("--shared", action="store_true", help="let every tenant use the registered prompt")
+    target.add_argument("--init-from", dest="init_from_task",
+                        help="task whose stored prompt starts training: TASK (own, else published) or OWNER/TASK (shared)")
+    target.add_argument("--init-from-tenant", help="tenant whose view resolves --init-from (default: --tenant)")
+    target.add_argument("--shared", action="store_true", help="let every tenant call the registered prompt as TENANT/TASK")
     target.add_argument("--description", default="", help="free text stored with the prompt")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default="adafactor")

@@ -255,6 +255,10 @@ def run_export(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     from .demo_prompts import seed_demo_prompts_if_embedded
 
+    from promptmux.prompts.ids import check_id
+
+    if args.tenant is not None:
+        check_id("tenant", args.tenant)
     config = config_from_args(args)
     store = open_store(config)
     seed_demo_prompts_if_embedded(config.model, store)

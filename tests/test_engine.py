@@ -225,9 +225,11 @@ def test_truncate_only_when_asked(engine):
     assert result.input_tokens == 160
 
 
-def test_shared_task_is_usable_by_other_tenants(engine):
-    result = ok(engine.generate([GenerationRequest(tenant="acme", text="hi", task="shared-task")]))[0]
+def test_shared_task_is_usable_by_other_tenants_by_its_owners_name(engine):
+    result = ok(engine.generate([GenerationRequest(tenant="acme", text="hi", task="globex/shared-task")]))[0]
     assert [(v.tenant, v.task) for v in result.prompt_versions] == [("globex", "shared-task")]
+    bare = engine.generate([GenerationRequest(tenant="acme", text="hi", task="shared-task")])[0]
+    assert isinstance(bare, TaskNotFoundError)  # a share never takes a bare id
 
 
 def test_new_versions_apply_after_refresh_and_pin_per_batch(engine):

@@ -94,8 +94,8 @@ def test_spot_init_starts_from_the_stored_prompt_exactly(tiny, tmp_path):
     source = torch.randn(6, tiny.d_model, generator=torch.Generator().manual_seed(3))
     meta = store.register("globex", "source-task", source, shared=True)
     train = task_examples("reverse", 8, seed=1)
-    # Found through the shared lookup: another tenant's shared prompt.
-    config = quick_config(init="prompt", init_from_task="source-task", prompt_length=None, batch_size=8, steps=1)
+    # Found through the shared lookup: another tenant's shared prompt, named `owner/task`.
+    config = quick_config(init="prompt", init_from_task="globex/source-task", prompt_length=None, batch_size=8, steps=1)
     start, description = initial_prompt(tiny.model, tiny.tokenizer, config, store)
     assert torch.equal(start, source)
     assert description == f"prompt:globex/source-task@v{meta.version}"
