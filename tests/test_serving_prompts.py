@@ -27,7 +27,7 @@ def generate(serving, pb, tenant: str, task: str, text: str = "update me"):
     return serving.stub().Generate(request, metadata=serving.metadata(tenant), timeout=30)
 
 
-def wait_until(predicate, what: str, limit_s: float = 15.0):
+def wait_until(predicate, what: str, limit_s: float = 5.0):
     """Poll a condition that must come true without a restart (the refresh interval is 0.25 s)."""
     end = time.monotonic() + limit_s
     while not predicate():

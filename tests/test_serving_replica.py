@@ -28,6 +28,9 @@ class FakeContext:
     def set_details(self, details):
         self.details = details
 
+    def set_trailing_metadata(self, metadata):
+        self.trailing_metadata = list(metadata)
+
 
 def app_config(tmp_path, **serving) -> AppConfig:
     return AppConfig.from_args({
