@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, install_t5_bias_attention
+from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, install_t5_bias_attention, set_t5_attention
 from promptmux.serving.model_shapes import build_random_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,7 +45,7 @@ def interleaved_medians(model, workloads: dict[str, Callable], reps: int):
     outputs: dict[tuple[str, str], object] = {}
     for round_index in range(reps + 1):  # round 0 is warm-up
         for impl in IMPLEMENTATIONS:
-            model.set_attn_implementation(impl)
+            set_t5_attention(model, impl)  # every attention module, checked
             for name, work in workloads.items():
                 start = time.perf_counter()
                 with torch.inference_mode():

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION
+from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, assert_t5_attention
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine import Engine
@@ -39,7 +39,7 @@ def engine(loaded, tmp_path_factory):
     store.register("globex", "shared-task", 0.05 * torch.randn(5, loaded.d_model, generator=generator), shared=True)
     engine = Engine(loaded, store, EngineConfig(max_input_tokens=160, max_new_tokens_limit=64,
                                                  prompt_cache_rows=1024, prompt_cache_page_rows=16))
-    assert loaded.model.config._attn_implementation == T5_BIAS_ATTENTION  # the engine's attention path
+    assert_t5_attention(loaded.model, T5_BIAS_ATTENTION)  # every attention module takes the engine's path
     return engine
 
 
@@ -157,9 +157,14 @@ def test_empty_prompt_equals_plain_generate_on_the_unmodified_model(eager_loaded
 
 def test_same_prompt_equals_peft_prompt_tuning(eager_loaded, engine):
     loaded = eager_loaded
-    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+    from peft import PromptTuningConfig, TaskType, get_peft_model
 
     prompt = engine.store.get("acme", "t17").tensor
+    # The shared fixture's model must leave this test exactly as it came in: same weights, no hooks.
+    weights_before = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+    probe = torch.tensor([loaded.tokenizer("probe the plain model")["input_ids"]])
+    with torch.no_grad():
+        plain_before = loaded.model.generate(input_ids=probe, max_new_tokens=8, do_sample=False, num_beams=1)
     config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=prompt.shape[0],
                                 num_transformer_submodules=1, token_dim=loaded.d_model,
                                 num_attention_heads=loaded.model.config.num_heads,
@@ -180,8 +185,16 @@ def test_same_prompt_equals_peft_prompt_tuning(eager_loaded, engine):
                 expected = expected[: expected.index(1) + 1]
             assert result.token_ids == expected
     finally:
-        peft_model.unload() if hasattr(peft_model, "unload") else None
-    assert isinstance(loaded.model, torch.nn.Module) and not isinstance(loaded.model, PeftModel)
+        del peft_model  # prompt tuning wraps the model; the wrapper holds the only extra state
+    assert type(loaded.model).__name__ == "T5ForConditionalGeneration"  # not swapped for a wrapper
+    weights_after = loaded.model.state_dict()
+    assert weights_after.keys() == weights_before.keys()
+    assert all(torch.equal(weights_after[name], tensor) for name, tensor in weights_before.items())
+    hooked = [name for name, module in loaded.model.named_modules() if module._forward_hooks or module._forward_pre_hooks]
+    assert hooked == []
+    with torch.no_grad():
+        plain_after = loaded.model.generate(input_ids=probe, max_new_tokens=8, do_sample=False, num_beams=1)
+    assert torch.equal(plain_after, plain_before)
 
 
 def test_composed_segments_equal_their_concatenation(engine):

@@ -8,8 +8,11 @@ from transformers import BertConfig, BertModel
 from promptmux.kernels import t5_attention_bias
 from promptmux.kernels.t5_attention_bias import (
     T5_BIAS_ATTENTION,
+    assert_t5_attention,
     install_t5_bias_attention,
     merge_position_bias_and_mask,
+    set_t5_attention,
+    t5_attention_paths,
 )
 from promptmux.serving.model_shapes import build_random_model
 
@@ -28,17 +31,22 @@ def padded_mixed_batch(d_model: int, lengths: list[int], seq_len: int, seed: int
 
 
 def run_both(model, fn):
-    """fn(model) under eager attention, then under the merged-bias attention."""
-    model.set_attn_implementation("eager")
+    """fn(model) under eager attention, then under the merged-bias attention.
+
+    Each side checks the path of every attention module (encoder self, decoder self and
+    cross), so the comparison can never quietly be sdpa against sdpa.
+    """
+    set_t5_attention(model, "eager")
+    assert set(t5_attention_paths(model).values()) == {"eager"}
     with torch.inference_mode():
         expected = fn(model)
     install_t5_bias_attention(model)
-    assert model.config._attn_implementation == T5_BIAS_ATTENTION
+    assert set(t5_attention_paths(model).values()) == {T5_BIAS_ATTENTION}
     try:
         with torch.inference_mode():
             actual = fn(model)
     finally:
-        model.set_attn_implementation("eager")
+        set_t5_attention(model, "eager")
     return expected, actual
 
 
@@ -100,7 +108,32 @@ def test_merged_bias_is_built_once_per_stack_forward(model, monkeypatch):
             model.encoder(inputs_embeds=embeds, attention_mask=mask)
             assert calls == [(10, 10), (10, 10)]  # nothing carried over between forwards
     finally:
-        model.set_attn_implementation("eager")
+        set_t5_attention(model, "eager")
+
+
+def top_level_only_set_attn_implementation(self, implementation, **kwargs):
+    """What `set_attn_implementation` does in transformers 5.17: the top-level config only."""
+    self.config._attn_implementation_internal = implementation
+
+
+def test_install_reaches_every_attention_module_even_when_transformers_sets_only_the_top_config(monkeypatch):
+    model = build_random_model("embedded", seed=4).eval()
+    monkeypatch.setattr(type(model), "set_attn_implementation", top_level_only_set_attn_implementation)
+    install_t5_bias_attention(model)
+    paths = t5_attention_paths(model)
+    layers = model.config.num_layers + 2 * model.config.num_decoder_layers  # encoder self; decoder self + cross
+    assert len(paths) == layers
+    assert any(name.startswith("encoder.") for name in paths) and any(name.startswith("decoder.") for name in paths)
+    assert set(paths.values()) == {T5_BIAS_ATTENTION}
+    assert model.encoder.config._attn_implementation == model.decoder.config._attn_implementation == T5_BIAS_ATTENTION
+
+
+def test_a_stack_left_on_another_path_fails_loudly():
+    model = build_random_model("embedded", seed=4).eval()
+    install_t5_bias_attention(model)
+    model.decoder.config._attn_implementation_internal = "sdpa"  # as 5.17 leaves the decoder
+    with pytest.raises(RuntimeError, match=r"\d+ of \d+ T5 attention modules are not on 'promptmux_t5_bias'.*decoder"):
+        assert_t5_attention(model, T5_BIAS_ATTENTION)
 
 
 def test_merge_keeps_position_bias_where_allowed_and_dtype_min_elsewhere():
