@@ -6,6 +6,8 @@ replica costs seconds on a 2-core machine, so nothing here starts them twice.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import socket
 import time
@@ -14,6 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+# ---------------------------------------------------------------------- optional modules
+
+
+def require_module(name: str):
+    """Import an optional test dependency: skip without it, except in CI, where it must fail.
+
+    CI installs every test extra, so a missing module there is a broken install and must not
+    pass quietly as a skip. Elsewhere (the GPU device image has no grpc_tools or jsonschema)
+    the tests that need it skip and the rest of the module still runs.
+    """
+    if os.environ.get("CI"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"needs {name}; install the test extras: pip install -e '.[serve,test]'")
+
 
 # ---------------------------------------------------------------------- Ray cluster
 
