@@ -2,16 +2,18 @@
 
 Measures generated tokens/s of mixed-task batches (engine-direct: the cost of the model, not
 of gRPC) at several batch sizes, and compares decoding with the memory-bandwidth bound.
-Decoding one token per row reads every weight once per step, so
+Decode throughput is isolated from encoding by timing each batch twice, with `new_tokens` and
+with 1 new token: decode time = T(new_tokens) - T(1), which covers steps 2..new_tokens.
 
-    bound tokens/s = batch size * HBM bandwidth / weight bytes
+The bound counts what those steps read from memory (decode_bytes.py): the decoder's weights
+less the cross-attention K/V projections (cached after step 1), plus every row's cache:
+cross-attention K/V at the encoder length and self-attention K/V up to the step. It is given
+against the card's nominal bandwidth and against a measured device-to-device copy.
 
-Two weight counts are reported: all the model's weights (the project's headline definition)
-and only what a decode step reads (decoder stack plus output projection; the encoder runs
-once per request). Decode throughput is isolated from encoding by timing each batch twice,
-with `new_tokens` and with 1 new token: decode time = T(new_tokens) - T(1).
+Random weights may emit EOS at any step, so EOS is suppressed for benchmark rows (a hook on
+the output projection) and the run checks that generated tokens = batch x new tokens.
 
-    promptmux bench gpu                           # t5-xxl, bf16, batch sizes 1,8,32,64
+    promptmux bench gpu --output out/bench        # t5-xxl, bf16, batch sizes 1,8,32,64
     promptmux bench gpu --batch-sizes 1,16,128 --new-tokens 128 --hbm-gbps 3350
 
 Random T5-XXL weights need about 23 GB of GPU memory in bf16 (they are built in bf16
@@ -29,9 +31,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from .decode_bytes import DecodeStepBytes, decode_step_bytes
 
 # Nominal HBM bandwidth (GB/s) by device name; `--hbm-gbps` overrides, and the measured copy
 # bandwidth is reported next to it.
@@ -50,7 +54,14 @@ NOMINAL_HBM_GBPS = {
 }
 
 
+MODES = ("static", "continuous")
+
+
 class NoCudaError(RuntimeError):
+    pass
+
+
+class UnsupportedModeError(RuntimeError):
     pass
 
 
@@ -65,7 +76,11 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size (best is kept)")
     parser.add_argument("--hbm-gbps", type=float, help="HBM bandwidth in GB/s (default: by device name)")
-    parser.add_argument("--output", type=Path, help="results folder (default benchmarks/results/<date>-<gpu>)")
+    parser.add_argument("--mode", default="static", choices=MODES,
+                        help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (not built yet)")
+    parser.add_argument("--output", type=Path,
+                        help="results folder, created if missing (default benchmarks/results/<date>-<gpu>); "
+                             "on a device that returns only one folder, point it there, e.g. --output \"$OUT/bench\"")
 
 
 def require_cuda(device: str) -> None:
@@ -84,36 +99,55 @@ def require_cuda(device: str) -> None:
 class GpuPoint:
     batch_size: int
     new_tokens: int
-    generated_tokens: int
+    encoder_length: int  # padded encoder positions of the batch: the cross-attention cache length
+    generated_tokens: int  # = batch_size * new_tokens (EOS suppressed; checked)
     total_s: float  # encode + decode of `new_tokens`
     one_token_s: float  # encode + the first token
     end_to_end_tps: float
-    decode_tps: float
-    bound_all_weights_tps: float
-    bound_decode_weights_tps: float
+    decode_tps: float  # tokens of steps 2..new_tokens / (total_s - one_token_s)
+    step_gb: float  # mean bytes read per decode step (weights + every row's cache), GB
+    bound_nominal_tps: float  # decode tokens/s at the nominal HBM bandwidth
+    bound_copy_tps: float  # decode tokens/s at the measured device-copy bandwidth
 
     @property
-    def fraction_all(self) -> float:
-        return self.decode_tps / self.bound_all_weights_tps
+    def fraction_nominal(self) -> float:
+        return self.decode_tps / self.bound_nominal_tps
 
     @property
-    def fraction_decode(self) -> float:
-        return self.decode_tps / self.bound_decode_weights_tps
+    def fraction_copy(self) -> float:
+        return self.decode_tps / self.bound_copy_tps
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(all weights, weights a decode step reads), each tensor counted once (tied ones too)."""
+    """(all weights, decoder weights incl. lm_head), each tensor counted once (tied ones too)."""
 
     def total(params) -> int:
-        seen, size = set(), 0
+        seen: dict[int, torch.nn.Parameter] = {}
         for p in params:
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                size += p.numel() * p.element_size()
-        return size
+            seen.setdefault(id(p), p)
+        return sum(p.numel() * p.element_size() for p in seen.values())
 
     decode = list(model.decoder.parameters()) + list(model.lm_head.parameters())
     return total(model.parameters()), total(decode)
+
+
+@contextlib.contextmanager
+def suppress_eos(model: torch.nn.Module, eos_token_id: int):
+    """Random weights may pick EOS at any step and end a row early; a benchmark row never may.
+
+    A forward hook on the output projection sets the EOS logit to the dtype's minimum, so the
+    same holds for HF `generate` and for any decode loop that scores through `lm_head`.
+    """
+
+    def hook(module, inputs, logits):  # logits [B, T, V]
+        logits[..., eos_token_id] = torch.finfo(logits.dtype).min
+        return logits
+
+    handle = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def nominal_bandwidth_gbps(name: str) -> float | None:
@@ -124,7 +158,10 @@ def nominal_bandwidth_gbps(name: str) -> float | None:
 
 
 def measured_copy_gbps(device: torch.device, gib: float = 2.0) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second)."""
+    """Device-to-device copy bandwidth in GB/s, counting bytes read and written (a copy of N bytes moves 2N).
+
+    About 3.0 TB/s on an H100 SXM and 4.3 TB/s on an H200: what a memory-bound kernel can reach.
+    """
     n = int(gib * 2**30) // 4
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -169,19 +206,44 @@ def build_engine(model: str, dtype: str, device: str, store_root: str, max_batch
         return Engine.from_config(config)
 
 
+def batch_runner(engine, mode: str) -> Callable[[list], int]:
+    """A function that runs one batch of requests to completion and returns the tokens generated.
+
+    `static` runs the batch-at-a-time path (`engine.run_batch`). `continuous` is the hook for
+    the step loop: when the engine has one, this is the one place to wire it in, so the report
+    can put static and continuous side by side.
+    """
+    check_mode(mode)
+    return lambda requests: engine.run_batch(requests).stats.output_tokens
+
+
+def check_mode(mode: str) -> None:
+    """Refuse a mode this build cannot run, before minutes go into building the model."""
+    if mode == "continuous":
+        raise UnsupportedModeError(
+            "--mode continuous needs the engine's continuous-batching step loop, which this build "
+            "does not have yet; run --mode static (the batch-at-a-time path). When the step loop "
+            "lands, wire it into benchmarks/gpu_bench.py:batch_runner"
+        )
+    if mode not in MODES:
+        raise UnsupportedModeError(f"--mode {mode!r} is unknown; expected one of {', '.join(MODES)}")
+
+
 def measure(
     engine, batch_sizes: Sequence[int], *, tasks: int, prompt_length: int, input_length: int, new_tokens: int,
-    repeats: int, bandwidth_gbps: float, log=print,
+    repeats: int, nominal_gbps: float, copy_gbps: float, mode: str = "static", log=print,
 ) -> list[GpuPoint]:
     from promptmux.serving.requests import GenerationParams, GenerationRequest
 
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens {new_tokens}: decoding is timed as T(new tokens) - T(1), so it needs >= 2")
+    run = batch_runner(engine, mode)
     d_model = engine.loaded.d_model
     generator = torch.Generator().manual_seed(0)
     for t in range(tasks):
         engine.store.register("bench", f"task{t}", 0.05 * torch.randn(prompt_length, d_model, generator=generator))
     engine.refresh_prompts()
     rng = random.Random(0)
-    all_bytes, decode_bytes = weight_bytes(engine.model)
     device = engine.device
 
     def batch(size: int, tokens: int):
@@ -192,61 +254,84 @@ def measure(
             for i in range(size)
         ]
 
-    def timed(requests) -> tuple[float, int]:
+    def encoder_length(requests) -> int:
+        # Every row has a prompt of prompt_length rows; the batch pads to its longest input.
+        return prompt_length + max(len(engine.tokenizer(r.text)["input_ids"]) for r in requests)
+
+    def timed(requests, tokens: int) -> float:
         _sync(device)
         start = time.perf_counter()
-        output = engine.run_batch(requests)
+        generated = run(requests)
         _sync(device)
-        return time.perf_counter() - start, output.stats.output_tokens
+        seconds = time.perf_counter() - start
+        if generated != len(requests) * tokens:
+            raise RuntimeError(
+                f"batch of {len(requests)} generated {generated} tokens, expected {len(requests)} x {tokens} = "
+                f"{len(requests) * tokens}: rows ended early although EOS is suppressed, so the timing would "
+                "count steps that made no token; check the engine's stopping rules"
+            )
+        return seconds
 
     points = []
-    for size in batch_sizes:
-        full, first = batch(size, new_tokens), batch(size, 1)
-        timed(full)  # warm-up: kernels, allocator, prompt cache
-        total, generated = min(timed(full) for _ in range(repeats))
-        one, _ = min(timed(first) for _ in range(repeats))
-        decode_s = max(total - one, 1e-9)
-        decode_tokens = max(generated - size, 0)  # every row's first token came with T(1)
-        point = GpuPoint(
-            batch_size=size,
-            new_tokens=new_tokens,
-            generated_tokens=generated,
-            total_s=total,
-            one_token_s=one,
-            end_to_end_tps=generated / total,
-            decode_tps=decode_tokens / decode_s,
-            bound_all_weights_tps=size * bandwidth_gbps * 1e9 / all_bytes,
-            bound_decode_weights_tps=size * bandwidth_gbps * 1e9 / decode_bytes,
-        )
-        points.append(point)
-        log(f"  batch {size:>4}: {point.end_to_end_tps:9.1f} tok/s end to end, {point.decode_tps:9.1f} tok/s decoding, "
-            f"{point.fraction_all:6.1%} of the all-weights bound, {point.fraction_decode:6.1%} of the decode-weights bound")
+    with suppress_eos(engine.model, engine.model.config.eos_token_id):
+        for size in batch_sizes:
+            full, first = batch(size, new_tokens), batch(size, 1)
+            timed(full, new_tokens)  # warm-up: kernels, allocator, prompt cache
+            total = min(timed(full, new_tokens) for _ in range(repeats))
+            one = min(timed(first, 1) for _ in range(repeats))
+            decode_s = max(total - one, 1e-9)
+            generated = size * new_tokens
+            decode_tokens = generated - size  # every row's first token came with T(1)
+            accounting = decode_step_bytes(engine.model, encoder_length(full))
+            point = GpuPoint(
+                batch_size=size,
+                new_tokens=new_tokens,
+                encoder_length=accounting.encoder_length,
+                generated_tokens=generated,
+                total_s=total,
+                one_token_s=one,
+                end_to_end_tps=generated / total,
+                decode_tps=decode_tokens / decode_s,
+                step_gb=accounting.decode_bytes(size, new_tokens) / (new_tokens - 1) / 1e9,
+                bound_nominal_tps=accounting.bound_tokens_per_s(size, new_tokens, nominal_gbps),
+                bound_copy_tps=accounting.bound_tokens_per_s(size, new_tokens, copy_gbps),
+            )
+            points.append(point)
+            log(f"  batch {size:>4}: {point.end_to_end_tps:9.1f} tok/s end to end, {point.decode_tps:9.1f} tok/s "
+                f"decoding, {point.step_gb:6.2f} GB per step; {point.fraction_nominal:6.1%} of the bound at nominal "
+                f"bandwidth, {point.fraction_copy:6.1%} at measured copy bandwidth")
     return points
 
 
 def report_markdown(points: Sequence[GpuPoint], meta: dict) -> str:
     lines = [
-        "# promptmux GPU benchmark: T5-XXL shape, random weights",
+        f"# promptmux GPU benchmark: {meta['model']}, {meta['mode']} batching",
         "",
-        f"Device: {meta['device_name']}; model `{meta['model']}` in {meta['dtype']}; "
-        f"{meta['all_weight_gb']:.2f} GB of weights, {meta['decode_weight_gb']:.2f} GB read per decode step. "
-        f"HBM bandwidth used for the bound: {meta['bandwidth_gbps']:.0f} GB/s ({meta['bandwidth_source']}); "
-        f"measured device copy bandwidth {meta['copy_gbps']:.0f} GB/s.",
+        f"Card: **{meta['device_name']}**; model `{meta['model']}` in {meta['dtype']}; "
+        f"{meta['all_weight_gb']:.2f} GB of weights, of which a decode step reads {meta['step_weight_gb']:.2f} GB "
+        f"(decoder and output projection, {meta['decoder_weight_gb']:.2f} GB, less the cross-attention K/V "
+        f"projections, {meta['cross_kv_weight_gb']:.2f} GB, cached after step 1).",
+        "",
+        f"Bandwidth: nominal {meta['nominal_gbps']:.0f} GB/s ({meta['nominal_source']}); measured device-to-device "
+        f"copy {meta['copy_gbps']:.0f} GB/s (bytes read + written).",
         "",
         f"Workload: mixed batches over {meta['tasks']} tasks, prompt length {meta['prompt_length']}, "
-        f"{meta['input_length']} input characters, {meta['new_tokens']} new tokens, greedy, engine-direct "
-        f"(no gRPC). Best of {meta['repeats']} after a warm-up. {meta['when']}.",
+        f"{meta['input_length']} input characters, {meta['new_tokens']} new tokens (EOS suppressed, so every row "
+        f"makes them all), greedy, engine-direct (no gRPC). Best of {meta['repeats']} after a warm-up. {meta['when']}.",
         "",
-        "Bound: tokens/s = batch × bandwidth / weight bytes (weights read once per decode step). "
-        "Decode tokens/s = tokens after the first / (T(new tokens) − T(1 token)).",
+        "Bound: bytes per decode step = decoder weights − cross-attention K/V projection weights + batch × "
+        "(cross-attention K/V at the encoder length + self-attention K/V up to the step); "
+        "bound tokens/s = batch × steps / (bytes of steps 2..N ÷ bandwidth). "
+        "Decode tokens/s = tokens after the first / (T(N new tokens) − T(1 token)).",
         "",
-        "| batch | end-to-end tok/s | decode tok/s | bound (all weights) | fraction | bound (decode weights) | fraction |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | encoder length | end-to-end tok/s | decode tok/s | GB per step | bound (nominal) | fraction "
+        "| bound (measured copy) | fraction |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
-            f"| {p.batch_size} | {p.end_to_end_tps:.1f} | {p.decode_tps:.1f} | {p.bound_all_weights_tps:.0f} | "
-            f"{p.fraction_all:.1%} | {p.bound_decode_weights_tps:.0f} | {p.fraction_decode:.1%} |"
+            f"| {p.batch_size} | {p.encoder_length} | {p.end_to_end_tps:.1f} | {p.decode_tps:.1f} | {p.step_gb:.2f} | "
+            f"{p.bound_nominal_tps:.0f} | {p.fraction_nominal:.1%} | {p.bound_copy_tps:.0f} | {p.fraction_copy:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -254,9 +339,10 @@ def report_markdown(points: Sequence[GpuPoint], meta: dict) -> str:
 def run_gpu_bench(
     *, model: str, dtype: str, device: str, batch_sizes: Sequence[int], tasks: int, prompt_length: int,
     input_length: int, new_tokens: int, repeats: int, hbm_gbps: float | None, output: Path | None,
-    require_gpu: bool = True, log=print,
+    mode: str = "static", require_gpu: bool = True, log=print,
 ) -> Path:
     """Measure and write gpu.md and gpu.json; `require_gpu=False` lets tests run it on CPU."""
+    check_mode(mode)
     if require_gpu:
         require_cuda(device)
     torch_device = torch.device(device)
@@ -264,25 +350,29 @@ def run_gpu_bench(
         name = torch.cuda.get_device_name(torch_device)
         copy_gbps = measured_copy_gbps(torch_device)
     else:
-        name, copy_gbps = "cpu", float("nan")
+        name, copy_gbps = "cpu", measured_copy_gbps(torch_device, gib=0.0625)
     nominal = nominal_bandwidth_gbps(name)
     if hbm_gbps:
         bandwidth, source = hbm_gbps, "--hbm-gbps"
     elif nominal:
-        bandwidth, source = nominal, "nominal for this device"
-    elif copy_gbps == copy_gbps:
-        bandwidth, source = copy_gbps, "measured copy bandwidth (device not in the table; pass --hbm-gbps)"
+        bandwidth, source = nominal, "the card's nominal figure"
     else:
-        bandwidth, source = 50.0, "a placeholder for CPU runs"
+        bandwidth, source = copy_gbps, "measured copy: this device is not in the table; pass --hbm-gbps"
     log(f"building {model} ({dtype}) on {device} ...")
     with tempfile.TemporaryDirectory(prefix="promptmux-gpu-bench-") as root:
         engine = build_engine(model, dtype, device, root, max(batch_sizes))
-        all_bytes, decode_bytes = weight_bytes(engine.model)
+        all_bytes, _ = weight_bytes(engine.model)
+        accounting: DecodeStepBytes = decode_step_bytes(engine.model, encoder_length=0)
         points = measure(engine, batch_sizes, tasks=tasks, prompt_length=prompt_length, input_length=input_length,
-                         new_tokens=new_tokens, repeats=repeats, bandwidth_gbps=bandwidth, log=log)
+                         new_tokens=new_tokens, repeats=repeats, nominal_gbps=bandwidth, copy_gbps=copy_gbps,
+                         mode=mode, log=log)
     meta = {
-        "device_name": name, "model": model, "dtype": dtype, "bandwidth_gbps": bandwidth, "bandwidth_source": source,
-        "copy_gbps": copy_gbps, "all_weight_gb": all_bytes / 1e9, "decode_weight_gb": decode_bytes / 1e9,
+        "device_name": name, "model": model, "dtype": dtype, "mode": mode,
+        "nominal_gbps": bandwidth, "nominal_source": source, "copy_gbps": copy_gbps,
+        "all_weight_gb": all_bytes / 1e9, "decoder_weight_gb": accounting.decoder_weight_bytes / 1e9,
+        "cross_kv_weight_gb": accounting.cross_kv_weight_bytes / 1e9,
+        "step_weight_gb": accounting.weight_bytes_per_step / 1e9,
+        "cache_mb_per_row_per_position": accounting.self_cache_bytes_per_position / 1e6,
         "tasks": tasks, "prompt_length": prompt_length, "input_length": input_length, "new_tokens": new_tokens,
         "repeats": repeats, "when": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
     }
@@ -294,7 +384,7 @@ def run_gpu_bench(
     output.mkdir(parents=True, exist_ok=True)
     (output / "gpu.md").write_text(report_markdown(points, meta))
     (output / "gpu.json").write_text(json.dumps({"meta": meta, "points": [
-        {**asdict(p), "fraction_all": p.fraction_all, "fraction_decode": p.fraction_decode} for p in points
+        {**asdict(p), "fraction_nominal": p.fraction_nominal, "fraction_copy": p.fraction_copy} for p in points
     ]}, indent=2))
     log(f"report: {output / 'gpu.md'}")
     return output
@@ -309,9 +399,9 @@ def run_gpu_command(args: argparse.Namespace) -> int:
         run_gpu_bench(
             model=args.model, dtype=args.dtype, device=args.device, batch_sizes=sizes, tasks=args.tasks,
             prompt_length=args.prompt_length, input_length=args.input_length, new_tokens=args.new_tokens,
-            repeats=args.repeats, hbm_gbps=args.hbm_gbps, output=args.output,
+            repeats=args.repeats, hbm_gbps=args.hbm_gbps, output=args.output, mode=args.mode,
         )
-    except NoCudaError as error:
+    except (NoCudaError, UnsupportedModeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

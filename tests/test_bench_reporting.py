@@ -102,13 +102,71 @@ def test_gpu_report_arithmetic_on_a_tiny_model_on_cpu(tmp_path):
     body = json.loads((out / "gpu.json").read_text())
     assert [p["batch_size"] for p in body["points"]] == [1, 4]
     meta = body["meta"]
-    assert 0 < meta["decode_weight_gb"] < meta["all_weight_gb"]
+    assert meta["nominal_gbps"] == 100.0 and meta["copy_gbps"] > 0 and meta["mode"] == "static"
+    assert 0 < meta["step_weight_gb"] < meta["decoder_weight_gb"] < meta["all_weight_gb"]
+    assert meta["step_weight_gb"] == pytest.approx(meta["decoder_weight_gb"] - meta["cross_kv_weight_gb"])
+    per_position = meta["cache_mb_per_row_per_position"] * 1e6
     for point in body["points"]:
-        assert point["bound_all_weights_tps"] == pytest.approx(point["batch_size"] * 100e9 / (meta["all_weight_gb"] * 1e9))
-        assert point["fraction_all"] == pytest.approx(point["decode_tps"] / point["bound_all_weights_tps"])
-        assert point["generated_tokens"] <= point["batch_size"] * 4
+        batch = point["batch_size"]
+        assert point["generated_tokens"] == batch * 4  # EOS suppressed: every row makes every token
+        assert point["encoder_length"] == 2 + 6 + 1  # prompt rows + input bytes + EOS
+        # Mean bytes of steps 2..4: weights, plus each row's cross cache and its self cache up to the step.
+        cache = sum(point["encoder_length"] * per_position + step * per_position for step in (2, 3, 4)) / 3
+        assert point["step_gb"] * 1e9 == pytest.approx(meta["step_weight_gb"] * 1e9 + batch * cache)
+        assert point["bound_nominal_tps"] == pytest.approx(batch * 100e9 / (point["step_gb"] * 1e9))
+        assert point["bound_copy_tps"] == pytest.approx(batch * meta["copy_gbps"] * 1e9 / (point["step_gb"] * 1e9))
+        assert point["fraction_nominal"] == pytest.approx(point["decode_tps"] / point["bound_nominal_tps"])
     report = (out / "gpu.md").read_text()
-    assert "| 4 |" in report and "decode weights" in report
+    assert "| 4 | 9 |" in report and "bound (measured copy)" in report and "Card: **cpu**" in report
+
+
+def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
+    """A model that emits EOS at once (a forcing hook) makes full rows under suppress_eos."""
+    from promptmux.benchmarks.gpu_bench import build_engine, suppress_eos
+    from promptmux.serving.requests import GenerationParams, GenerationRequest
+
+    engine = build_engine("random:tiny", "float32", "cpu", str(tmp_path), max_batch_size=4)
+    eos = engine.model.config.eos_token_id
+
+    def force_eos(module, inputs, logits):  # [B, T, V]
+        logits[..., eos] = 1e4
+        return logits
+
+    handle = engine.model.get_output_embeddings().register_forward_hook(force_eos)
+    try:
+        requests = [GenerationRequest(tenant="bench", text=t, params=GenerationParams(max_new_tokens=5)) for t in ("ab", "cde")]
+        early = engine.run_batch(requests)
+        assert early.stats.output_tokens == 2 and {r.finish_reason for r in early.results} == {"eos"}
+        with suppress_eos(engine.model, eos):  # registered after the forcing hook, so it has the last word
+            full = engine.run_batch(requests)
+        assert full.stats.output_tokens == 10 and {r.finish_reason for r in full.results} == {"length"}
+        assert all(eos not in r.token_ids for r in full.results)
+        assert engine.run_batch(requests).stats.output_tokens == 2  # the hook is gone afterwards
+    finally:
+        handle.remove()
+
+
+def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypatch):
+    from promptmux.benchmarks import gpu_bench
+    from promptmux.serving.cli import main
+
+    monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
+    out = tmp_path / "device-out" / "bench"
+    code = main(["bench", "gpu", "--model", "random:tiny", "--dtype", "float32", "--device", "cpu",
+                 "--batch-sizes", "2", "--tasks", "2", "--prompt-length", "2", "--input-length", "4",
+                 "--new-tokens", "3", "--repeats", "1", "--hbm-gbps", "10", "--output", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.md"]
+    assert json.loads((out / "gpu.json").read_text())["points"][0]["generated_tokens"] == 6
+
+
+def test_gpu_continuous_mode_refuses_with_a_teaching_message_until_the_step_loop_exists(capsys):
+    from promptmux.serving.cli import main
+
+    assert main(["bench", "gpu", "--mode", "continuous"]) == 2
+    error = capsys.readouterr().err
+    assert "--mode continuous needs the engine's continuous-batching step loop" in error
+    assert "run --mode static" in error
 
 
 def test_weight_bytes_count_tied_tensors_once():
