@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from promptmux.benchmarks.gpu_bench import nominal_bandwidth_gbps, run_gpu_bench, weight_bytes
 from promptmux.benchmarks.metrics_scrape import histogram_totals, parse_prometheus, run_stats, samples_from_totals
@@ -269,3 +270,17 @@ def test_engine_mixing_penalty_alternates_identical_texts():
         bench.close()
     assert penalty.distinct_prompts == 4 and len(penalty.single_s) == len(penalty.mixed_s) == 2
     assert penalty.median_ratio > 0 and penalty.best_ratio > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bench_on_cuda_with_a_small_shape(tmp_path):
+    """The real CUDA path (copy bandwidth, bf16, merged-bias attention), on a shape that builds in seconds."""
+    out = run_gpu_bench(
+        model="random:t5-small", dtype="bfloat16", device="cuda", batch_sizes=[1, 8], tasks=4, prompt_length=10,
+        input_length=20, new_tokens=8, repeats=1, hbm_gbps=None, output=tmp_path, log=lambda *_: None,
+    )
+    body = json.loads((out / "gpu.json").read_text())
+    assert body["meta"]["device_name"] != "cpu" and body["meta"]["copy_gbps"] > 100
+    assert [p["generated_tokens"] for p in body["points"]] == [8, 64]
+    assert all(p["decode_tps"] > 0 and p["bound_copy_tps"] > 0 for p in body["points"])

@@ -154,3 +154,46 @@ def test_install_refuses_a_non_t5_model():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="needs a T5-family model.*model_type='bert'"):
         install_t5_bias_attention(bert)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_merged_bias_on_every_module_and_equal_to_eager_in_fp32():
+    model = build_random_model("t5-small", seed=5, device="cuda").eval()
+    embeds, mask = padded_mixed_batch(model.config.d_model, [60, 17, 1, 44], seq_len=60, seed=5)
+    embeds, mask = embeds.cuda(), mask.cuda()
+
+    def generate(m):
+        return m.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Exact token equality needs the same arithmetic: no TF32, and SDPA's math kernel.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            expected, actual = run_both(model, generate)  # checks every module's path on both sides
+        # The fused kernels SDPA picks by default: equal up to their rounding.
+        encoder = lambda m: m.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # noqa: E731
+        eager_hidden, fused_hidden = run_both(model, encoder)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert expected.shape == (4, 17)
+    assert torch.equal(actual, expected)
+    torch.testing.assert_close(fused_hidden, eager_hidden, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_merged_bias_runs_every_module_without_nan():
+    model = build_random_model("t5-small", seed=6, dtype=torch.bfloat16, device="cuda").eval()
+    install_t5_bias_attention(model)
+    assert set(t5_attention_paths(model).values()) == {T5_BIAS_ATTENTION}
+    embeds, mask = padded_mixed_batch(model.config.d_model, [40, 0, 12], seq_len=40, seed=6)
+    with torch.inference_mode():
+        hidden = model.encoder(inputs_embeds=embeds.cuda().bfloat16(), attention_mask=mask.cuda()).last_hidden_state
+    assert hidden.dtype == torch.bfloat16 and not torch.isnan(hidden).any()
