@@ -141,7 +141,9 @@ def load_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def scenario_from_flags(args: argparse.Namespace) -> Scenario:
+def scenario_from_flags(args: argparse.Namespace, keys: dict[str, str] | None = None) -> Scenario:
+    """A one-run scenario from flags. Against a running server (`--address`) whose keys were
+    given, the workload's tenants are those keys' tenants unless `--tenants` says otherwise."""
     load = {"mode": "closed", "concurrency": 64, "duration_s": 20, "warmup_s": 3}
     load.update(load_overrides(args))
     if load.get("mode") == "open" and "rate" not in load:
@@ -162,7 +164,7 @@ def scenario_from_flags(args: argparse.Namespace) -> Scenario:
         "model": {"source": args.model or "embedded"},
         "engine": engine,
         "servers": {"main": serving},
-        "defaults": {"workload": workload_overrides(args), "load": load},
+        "defaults": {"workload": _flag_workload(args, keys or {}), "load": load},
         "runs": runs,
     }
     scenario = parse_scenario(raw, source="command line")
@@ -173,6 +175,25 @@ def scenario_from_flags(args: argparse.Namespace) -> Scenario:
                               for s, e in pairs]
         scenario = parse_scenario(raw, source="command line")
     return scenario
+
+
+def _flag_workload(args: argparse.Namespace, keys: dict[str, str]) -> dict[str, Any]:
+    workload = workload_overrides(args)
+    if args.address and keys and "tenants" not in workload:
+        workload["tenants"] = list(keys)  # the tenants the caller can authenticate as
+    return workload
+
+
+def check_keys_for_workload(scenario: Scenario, keys: dict[str, str], address: str) -> None:
+    """Against a running server every workload tenant needs a key: say which are missing, in one line."""
+    tenants = {t for run in scenario.runs for stream in run.streams for t in stream.workload.tenants}
+    missing = sorted(t for t in tenants if t not in keys)
+    if missing:
+        have = f"keys were given for {sorted(keys)}" if keys else "no keys were given"
+        raise SystemExit(
+            f"promptmux bench run: no API key for workload tenant(s) {missing} of the server at {address} ({have}); "
+            f"pass --key TENANT=KEY for each (or --keys-file), or make the workload's tenants those you have keys for"
+        )
 
 
 def apply_overrides(scenario: Scenario, args: argparse.Namespace) -> Scenario:
@@ -227,12 +248,18 @@ def _run_command(args: argparse.Namespace) -> int:
     from .report import summary_table, write_report, write_summary_json
     from .runner import HarnessOptions, run_scenarios
 
-    scenario = apply_overrides(load_scenario(args.scenario), args) if args.scenario else scenario_from_flags(args)
+    keys = read_keys(args)
+    try:
+        scenario = apply_overrides(load_scenario(args.scenario), args) if args.scenario else scenario_from_flags(args, keys)
+    except ValueError as error:  # a workload or load value the scenario rules refuse
+        raise SystemExit(f"promptmux bench run: {error}") from None
+    if args.address:
+        check_keys_for_workload(scenario, keys, args.address)
     output = args.output or Path("bench-results") / f"{scenario.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     options = HarnessOptions(
         output=output,
         address=args.address,
-        keys=read_keys(args),
+        keys=keys,
         application=args.application,
         metrics_url=args.metrics_url,
         progress=not args.no_progress,

@@ -80,3 +80,22 @@ def test_scenario_against_the_running_server_then_cleans_up(serving, tmp_path):
     assert all(r.target.kind == "grpc" and r.target.batching == "mixed" for r in results[0].runs)
     left = serving.stub().ListPrompts(pb.ListPromptsRequest(), metadata=serving.metadata(ADMIN_TENANT), timeout=30)
     assert not [p.task for p in left.prompts if p.task.startswith("benchtest")]
+
+
+@pytest.mark.ray
+def test_flags_only_run_against_the_running_server_uses_the_keyed_tenant(serving, tmp_path):
+    """`promptmux bench run --address ... --key acme=KEY --tasks N`: no scenario file, no --tenants."""
+    import json
+
+    from conftest import TENANT_KEYS
+
+    from promptmux.serving.cli import main
+
+    code = main(["bench", "run", "--address", serving.grpc_target, "--key", f"acme={TENANT_KEYS['acme']}",
+                 "--tasks", "2", "--concurrency", "2", "--requests", "4", "--warmup", "0", "--output-length", "4",
+                 "--metrics-url", serving.cluster.metrics_url, "--cleanup", "--no-plots", "--no-progress",
+                 "--output", str(tmp_path)])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "records" / "cli" / "server.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["tenant"] for r in records} == {"acme"}
+    assert (tmp_path / "report.md").exists() and (tmp_path / "summary.json").exists()

@@ -95,3 +95,30 @@ def test_gpu_mode_refuses_clearly_without_cuda(capsys):
     assert main(["bench", "gpu"]) == 2
     error = capsys.readouterr().err
     assert "needs a CUDA GPU" in error and "torch.cuda.is_available() is False" in error
+
+
+def test_flags_against_a_running_server_take_the_tenants_of_the_keys_given():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "run", "--address", "127.0.0.1:9000", "--key", "acme=K1", "--key", "globex=K2",
+                              "--tasks", "16"])
+    scenario = scenario_from_flags(args, {"acme": "K1", "globex": "K2"})
+    assert {s.workload.tenants for r in scenario.runs for s in r.streams} == {("acme", "globex")}
+    # --tenants still decides when given, and without --address the harness's own server uses `bench`.
+    explicit = parser.parse_args(["bench", "run", "--address", "h:1", "--key", "acme=K1", "--tenants", "2", "--tasks", "4"])
+    assert scenario_from_flags(explicit, {"acme": "K1"}).runs[0].streams[0].workload.tenants == ("tenant0", "tenant1")
+    local = parser.parse_args(["bench", "run", "--tasks", "4"])
+    assert scenario_from_flags(local, {}).runs[0].streams[0].workload.tenants == ("bench",)
+
+
+@pytest.mark.parametrize("flags, missing, have", [
+    ([], "['bench']", "no keys were given"),
+    (["--key", "acme=K1", "--tenants", "2"], "['tenant0', 'tenant1']", "keys were given for ['acme']"),
+])
+def test_a_missing_key_is_a_one_line_error_before_any_connection(flags, missing, have):
+    # Port 9 on loopback: nothing listens; the check must come before the harness connects.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "run", "--address", "127.0.0.1:9", "--tasks", "4", "--no-progress", *flags])
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    assert f"no API key for workload tenant(s) {missing} of the server at 127.0.0.1:9 ({have})" in message
+    assert "--key TENANT=KEY" in message
