@@ -155,6 +155,20 @@ def _stop_on_signals():
     return lambda: stopped["now"]
 
 
+def client_command(target: str, key: str, cwd: Path | None = None) -> str:
+    """A client command line that works where this server runs, on a fresh machine too.
+
+    The system Python may lack grpc, so: in a checkout, the project's own environment through
+    `./dev python`; in an installed package, this very interpreter, which has the serve extras.
+    """
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "dev").is_file() and (checkout / "serving" / "client_example.py").is_file():
+        here = (cwd or Path.cwd()).resolve()
+        dev = "./dev" if here == checkout else str(checkout / "dev")
+        return f"{dev} python serving/client_example.py --target {target} --api-key {key}"
+    return f"{sys.executable} -m promptmux.serving.client_example --target {target} --api-key {key}"
+
+
 def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespace, dev_key: str | None) -> None:
     serving = config.serving
     lines = [
@@ -172,7 +186,7 @@ def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespa
         lines += [
             f"  demo key (tenant {DEV_TENANT!r}, shown once, stored only hashed): {dev_key}",
             "",
-            f"  try: python serving/client_example.py --target 127.0.0.1:{grpc_port} --api-key {dev_key}",
+            f"  try: {client_command(f'127.0.0.1:{grpc_port}', dev_key)} --task reverse --text hello",
         ]
     lines += ["", "Ctrl-C stops."]
     print("\n".join(lines), flush=True)

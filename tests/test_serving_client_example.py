@@ -40,3 +40,24 @@ def test_plain_client_generates_what_the_project_stub_gets(serving):
 def test_plain_client_reports_status_codes(serving):
     failed = run_client(serving, "--task", "not-registered")
     assert failed.returncode == 1 and failed.stderr.startswith("error NOT_FOUND: unknown task 'not-registered'")
+
+
+def test_the_serve_banners_client_command_works_as_printed(serving):
+    """The banner's (and the README's) `./dev python serving/client_example.py ...`, run as printed."""
+    import shlex
+
+    from promptmux.serving.serve_cli import client_command
+
+    checkout = CLIENT.parents[1]
+    command = client_command(serving.grpc_target, serving.keys["acme"], cwd=checkout)
+    assert command.startswith("./dev python serving/client_example.py --target ")
+    assert client_command("h:1", "k", cwd=checkout.parent).startswith(f"{checkout / 'dev'} python ")
+    venv = Path(sys.prefix)
+    if not (venv / ".promptmux-installed").exists():
+        pytest.skip("./dev would set up its own environment; this interpreter's is not one ./dev made")
+    done = subprocess.run(
+        shlex.split(command) + ["--task", "reverse", "--text", "hello", "--max-new-tokens", "12"],
+        cwd=checkout, capture_output=True, text=True, timeout=120, env={**os.environ, "PROMPTMUX_VENV": str(venv)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "olleh\n"
