@@ -115,26 +115,112 @@ def dropped_cancelled(text: str) -> float:
     return metric(text, "ray_promptmux_requests_dropped_total", status="CANCELLED")
 
 
-def test_overload_answers_resource_exhausted_and_late_requests_are_dropped_before_compute(serving, pb):
+GATED_APP = "promptmux-gated"
+
+
+def gated_server_class():
+    """A replica whose T5 encoder waits at a gate the test holds: files in a folder both see.
+
+    While `<gate>/armed` exists, the first encoder forward writes `<gate>/entered` and waits
+    until `armed` is removed. The hook is process-wide (the replica's process only) and keyed
+    on the encoder module, so it holds whatever engine loop runs the model. Built inside a
+    function so Ray pickles the class by value: the replica cannot import test modules.
+    """
+    from promptmux.serving.deployment import PromptmuxServer
+
+    class GatedPromptmuxServer(PromptmuxServer):
+        def __init__(self, config, gate: str) -> None:
+            from pathlib import Path
+
+            import torch
+            from transformers.models.t5.modeling_t5 import T5Stack
+
+            armed, entered = Path(gate) / "armed", Path(gate) / "entered"
+
+            def hold(module, args):
+                if isinstance(module, T5Stack) and not module.is_decoder and armed.exists():
+                    entered.touch()
+                    end = time.monotonic() + 60  # bounded: a test that dies cannot hang the replica
+                    while armed.exists() and time.monotonic() < end:
+                        time.sleep(0.01)
+
+            torch.nn.modules.module.register_module_forward_pre_hook(hold)
+            super().__init__(config)
+
+    return GatedPromptmuxServer
+
+
+@pytest.fixture(scope="module")
+def gated(serving, tmp_path_factory):
+    """The same application as `serving`, deployed once more as GATED_APP with the gate above."""
+    from ray import serve
+
+    from promptmux.serving.app import deployment_defaults
+    from promptmux.serving.serving_config import AppConfig
+
+    gate = tmp_path_factory.mktemp("gate")
+    args = {**serving.args, "store": {**serving.args["store"], "root": str(tmp_path_factory.mktemp("gated-store"))}}
+    config = AppConfig.from_args(args)
+    deployment = serve.deployment(gated_server_class(), name="GatedPromptmuxServer")
+    app = deployment.options(**deployment_defaults(config), ray_actor_options={"num_cpus": 0.25}).bind(config, str(gate))
+    serve.run(app, name=GATED_APP, route_prefix="/gated", blocking=False)
     stub = serving.stub()
+    metadata = lambda tenant: [("application", GATED_APP), ("authorization", f"Bearer {serving.keys[tenant]}")]  # noqa: E731
+    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+
+    end = time.monotonic() + 120
+    while True:  # ready once the demo task answers
+        try:
+            stub.Generate(pb.GenerateRequest(task="reverse", text="ab"), metadata=metadata("acme"), timeout=10)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < end, "the gated application did not start in time"
+            time.sleep(0.5)
+    try:
+        yield stub, metadata, gate
+    finally:
+        (gate / "armed").unlink(missing_ok=True)
+        serve.delete(GATED_APP)
+
+
+def wait_for(condition, what: str, limit_s: float = 60.0) -> None:
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_overload_answers_resource_exhausted_and_late_requests_are_dropped_before_compute(serving, gated, pb):
+    """The engine is held at the gate, not raced: what is refused and what is dropped is exact."""
+    stub, metadata, gate = gated
+    armed, entered = gate / "armed", gate / "entered"
+    entered.unlink(missing_ok=True)
+    armed.touch()
     before = dropped_cancelled(serving.scrape())
-    flood = [
-        stub.Generate.future(
-            pb.GenerateRequest(task="reverse", text=f"flood {i} " * 50, params=pb.GenerationParams(max_new_tokens=64)),
-            metadata=serving.metadata("flood"), timeout=120,
-        )
-        for i in range(30)
-    ]
-    time.sleep(0.15)  # the admitted flood (about a second of compute here) is running now
-    late = rpc_error(stub.Generate, pb.GenerateRequest(task="reverse", text="too late"),
-                     metadata=serving.metadata("acme"), timeout=0.2)
-    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    errors = [f.exception(timeout=120) for f in flood]
-    codes = [e.code() if e else grpc.StatusCode.OK for e in errors]
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
-    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert codes.count(grpc.StatusCode.OK) <= 12  # serving.max_in_flight_per_tenant
-    refused = next(e for e in errors if e)
-    assert "max_in_flight_per_tenant=12" in refused.details()
-    # The late request left the queue when its caller gave up: counted, never computed.
-    serving.wait_for_metrics(lambda text: dropped_cancelled(text) > before)
+    flood = []
+    try:
+        flood.append(stub.Generate.future(pb.GenerateRequest(task="reverse", text="first flood"),
+                                          metadata=metadata("flood"), timeout=120))
+        wait_for(entered.exists, "the first batch to reach the encoder")  # the engine is busy from here on
+        flood += [
+            stub.Generate.future(pb.GenerateRequest(task="reverse", text=f"flood {i}"), metadata=metadata("flood"), timeout=120)
+            for i in range(29)
+        ]
+        # 12 in flight (serving.max_in_flight_per_tenant), the other 18 refused at once.
+        wait_for(lambda: sum(f.done() for f in flood) >= 18, "the over-limit requests to be refused")
+        refused = [f.exception() for f in flood if f.done()]
+        assert len(refused) == 18 and {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "max_in_flight_per_tenant=12" in refused[0].details()
+
+        # Another tenant's request queues behind the held batch; its caller gives up at 0.2 s.
+        late = rpc_error(stub.Generate, pb.GenerateRequest(task="reverse", text="too late"),
+                         metadata=metadata("acme"), timeout=0.2)
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # It left the queue when its caller went away, while the engine was still held: never computed.
+        serving.wait_for_metrics(lambda text: dropped_cancelled(text) >= before + 1)
+        admitted = [f for f in flood if not f.done()]
+        assert len(admitted) == 12  # still waiting at the gate
+    finally:
+        armed.unlink(missing_ok=True)
+    replies = [f.result(timeout=120) for f in admitted]
+    assert all(r.text for r in replies)
