@@ -31,17 +31,9 @@ import pytest
 import yaml
 from conftest import require_module
 
-jsonschema = require_module("jsonschema")  # absent on the GPU device image: skip there, fail in CI
-
-
-def _test_dependency(name: str):
-    if os.environ.get("CI"):
-        return importlib.import_module(name)  # CI installs it: missing is a failure
-    return pytest.importorskip(name, reason=f"{name} is a test dependency (./dev installs it)")
-
-
-jsonschema = _test_dependency("jsonschema")
-kubernetes_validate = _test_dependency("kubernetes_validate")
+# Test dependencies: a missing one fails in CI and skips this module elsewhere (the GPU image).
+jsonschema = require_module("jsonschema")
+kubernetes_validate = require_module("kubernetes_validate")
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
