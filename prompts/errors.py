@@ -66,3 +66,11 @@ class StoredPromptUnreadableError(PromptmuxError):
     """A version file in the store is corrupt or unreadable; the operator must restore or remove it."""
 
     status = "FAILED_PRECONDITION"
+
+
+class PromptUnusableError(PromptmuxError):
+    """A stored prompt version that cannot be used on the served model: unreadable when a batch
+    loads it, or its shape or d_model does not match. It fails the requests that name it, and
+    no others."""
+
+    status = "FAILED_PRECONDITION"

@@ -53,11 +53,20 @@ class StoreConfig:
         )
 
 
+# Default text bound per input token: a UTF-8 character is at most 4 bytes and SentencePiece
+# pieces rarely span more than a few characters, so 32 leaves room for truncate=true inputs
+# several times longer than max_input_tokens while bounding the tokenizer's work.
+INPUT_BYTES_PER_TOKEN = 32
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits and resources of the batched generation engine."""
 
     max_input_tokens: int = 512
+    # Most UTF-8 bytes of input text, checked before tokenizing (with truncate too). None:
+    # max_input_tokens * INPUT_BYTES_PER_TOKEN, room for any tokenizer's longest pieces.
+    max_input_bytes: int | None = None
     max_new_tokens_limit: int = 256
     max_batch_size: int = 64
     # Device prompt cache: fixed-size pages of rows in one preallocated tensor.
@@ -69,6 +78,22 @@ class EngineConfig:
     # once per forward (kernels/t5_attention_bias.py; 1.4x eager on CPU, equal tokens).
     # "model": leave the model's own attention implementation untouched.
     attention: Literal["merged-bias", "model"] = "merged-bias"
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_tokens", "max_new_tokens_limit", "max_batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"engine.{name}={getattr(self, name)} is invalid; expected a value > 0")
+        if self.max_input_bytes is not None and self.max_input_bytes < self.max_input_tokens:
+            raise ValueError(
+                f"engine.max_input_bytes={self.max_input_bytes} is below engine.max_input_tokens="
+                f"{self.max_input_tokens}; every token is at least one byte, so raise it (or leave it unset: "
+                f"{INPUT_BYTES_PER_TOKEN} bytes per token)"
+            )
+
+    @property
+    def input_bytes_limit(self) -> int:
+        """The text size limit in UTF-8 bytes (max_input_bytes, or derived from max_input_tokens)."""
+        return self.max_input_bytes or self.max_input_tokens * INPUT_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True)

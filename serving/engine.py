@@ -7,6 +7,7 @@ program (see decoding.py). A bad request fails alone; the rest of the batch stil
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -29,13 +30,14 @@ from .decoding import (
     generation_config,
     group_key,
 )
-from .errors import InvalidRequestError, PromptmuxError
+from .errors import InvalidRequestError, PromptmuxError, PromptUnusableError, TaskNotFoundError
 from .model_loading import LoadedModel, load_model
-from .prompt_bank import Lease, PromptBank
+from .prompt_bank import Lease, PromptBank, merge_leases
 from .prompt_index import PromptIndex
 from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
 
 TokenCallback = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Engine:
             d_model=loaded.d_model,
             dtype=self.embedding.dtype,
             device=self.device,
-            loader=lambda meta: store.get(meta.tenant, meta.task, meta.version).tensor,
+            loader=self._load_prompt,
         )
         self.index = PromptIndex.from_store(store)
         self._refresh_lock = threading.Lock()
@@ -101,6 +103,33 @@ class Engine:
         """Re-read the store listing; new and deleted versions apply to the next batch."""
         with self._refresh_lock:
             self.index = PromptIndex.from_store(self.store)
+
+    def _load_prompt(self, meta: PromptMeta) -> torch.Tensor:
+        """A prompt version's tensor for the bank, checked against what the index promised and
+        what this model needs; any failure names the prompt and fails only its requests."""
+        name = f"prompt {meta.task!r} of tenant {meta.tenant!r} (version {meta.version})"
+        try:
+            tensor = self.store.get(meta.tenant, meta.task, meta.version).tensor  # [L, D] on the host
+        except TaskNotFoundError:
+            raise TaskNotFoundError(
+                f"the {name} was deleted after this request was accepted; register the task again or "
+                "send the request to a task that exists"
+            ) from None
+        except PromptmuxError:
+            raise
+        except Exception as error:  # unreadable or corrupt file
+            raise PromptUnusableError(
+                f"the {name} cannot be read ({type(error).__name__}: {error}); register it again"
+            ) from error
+        d_model = self.loaded.d_model
+        if tensor.dim() != 2 or tensor.shape[1] != d_model or tensor.shape[0] != meta.length:
+            raise PromptUnusableError(
+                f"the stored {name} has shape {list(tensor.shape)}, but this model needs "
+                f"[{meta.length}, {d_model}] (d_model {d_model}); register a prompt made for this model"
+            )
+        if not torch.isfinite(tensor).all():
+            raise PromptUnusableError(f"the stored {name} has non-finite values; register it again")
+        return tensor
 
     # ------------------------------------------------------------------ requests
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -136,23 +165,51 @@ class Engine:
             try:
                 ready = request if isinstance(request, PreparedRequest) else self._prepare(request, index)
                 prepared.append(_Prepared.at(i, ready))
-            except PromptmuxError as error:
-                results[i] = error
-        stats = BatchStats(len(prepared), 0, 0.0, 0, 0, 0.0, 0.0)
-        if prepared:
-            lease = self.bank.lease([m for p in prepared for m in p.prompts])
-            try:
-                stats = self._run(prepared, lease, results, on_token)
-            finally:
+            except Exception as error:  # this request's fault, or a bug it alone hit: it alone fails
+                results[i] = _own_failure(error, "preparing")
+        # Each request leases its own prompts: a prompt that cannot load (deleted since it was
+        # resolved, unreadable, the wrong d_model) or does not fit the bank fails its requests only.
+        leases: list[Lease] = []
+        runnable: list[_Prepared] = []
+        try:
+            for p in prepared:
+                try:
+                    leases.append(self.bank.lease(p.prompts))
+                    runnable.append(p)
+                except Exception as error:
+                    results[p.index] = _own_failure(error, "loading the prompt of")
+            stats = BatchStats(len(runnable), 0, 0.0, 0, 0, 0.0, 0.0)
+            if runnable:
+                stats = self._run(runnable, merge_leases(leases), results, on_token)
+        finally:
+            for lease in leases:
                 self.bank.release(lease)
         return BatchOutput(results=results, stats=stats)  # type: ignore[arg-type]
 
     def _prepare(self, request: GenerationRequest, prompts: PromptIndex) -> PreparedRequest:
-        if not isinstance(request.text, str) or not request.text.strip():
+        # Size first, before any work proportional to the text: len() is O(1) and a character
+        # is at least one UTF-8 byte, so huge texts are refused without even encoding them.
+        limit_bytes = self.config.input_bytes_limit
+        if not isinstance(request.text, str):
+            raise InvalidRequestError(f"the request text is a {type(request.text).__name__}; expected a string")
+        if len(request.text) > limit_bytes or len(_utf8(request.text)) > limit_bytes:
+            size = len(request.text.encode("utf-8", "surrogatepass"))
+            raise InvalidRequestError(
+                f"the request text is {size} bytes (UTF-8), over the limit of {limit_bytes} "
+                "(engine.max_input_bytes); shorten it, or split it into several requests"
+            )
+        if not request.text.strip():
             raise InvalidRequestError("the request text is empty; send the input text to run the task on")
         check_id("tenant", request.tenant)
         request.params.validate(self.config.max_new_tokens_limit)
         metas = [prompts.resolve(request.tenant, task) for task in request.prompt_task_ids]
+        for meta in metas:
+            if meta.d_model != self.loaded.d_model:
+                raise PromptUnusableError(
+                    f"prompt {meta.task!r} of tenant {meta.tenant!r} (version {meta.version}) was made for "
+                    f"d_model {meta.d_model}, but the served model's d_model is {self.loaded.d_model}; "
+                    "register a prompt made for this model"
+                )
         token_ids = self.tokenizer(request.text)["input_ids"]
         limit = self.config.max_input_tokens
         if len(token_ids) > limit:
@@ -197,10 +254,19 @@ class Engine:
         groups: dict = {}
         for row, p in enumerate(prepared):
             groups.setdefault(group_key(p.request.params), []).append(row)
+        streamed: set[int] = set()  # requests that already received tokens
+        tracked = None
+        if on_token is not None:
+            def tracked(index: int, token: int) -> None:
+                streamed.add(index)
+                on_token(index, token)
         output_tokens = 0
         for key, group_rows in groups.items():
-            output_tokens += self._decode_group(key, group_rows, prepared, encoded, inputs.attention_mask,
-                                                total_lengths, results, on_token)
+            args = (prepared, encoded, inputs.attention_mask, total_lengths, results, tracked)
+            try:
+                output_tokens += self._decode_group(key, group_rows, *args)
+            except Exception as error:  # e.g. one row's scores not finite: sampling raises for the group
+                output_tokens += self._decode_rows_alone(key, group_rows, args, error, streamed)
         decode_seconds = time.perf_counter() - started - encode_seconds
         tasks = {(m.tenant, m.task) for p in prepared for m in p.prompts}
         return BatchStats(
@@ -215,6 +281,25 @@ class Engine:
             cache_misses=lease.misses,
             cache_evictions=lease.evictions,
         )
+
+    def _decode_rows_alone(self, key, group_rows, args, error: Exception, streamed: set[int]) -> int:
+        """A decoding group failed: decode each of its rows alone, so that a failure belonging
+        to one row fails that row only. Rows that already streamed tokens cannot restart
+        without repeating them, so they fail with the group's error."""
+        prepared, results = args[0], args[4]
+        log.warning("a decoding group of %d rows failed (%s: %s); decoding its rows one by one",
+                    len(group_rows), type(error).__name__, error)
+        produced = 0
+        for row in group_rows:
+            index = prepared[row].index
+            if index in streamed or len(group_rows) == 1:
+                results[index] = _own_failure(error, "decoding")
+                continue
+            try:
+                produced += self._decode_group(key, [row], *args)
+            except Exception as row_error:
+                results[index] = _own_failure(row_error, "decoding")
+        return produced
 
     def _detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([t for t in tokens if t < self.decodable_ids], skip_special_tokens=True)
@@ -274,3 +359,23 @@ class Engine:
                 for token in results[prepared[row].index].token_ids:
                     on_token(prepared[row].index, token)
         return produced
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"the request text is not valid Unicode ({error.reason} at character {error.start}); send UTF-8 text"
+        ) from None
+
+
+def _own_failure(error: Exception, doing: str) -> PromptmuxError:
+    """The error a single request gets for a failure that is its own."""
+    if isinstance(error, PromptmuxError):
+        return error
+    log.exception("%s one request failed; the rest of its batch runs", doing, exc_info=error)
+    return PromptmuxError(
+        f"internal error {doing} this request ({type(error).__name__}); it failed alone, the replica log "
+        "has the traceback"
+    )

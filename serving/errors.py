@@ -12,6 +12,7 @@ from promptmux.prompts.errors import (  # noqa: F401  (re-exports)
     ModelLoadError,
     PermissionDeniedError,
     PromptmuxError,
+    PromptUnusableError,
     QuotaExceededError,
     ResourceExhaustedError,
     StoredPromptUnreadableError,

@@ -157,3 +157,18 @@ def _segments(pages: list[int], page_rows: int, length: int) -> list[Segment]:
             segments.append((start, take))
         remaining -= take
     return segments
+
+
+def merge_leases(leases: Sequence[Lease]) -> Lease:
+    """One view of several leases (taken one per request), for building one batch. Releasing
+    stays per lease."""
+    segments: dict[VersionKey, list[Segment]] = {}
+    for lease in leases:
+        segments.update(lease.segments)
+    return Lease(
+        segments=segments,
+        hits=sum(lease.hits for lease in leases),
+        misses=sum(lease.misses for lease in leases),
+        evictions=sum(lease.evictions for lease in leases),
+        keys=[],  # never released itself
+    )

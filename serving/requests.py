@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,25 +33,78 @@ class GenerationParams:
     seed: int | None = None
 
     def validate(self, max_new_tokens_limit: int) -> None:
-        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
-            raise InvalidRequestError(
-                f"max_new_tokens={self.max_new_tokens} is out of range; expected 1..{max_new_tokens_limit} "
-                "(the server's max_new_tokens_limit)"
-            )
+        """Check every field in the type and dtype it is computed in.
+
+        Temperature, top-p and the length penalty are applied to float32 scores, so a value
+        that passes a float64 check (temperature=1e-300 is > 0) but becomes 0, a subnormal or
+        inf in float32 would turn its row's scores into inf or NaN. Such values are refused
+        here, so they can never reach a batch shared with other requests."""
+        _check_int("max_new_tokens", self.max_new_tokens, 1, max_new_tokens_limit,
+                   "(the server's max_new_tokens_limit)")
         if self.strategy not in ("greedy", "beam", "sample"):
             raise InvalidRequestError(
                 f"unknown decoding strategy {self.strategy!r}; expected 'greedy', 'beam' or 'sample'"
             )
-        if self.strategy == "beam" and not 1 <= self.num_beams <= 16:
-            raise InvalidRequestError(f"num_beams={self.num_beams} is out of range; expected 1..16")
-        if self.strategy == "sample":
-            if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.strategy == "beam":
+            _check_int("num_beams", self.num_beams, 1, MAX_BEAMS, "")
+            bound = max_length_penalty(max_new_tokens_limit)
+            value = _float32("length_penalty", self.length_penalty)
+            if abs(value) > bound:
                 raise InvalidRequestError(
-                    f"temperature={self.temperature} is invalid; expected a finite value > 0 "
-                    "(use strategy='greedy' for deterministic output)"
+                    f"length_penalty={self.length_penalty} is out of range; expected |length_penalty| <= "
+                    f"{bound:.1f}, so that length ** length_penalty stays a finite, non-zero float32 for outputs "
+                    f"of up to max_new_tokens_limit={max_new_tokens_limit} tokens (1.0 is neutral)"
                 )
-            if not (0 < self.top_p <= 1):
-                raise InvalidRequestError(f"top_p={self.top_p} is invalid; expected 0 < top_p <= 1")
+        if self.strategy == "sample":
+            value = _float32("temperature", self.temperature)
+            if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+                raise InvalidRequestError(
+                    f"temperature={self.temperature} is invalid; expected a finite value in "
+                    f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (scores are divided by it in float32: below "
+                    "the range they overflow, above it sampling is uniform noise; use strategy='greedy' for "
+                    "deterministic output)"
+                )
+            value = _float32("top_p", self.top_p)
+            if not FLOAT32_TINY <= value <= 1:
+                raise InvalidRequestError(
+                    f"top_p={self.top_p} is invalid; expected {FLOAT32_TINY:.4g} <= top_p <= 1 (it is compared in "
+                    "float32, where smaller values are 0 or subnormal); a tiny top_p keeps only the most likely "
+                    "token"
+                )
+            if self.seed is not None:
+                _check_int("seed", self.seed, MIN_SEED, MAX_SEED, "(a 64-bit integer)")
+
+
+# Decoding arithmetic runs in float32: the bounds below keep every value normal and finite there.
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32
+FLOAT32_MAX = 3.4028234663852886e38
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+MAX_BEAMS = 16
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def max_length_penalty(max_new_tokens_limit: int) -> float:
+    """Largest |length_penalty| for which length ** length_penalty is a finite, normal float32
+    for every output length up to the limit (plus the decoder start token)."""
+    return math.log(FLOAT32_MAX) / math.log(max(max_new_tokens_limit + 1, 2)) * 0.99
+
+
+def _check_int(name: str, value, low: int, high: int, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name}={value!r} is not an integer; expected {low}..{high} {why}".rstrip())
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name}={value} is out of range; expected {low}..{high} {why}".rstrip())
+
+
+def _float32(name: str, value) -> float:
+    """`value` as the float32 the decoding arithmetic will see; refuses non-numbers and
+    values that are not finite in float32."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{name}={value!r} is not a number; expected a finite number")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise InvalidRequestError(f"{name}={value} is invalid; expected a finite number (float32: |x| <= {FLOAT32_MAX:.4g})")
+    return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
 @dataclass(frozen=True)
