@@ -279,7 +279,12 @@ class PromptmuxServer:
                 f"'{owner}/{task}'"
             )
         self._engine.store.quotas.check_description(owner, request.description)  # before copying the tensor
-        tensor = tensor_from_pb(request.tensor)
+        # Shape, dtype and d_model are checked from the declared shape before any byte is
+        # copied; the copy and the store's checks run off the event loop.
+        store = self._engine.store
+        tensor = await asyncio.to_thread(
+            tensor_from_pb, request.tensor, d_model=store.d_model, max_length=store.max_length
+        )
         meta = await asyncio.to_thread(
             self._engine.store.register, owner, task, tensor,
             shared=request.shared, publish=request.publish, description=request.description,
@@ -317,7 +322,7 @@ class PromptmuxServer:
     @unary_rpc(pb.ListTasksReply)
     async def ListTasks(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        callable_tasks = self._engine.index.visible_to(principal.tenant)
+        callable_tasks = await asyncio.to_thread(self._engine.index.visible_to, principal.tenant)  # O(prompts)
         return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in callable_tasks])
 
     @unary_rpc(pb.HealthReply)

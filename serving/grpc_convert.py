@@ -9,6 +9,7 @@ from promptmux.prompts.ids import check_id, parse_task_ref
 from promptmux.prompts.records import SUPPORTED_DTYPES, PromptMeta
 
 from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
+from .message_limits import MAX_REQUEST_ID_BYTES
 from .proto_build import ensure_built
 from .requests import GenerationParams, GenerationRequest, GenerationResult
 
@@ -51,6 +52,11 @@ def request_from_pb(msg: "pb.GenerateRequest", tenant: str) -> GenerationRequest
         parse_task_ref(msg.task, "task")
     if msg.language:
         parse_task_ref(msg.language, "language")
+    if len(msg.request_id) > MAX_REQUEST_ID_BYTES or len(msg.request_id.encode("utf-8")) > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequestError(
+            f"request_id is {len(msg.request_id.encode('utf-8'))} bytes, over the limit of {MAX_REQUEST_ID_BYTES}; "
+            "use a shorter id (it is echoed in the reply)"
+        )
     return GenerationRequest(
         tenant=tenant,
         text=msg.text,
@@ -93,17 +99,32 @@ def batch_item_to_pb(outcome: GenerationResult | PromptmuxError) -> "pb.Generate
 
 
 # ---------------------------------------------------------------------- prompts
-def tensor_from_pb(msg: "pb.PromptTensor") -> torch.Tensor:
-    """The [length, d_model] tensor a RegisterPrompt upload describes."""
+def tensor_from_pb(
+    msg: "pb.PromptTensor", *, d_model: int | None = None, max_length: int | None = None
+) -> torch.Tensor:
+    """The [length, d_model] tensor a RegisterPrompt upload describes.
+
+    Everything is checked from the declared dtype and shape (against the served model's
+    `d_model` and the store's `max_length` when given) before a byte of data is copied."""
     dtype = SUPPORTED_DTYPES.get(msg.dtype)
     if dtype is None:
         raise InvalidPromptError(
-            f"tensor.dtype={msg.dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)}"
+            f"tensor.dtype={msg.dtype[:64]!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)}"
         )
     shape = tuple(msg.shape)
     if len(shape) != 2 or 0 in shape:
         raise InvalidPromptError(
-            f"tensor.shape={list(shape)} is invalid; expected [length, d_model] with both > 0"
+            f"tensor.shape={list(shape[:8])} is invalid; expected [length, d_model] with both > 0"
+        )
+    if d_model is not None and shape[1] != d_model:
+        raise InvalidPromptError(
+            f"tensor.shape={list(shape)}: prompt d_model is {shape[1]}, but the served model's d_model is "
+            f"{d_model}; train or convert the prompt for this model"
+        )
+    if max_length is not None and shape[0] > max_length:
+        raise InvalidPromptError(
+            f"tensor.shape={list(shape)}: prompt length {shape[0]} is out of range; expected 1..{max_length} "
+            "(store.max_prompt_length)"
         )
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = shape[0] * shape[1] * itemsize

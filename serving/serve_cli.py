@@ -14,6 +14,7 @@ never do this: a replica with no key file refuses to start.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -41,7 +42,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, help="gRPC port (default 9000, or the Serve config's)")
     parser.add_argument("--http-port", type=int, help="HTTP port for health checks (default 8000, or the Serve config's)")
     parser.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (default 8080)")
-    parser.add_argument("--host", default="0.0.0.0", help="HTTP bind address (default 0.0.0.0; Ray binds gRPC on all interfaces)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address that gRPC, HTTP and metrics all listen on: a loopback address (default 127.0.0.1, this "
+        "machine only) or 0.0.0.0 (every interface)",
+    )
     parser.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
     parser.add_argument("--store", type=Path, help="prompt store directory (default var/prompts)")
     parser.add_argument("--api-keys-file", type=Path, help="hashed API key file (see serving/auth.py)")
@@ -102,6 +107,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
     from .cli import open_store
     from .demo_prompts import seed_demo_prompts_if_embedded
+    from .message_limits import grpc_max_message_bytes
+    from .model_loading import model_d_model
+    from .serve_bind import HOOK as BIND_HOOK
     from .proto_build import ensure_built
     from .serving_config import AppConfig
 
@@ -117,18 +125,26 @@ def run_serve(args: argparse.Namespace) -> int:
     grpc_port = args.grpc_port or serve_config.get("grpc_options", {}).get("port", 9000)
     http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
 
+    host = bind_host(args.host)
+    max_message = grpc_max_message_bytes(config, model_d_model(config.promptmux.model))
     ensure_built()
     seed_demo_prompts_if_embedded(config.promptmux.model, open_store(config.promptmux))
+    # Ray's processes (raylet, metrics agent, Serve's proxies) inherit this environment.
+    os.environ.update(ray_environment(host, max_message))
     # address="local": always a fresh cluster of our own, never one someone else started here.
-    ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port)
+    ray.init(
+        address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port,
+        runtime_env={"worker_process_setup_hook": BIND_HOOK},
+    )
     stop = _stop_on_signals()
     try:
         serve.start(
-            http_options={"host": args.host, "port": http_port},
+            http_options={"host": host, "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         serve.run(build_deployment(config, **options), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
-        _print_banner(config, grpc_port, http_port, args, dev_key)
+        check_listening(host, {"gRPC": grpc_port, "HTTP": http_port, "metrics": args.metrics_port})
+        _print_banner(config, grpc_port, http_port, args, dev_key, host, max_message)
         while not stop():
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -140,6 +156,59 @@ def run_serve(args: argparse.Namespace) -> int:
         finally:
             ray.shutdown()
     return 0
+
+
+_LOOPBACK = {"localhost": "127.0.0.1", "127.0.0.1": "127.0.0.1", "::1": "::1"}
+_EVERY_INTERFACE = {"0.0.0.0", "::"}
+
+
+def bind_host(host: str) -> str:
+    """The address to listen on, or SystemExit when Ray cannot keep every port on it: Ray
+    exports metrics on loopback (when its node address is loopback) or on every interface."""
+    if host in _LOOPBACK or host.startswith("127."):
+        return _LOOPBACK.get(host, host)
+    if host in _EVERY_INTERFACE:
+        return host
+    raise SystemExit(
+        f"promptmux serve: --host {host} is not supported: Ray's metrics export listens either on loopback or on "
+        "every interface, so promptmux serve binds everything to 127.0.0.1 (the default) or to 0.0.0.0; "
+        "put a firewall or a proxy in front for one interface"
+    )
+
+
+def ray_environment(host: str, max_message_bytes: int) -> dict[str, str]:
+    """Environment for the local Ray this command starts."""
+    from .message_limits import GRPC_MAX_MESSAGE_ENV
+    from .serve_bind import GRPC_HOST_ENV
+
+    env = {GRPC_MAX_MESSAGE_ENV: str(max_message_bytes), GRPC_HOST_ENV: host}
+    if host not in _EVERY_INTERFACE:
+        # Ray's single-machine mode (its default on macOS and Windows): the node address is
+        # loopback, so the raylet, the metrics agent and its exporter listen on loopback only.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
+def check_listening(host: str, ports: dict[str, int], timeout_s: float = 30.0) -> None:
+    """Every named port listens, on `host` only; SystemExit naming the port otherwise."""
+    import psutil
+
+    wanted = {host, f"::ffff:{host}"} if host not in _EVERY_INTERFACE else {"0.0.0.0", "::"}
+    end = time.monotonic() + timeout_s
+    while True:
+        listening: dict[int, set[str]] = {}
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports.values():
+                listening.setdefault(conn.laddr.port, set()).add(conn.laddr.ip)
+        wrong = {name: listening[port] - wanted for name, port in ports.items() if listening.get(port, set()) - wanted}
+        if wrong:
+            raise SystemExit(f"promptmux serve: {wrong} listen on more than --host {host}; stopping")
+        if all(port in listening for port in ports.values()):
+            return
+        if time.monotonic() > end:
+            missing = [name for name, port in ports.items() if port not in listening]
+            raise SystemExit(f"promptmux serve: {missing} did not start listening within {timeout_s:.0f}s")
+        time.sleep(0.2)
 
 
 def _stop_on_signals():
@@ -169,16 +238,20 @@ def client_command(target: str, key: str, cwd: Path | None = None) -> str:
     return f"{sys.executable} -m promptmux.serving.client_example --target {target} --api-key {key}"
 
 
-def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespace, dev_key: str | None) -> None:
+def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespace, dev_key: str | None,
+                  host: str, max_message_bytes: int) -> None:
     serving = config.serving
+    reach = "127.0.0.1" if host in _EVERY_INTERFACE else host
+    where = "every interface" if host in _EVERY_INTERFACE else host
     lines = [
         "",
         f"promptmux is serving model {config.promptmux.model.source!r} ({serving.batching} batching, "
         f"batches of up to {serving.max_batch_size})",
-        f"  gRPC     {args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{grpc_port}   "
+        f"  gRPC     {reach}:{grpc_port}   "
         "service promptmux.v1.Promptmux; metadata `application: promptmux` and `authorization: Bearer <key>`",
-        f"  HTTP     http://127.0.0.1:{http_port}/-/healthz",
-        f"  metrics  http://127.0.0.1:{args.metrics_port}/metrics",
+        f"  HTTP     http://{reach}:{http_port}/-/healthz",
+        f"  metrics  http://{reach}:{args.metrics_port}/metrics",
+        f"  listens  on {where}{'' if host in _EVERY_INTERFACE else ' only'} (--host); gRPC messages up to {max_message_bytes // (1024 * 1024)} MiB",
         f"  prompts  {config.promptmux.store.root}",
         f"  API keys {serving.api_keys_file}",
     ]
@@ -186,7 +259,7 @@ def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespa
         lines += [
             f"  demo key (tenant {DEV_TENANT!r}, shown once, stored only hashed): {dev_key}",
             "",
-            f"  try: {client_command(f'127.0.0.1:{grpc_port}', dev_key)} --task reverse --text hello",
+            f"  try: {client_command(f'{reach}:{grpc_port}', dev_key)} --task reverse --text hello",
         ]
     lines += ["", "Ctrl-C stops."]
     print("\n".join(lines), flush=True)
