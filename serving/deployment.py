@@ -34,6 +34,7 @@ from .grpc_convert import (
     prompt_task_from_pb,
     reply_to_pb,
     request_from_pb,
+    request_message,
     stream_delta_to_pb,
     stream_final_to_pb,
     task_info_to_pb,
@@ -83,7 +84,7 @@ def unary_rpc(reply_type: Callable[[], Any]):
             call = _Call(method.__name__)
             grpc_context.set_trailing_metadata([(REPLICA_METADATA, _REPLICA_ID)])
             try:
-                return await method(self, request, grpc_context, call)
+                return await method(self, request_message(call.method, request), grpc_context, call)
             except PromptmuxError as error:
                 _reject(call, grpc_context, error)
             except asyncio.CancelledError:  # the caller's deadline passed or it went away
@@ -206,7 +207,7 @@ class PromptmuxServer:
         call = _Call("GenerateStream")
         try:
             principal = self._authenticate(grpc_context, call)
-            generation = request_from_pb(request, principal.tenant)
+            generation = request_from_pb(request_message(call.method, request), principal.tenant)
             call.task = task_label(generation)
             prepared = await asyncio.to_thread(self._engine.prepare, generation)
             tokens: asyncio.Queue[int | None] = asyncio.Queue()

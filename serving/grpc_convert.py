@@ -21,6 +21,24 @@ _FINISH = {"eos": pb.EOS, "length": pb.LENGTH}
 _DEFAULTS = GenerationParams()
 
 
+_REQUEST_TYPES = {m.name: m.input_type.name for m in pb.DESCRIPTOR.services_by_name["Promptmux"].methods}
+
+
+def request_message(method: str, raw):
+    """The request message of RPC `method` from the bytes the proxy passed through undecoded
+    (see serving/grpc_service.py); a message already decoded is returned as it is."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return raw
+    kind = getattr(pb, _REQUEST_TYPES[method])
+    try:
+        return kind.FromString(bytes(raw))
+    except Exception as error:  # google.protobuf.message.DecodeError, or invalid UTF-8 in a string
+        raise InvalidRequestError(
+            f"the {method} request is not a valid promptmux.v1.{kind.__name__} message ({error}); send a message "
+            "encoded from serving/promptmux.proto"
+        ) from None
+
+
 # ---------------------------------------------------------------------- generation
 def params_from_pb(msg: "pb.GenerationParams") -> GenerationParams:
     if msg.strategy not in _STRATEGIES:

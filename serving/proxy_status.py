@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import grpc
 
-from .proto_build import ensure_built
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +31,12 @@ REPLICA_DIED_MESSAGE = (
 
 
 def add_PromptmuxServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's naming)
-    """What `grpc_servicer_functions` names: promptmux's service, plus UNAVAILABLE on replica death."""
-    ensure_built()
-    from .proto_gen import promptmux_pb2_grpc
+    """What `grpc_servicer_functions` names: promptmux's service (serving/grpc_service.py), plus
+    UNAVAILABLE on replica death."""
+    from .grpc_service import add_promptmux_servicer
 
     install_replica_death_status()
-    promptmux_pb2_grpc.add_PromptmuxServicer_to_server(servicer, server)
+    add_promptmux_servicer(servicer, server)  # request bytes pass through: replicas decode them
 
 
 def replica_death_status(error: BaseException):

@@ -208,7 +208,9 @@ def serving(ray_cluster, tmp_path_factory):
     from promptmux.prompts.store import PromptStore
     from promptmux.serving.app import GRPC_SERVICER
     from promptmux.serving.auth import write_key_file
+    from promptmux.serving.message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from promptmux.serving.proto_build import ensure_built
+    from promptmux.serving.serving_config import AppConfig
 
     ensure_built()
     root = tmp_path_factory.mktemp("serving")
@@ -230,9 +232,12 @@ def serving(ray_cluster, tmp_path_factory):
         },
     }
     grpc_port, http_port = free_port(), free_port()
+    # The proxy refuses messages larger than the largest legal one (serving/message_limits.py).
+    max_message = grpc_max_message_bytes(AppConfig.from_args(args), D_MODEL)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        controller_options={"runtime_env": {"env_vars": {GRPC_MAX_MESSAGE_ENV: str(max_message)}}},
     )
     harness = Serving(
         grpc_target=f"127.0.0.1:{grpc_port}",
