@@ -101,13 +101,17 @@ def make_dev_key_file(store_root: Path) -> tuple[Path, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # Before Ray is imported: it reads its single-machine switch at import time.
+    host = bind_host(args.host)
+    os.environ.update(ray_environment(host))
+
     import ray
     from ray import serve
 
     from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
     from .cli import open_store
     from .demo_prompts import seed_demo_prompts_if_embedded
-    from .message_limits import grpc_max_message_bytes
+    from .message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from .model_loading import model_d_model
     from .serve_bind import HOOK as BIND_HOOK
     from .proto_build import ensure_built
@@ -125,12 +129,11 @@ def run_serve(args: argparse.Namespace) -> int:
     grpc_port = args.grpc_port or serve_config.get("grpc_options", {}).get("port", 9000)
     http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
 
-    host = bind_host(args.host)
     max_message = grpc_max_message_bytes(config, model_d_model(config.promptmux.model))
     ensure_built()
     seed_demo_prompts_if_embedded(config.promptmux.model, open_store(config.promptmux))
     # Ray's processes (raylet, metrics agent, Serve's proxies) inherit this environment.
-    os.environ.update(ray_environment(host, max_message))
+    os.environ[GRPC_MAX_MESSAGE_ENV] = str(max_message)
     # address="local": always a fresh cluster of our own, never one someone else started here.
     ray.init(
         address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port,
@@ -176,12 +179,11 @@ def bind_host(host: str) -> str:
     )
 
 
-def ray_environment(host: str, max_message_bytes: int) -> dict[str, str]:
-    """Environment for the local Ray this command starts."""
-    from .message_limits import GRPC_MAX_MESSAGE_ENV
+def ray_environment(host: str) -> dict[str, str]:
+    """Environment for the local Ray this command starts, so that it listens on `host` only."""
     from .serve_bind import GRPC_HOST_ENV
 
-    env = {GRPC_MAX_MESSAGE_ENV: str(max_message_bytes), GRPC_HOST_ENV: host}
+    env = {GRPC_HOST_ENV: host}
     if host not in _EVERY_INTERFACE:
         # Ray's single-machine mode (its default on macOS and Windows): the node address is
         # loopback, so the raylet, the metrics agent and its exporter listen on loopback only.
