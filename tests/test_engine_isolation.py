@@ -183,8 +183,8 @@ def test_an_unreadable_prompt_file_fails_alone(engine, store):
     path.write_bytes(path.read_bytes()[:40])  # torn after the index read it
     good = good_requests()
     results = engine.run_batch([*good, ready]).results
-    assert isinstance(results[-1], PromptUnusableError), results[-1]
-    assert "prompt 'corrupt' of tenant 'acme' (version 1) cannot be read" in str(results[-1])
+    assert isinstance(results[-1], PromptmuxError) and results[-1].status == "FAILED_PRECONDITION", results[-1]
+    assert "task 'corrupt' of tenant 'acme' is unreadable in the prompt store" in str(results[-1])
     assert_equal_to_alone(engine, good, results[:-1])
     store.delete("acme", "corrupt")
     engine.refresh_prompts()
