@@ -15,7 +15,8 @@ GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 # gRPC's own default: every client accepts replies this large unless told otherwise, so a
 # smaller limit would buy nothing and could refuse large listings.
 GRPC_DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
-MAX_ID_BYTES = 128  # task and tenant ids (prompts/store.py ID_PATTERN)
+MAX_ID_BYTES = 128  # one task or tenant id (prompts/ids.py)
+MAX_TASK_REF_BYTES = 2 * MAX_ID_BYTES + 1  # "owner/task"
 MAX_REQUEST_ID_BYTES = 256
 # Room for a prompt's free-text description and every field's framing.
 DESCRIPTION_ALLOWANCE_BYTES = 1024 * 1024
@@ -26,7 +27,7 @@ _LARGEST_ELEMENT_BYTES = 4  # float32 uploads
 def generate_request_bytes(config: AppConfig) -> int:
     """The largest legal GenerateRequest: text, task and language ids, request id, params."""
     text = config.promptmux.engine.input_bytes_limit
-    return text + 2 * MAX_ID_BYTES + MAX_REQUEST_ID_BYTES + _FIELDS_OVERHEAD_BYTES
+    return text + 2 * MAX_TASK_REF_BYTES + MAX_REQUEST_ID_BYTES + _FIELDS_OVERHEAD_BYTES
 
 
 def register_request_bytes(config: AppConfig, d_model: int) -> int:

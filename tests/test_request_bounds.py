@@ -45,7 +45,7 @@ def test_message_limit_is_what_the_largest_legal_message_needs():
     tiny = AppConfig.from_args({"serving": {"max_in_flight_per_tenant": 1}, "store": {"max_prompt_length": 8}})
     assert grpc_max_message_bytes(tiny, 256) == GRPC_DEFAULT_MESSAGE_BYTES  # never below gRPC's default
     # A real largest legal GenerateBatch fits under the limit.
-    item = pb.GenerateRequest(task="t" * 128, language="l" * 128, text="é" * (512 * 16), request_id="r" * 256,
+    item = pb.GenerateRequest(task="o" * 128 + "/" + "t" * 128, language="l" * 257, text="é" * (512 * 16), request_id="r" * 256,
                               params=pb.GenerationParams(max_new_tokens=2**32 - 1, strategy=pb.SAMPLE, num_beams=16,
                                                          length_penalty=1.5, temperature=0.5, top_p=0.5, seed=2**64 - 1))
     batch = pb.GenerateBatchRequest(requests=[item] * 256)
