@@ -44,6 +44,7 @@ class PromptMeta:
 class StoredPrompt:
     meta: PromptMeta
     tensor: torch.Tensor  # [L, D] on CPU, dtype as registered
+    task_embedding: torch.Tensor | None = None  # [L', D] early checkpoint, when the version has one
 
 
 def content_hash(tensor: torch.Tensor) -> str:

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 _VERSION_FILE = re.compile(r"v(\d{8})\.(safetensors|deleted)\Z")
 _TENSOR_KEY = "prompt"
+_EMBEDDING_KEY = "task_embedding"  # optional second tensor of a version: its task embedding
 _META_KEY = "promptmux"
 _STALE_TEMP_SECONDS = 3600
 _CLAIMS_DIR = ".published"
@@ -113,6 +114,7 @@ class PromptStore:
         description: str = "",
         extra: dict | None = None,
         check_quotas: bool = True,
+        task_embedding: torch.Tensor | None = None,
     ) -> PromptMeta:
         """Validate and store a new version; returns its metadata.
 
@@ -120,12 +122,17 @@ class PromptStore:
         the task id in the global namespace, where a bare `task` reaches it for tenants
         without their own `task`; refused with ALREADY_EXISTS while another tenant holds the
         id. The store does not authenticate: the server allows `publish` to admin keys only.
-        `check_quotas=False` is for the server's own seeding (demo prompts), never a tenant's call."""
+        `check_quotas=False` is for the server's own seeding (demo prompts), never a tenant's call.
+        `task_embedding` (an `[L, d_model]` early checkpoint, prompts/task_embedding.py) is kept
+        in the same file as a second tensor, so it is as atomic and immutable as the prompt."""
         self._check_ids(tenant, task)
         self._check_tenant_allowed(tenant)
         if check_quotas:
             self.quotas.check_description(tenant, description)
         tensor = self.validate_tensor(tensor)
+        tensors = {_TENSOR_KEY: tensor}
+        if task_embedding is not None:
+            tensors[_EMBEDDING_KEY] = self.validate_tensor(task_embedding)
         shared = shared or publish
         task_dir = self._task_dir(tenant, task)
         task_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,7 @@ class PromptStore:
                     extra=dict(extra or {}),
                     published=publish,
                 )
-                payload = st_save({_TENSOR_KEY: tensor}, metadata={_META_KEY: meta.to_json()})
+                payload = st_save(tensors, metadata={_META_KEY: meta.to_json()})
                 if _publish(task_dir, f"v{version:08d}.safetensors", payload):
                     return meta
                 # Another writer took this version number first: take the next one.
@@ -182,7 +189,8 @@ class PromptStore:
         except FileNotFoundError:  # a store edited by hand; versions themselves are never unlinked
             raise task_not_found(tenant, task) from None
         try:
-            tensor = st_load(data)[_TENSOR_KEY]
+            tensors = st_load(data)
+            tensor = tensors[_TENSOR_KEY]
             meta = self._meta_from_bytes(path, data)
         except _UNREADABLE as error:
             self._log_unreadable(path, error)
@@ -190,7 +198,7 @@ class PromptStore:
                 f"version {int(path.stem[1:])} of task {task!r} of tenant {tenant!r} is unreadable in the prompt "
                 "store (the server log names the file); register a new version or ask the operator to restore it"
             ) from None
-        return StoredPrompt(meta=meta, tensor=tensor)
+        return StoredPrompt(meta=meta, tensor=tensor, task_embedding=tensors.get(_EMBEDDING_KEY))
 
     def meta(self, tenant: str, task: str, version: int | None = None) -> PromptMeta:
         path = self._version_file(tenant, task, version)

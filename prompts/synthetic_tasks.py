@@ -97,9 +97,31 @@ _TASK_LIST = [
     SyntheticTask("rotate-upper", _compose(_rotate, _upper), "rotated, then upper case"),
     # Held out of pretraining: learnt by prompt tuning alone.
     SyntheticTask("reverse-upper", _compose(_reverse, _upper), "backwards and in upper case"),
+    # Also held out: targets of the transfer study (benchmarks/prompt_science_study.py).
+    SyntheticTask("rotate-caesar", _compose(_rotate, _caesar), "rotated, then Caesar-shifted"),
+    SyntheticTask("duplicate-upper", _compose(lambda s: s + s, _upper), "the input twice, in upper case"),
+    SyntheticTask("sort-caesar", _compose(_sort, _caesar), "sorted, then Caesar-shifted"),
 ]
 TASKS: dict[str, SyntheticTask] = {task.name: task for task in _TASK_LIST}
-HELD_OUT_TASKS = ("reverse-upper",)
+HELD_OUT_TASKS = ("reverse-upper", "rotate-caesar", "duplicate-upper", "sort-caesar")
+
+# Factorized prompts: a "language" is a final character map, a "task" an arrangement; the
+# pair (language, task) maps the arranged string (arrangement first, then the map).
+LANGUAGES: dict[str, Callable[[str], str]] = {"plain": lambda s: s, "upper": _upper, "caesar": _caesar}
+ARRANGEMENTS: dict[str, Callable[[str], str]] = {
+    "reverse": _reverse, "rotate": _rotate, "duplicate": lambda s: s + s, "sort": _sort,
+}
+
+
+def pair_examples(language: str, arrangement: str, count: int, *, seed: int,
+                  exclude: Iterable[str] = ()) -> list[Example]:
+    """Examples of one (language, arrangement) pair on fresh strings, none in `exclude`."""
+    if language not in LANGUAGES or arrangement not in ARRANGEMENTS:
+        raise ValueError(f"unknown pair {language}:{arrangement}; languages {sorted(LANGUAGES)}, "
+                         f"arrangements {sorted(ARRANGEMENTS)}")
+    task = SyntheticTask(f"{arrangement}-{language}",
+                         _compose(ARRANGEMENTS[arrangement], LANGUAGES[language]), "factorized pair")
+    return task_examples(task, count, seed=seed, exclude=exclude)
 PRETRAINING_TASKS = tuple(name for name in TASKS if name not in HELD_OUT_TASKS)
 
 

@@ -12,8 +12,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from promptmux.serving.errors import InvalidRequestError
+
+from .retrieval import EmbeddingCache, rank_tasks
 from .store import PromptStore
-from .tuning import DEFAULT_LR, INITS, OPTIMIZERS, SCHEDULES, TrainConfig, read_jsonl, register_prompt, tune_prompt
+from .task_embedding import TASK_EMBEDDING_EXTRA_KEY, EmbeddingRecipe, compute_task_embedding, shared_init
+from .transfer import TransferInit, best_of_k, source_prompts, weighted_average
+from .tuning import (
+    DEFAULT_LR,
+    INITS,
+    OPTIMIZERS,
+    RETRIEVAL_INITS,
+    SCHEDULES,
+    TrainConfig,
+    read_jsonl,
+    register_prompt,
+    tune_prompt,
+)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +48,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     target.add_argument("--length", type=int, help="prompt rows L (default 12, or the --init-from prompt's length)")
     target.add_argument("--init", choices=INITS, default="vocab",
                         help="random-uniform (U(-0.5, 0.5)), vocab (sampled token embeddings), text (embeddings "
-                        "of --init-text) or prompt (a stored prompt, SPoT transfer; see --init-from)")
+                        "of --init-text), prompt (a stored prompt, SPoT transfer; see --init-from), retrieved "
+                        "(similarity-weighted average of the --top-k stored prompts whose task embeddings are "
+                        "closest to this task's) or best-of-k (--probe-steps from each of the --top-k, best on dev)")
+    target.add_argument("--top-k", type=int, default=3, help="sources for --init retrieved / best-of-k")
+    target.add_argument("--probe-steps", type=int, default=10, help="steps per source for --init best-of-k")
+    target.add_argument("--no-task-embedding", action="store_true",
+                        help="register without a task embedding (by default one is computed with the config's "
+                        "task_embedding recipe, so later tasks can retrieve this one)")
     target.add_argument("--init-text", help="text whose token embeddings start the prompt, e.g. 'reverse: '")
     target.add_argument("--init-from", dest="init_from_task",
                         help="task whose stored prompt starts training: TASK (own, else published) or OWNER/TASK (shared)")
@@ -64,7 +86,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         tenant=args.tenant, task=args.task, prompt_length=args.length, init=args.init, init_text=args.init_text,
-        init_from_task=args.init_from_task, init_from_tenant=args.init_from_tenant, optimizer=args.optimizer,
+        init_from_task=args.init_from_task, init_from_tenant=args.init_from_tenant, top_k=args.top_k,
+        probe_steps=args.probe_steps, optimizer=args.optimizer,
         lr=args.lr if args.lr is not None else DEFAULT_LR[args.optimizer], schedule=args.schedule,
         warmup_steps=args.warmup_steps, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
         early_checkpoint_step=args.early_step, seed=args.seed, output_dir=args.output, shared=args.shared,
@@ -85,8 +108,18 @@ def handle_train(args: argparse.Namespace) -> int:
     loaded = load_model(settings.model)
     store = PromptStore(settings.store.root, d_model=loaded.d_model, max_length=settings.store.max_prompt_length,
                         quotas=settings.store.quotas())
-    result = tune_prompt(loaded.model, loaded.tokenizer, train, dev, config, store=store,
-                         log=None if config.progress else print)
+    embedding = None
+    if config.init in RETRIEVAL_INITS or not args.no_task_embedding:
+        embedding = compute_task_embedding(loaded.model, loaded.tokenizer, train, settings.task_embedding,
+                                           model_name=loaded.name)
+    extra, init, init_source = {}, None, "given"
+    if config.init in RETRIEVAL_INITS:
+        transfer = _transfer_init(args, config, settings.task_embedding, loaded, store, train, dev, embedding)
+        init, init_source, extra["transfer"] = transfer.prompt, transfer.init_source, transfer.metadata
+        print(f"{config.init} init from " + ", ".join(
+            f"{s['tenant']}/{s['task']} ({s['similarity']:.3f})" for s in transfer.metadata["sources"]))
+    result = tune_prompt(loaded.model, loaded.tokenizer, train, dev, config, store=store, init=init,
+                         init_source=init_source, log=None if config.progress else print)
     summary = (f"best dev exact match {result.best.exact_match:.3f} (loss {result.best.loss:.4f}) at step "
                f"{result.best.step}" if result.best else "no dev set: kept the last step")
     if args.output:
@@ -94,8 +127,28 @@ def handle_train(args: argparse.Namespace) -> int:
     if args.no_register:
         print(f"trained {config.tenant}/{config.task}: {summary}; not registered")
         return 0
+    if embedding is not None:
+        extra[TASK_EMBEDDING_EXTRA_KEY] = embedding.info
     meta = register_prompt(store, result, config, model_name=loaded.name, train_examples=len(train),
-                           dev_examples=min(len(dev), config.max_dev_examples or len(dev)))
+                           dev_examples=min(len(dev), config.max_dev_examples or len(dev)), extra=extra,
+                           task_embedding=None if embedding is None else embedding.tensor)
     print(f"registered {meta.tenant}/{meta.task} version {meta.version} ({meta.length}x{meta.d_model}, "
           f"sha256 {meta.content_hash[:12]}): {summary}")
     return 0
+
+
+def _transfer_init(args, config: TrainConfig, recipe: EmbeddingRecipe, loaded, store: PromptStore, train, dev,
+                   embedding) -> TransferInit:
+    """Rank what the tenant can see (serving's PromptIndex, handed in as `visible_tasks`), then
+    average or probe the top K."""
+    visible = getattr(args, "visible_tasks", None)
+    if visible is None:
+        raise InvalidRequestError("--init retrieved/best-of-k needs the promptmux CLI (it resolves visible tasks)")
+    candidates = [meta for meta in visible(store, config.tenant) if meta.key != (config.tenant, config.task)]
+    ranking = rank_tasks(embedding.tensor, candidates, EmbeddingCache(store),
+                         init=shared_init(loaded.model, loaded.tokenizer, recipe), recipe=recipe,
+                         model_name=loaded.name)
+    sources = source_prompts(store, ranking.matches, config.prompt_length)[: config.top_k]
+    if config.init == "retrieved":
+        return weighted_average(sources)
+    return best_of_k(loaded.model, loaded.tokenizer, train, dev, sources, config, config.probe_steps)

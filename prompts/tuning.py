@@ -11,7 +11,9 @@ Initialisations:
 - `vocab`: rows of sampled token embeddings, from the 5,000 first (most frequent) ids;
 - `text`: the token embeddings of a text, right-aligned so the text sits just before the
   input; leading rows left over repeat the embedding of a space;
-- `prompt`: an existing prompt from the store (SPoT transfer), copied exactly.
+- `prompt`: an existing prompt from the store (SPoT transfer), copied exactly;
+- `retrieved` / `best-of-k`: transfer from the stored tasks whose task embeddings are most
+  similar (prompts/transfer.py); the caller resolves them and passes `init=`.
 
 The best prompt (dev exact match, then dev loss) and an early checkpoint (SPoT's task
 embedding) are kept; `register_prompt` stores the best with its training metadata.
@@ -38,14 +40,15 @@ from .store import PromptStore
 from .synthetic_tasks import Example
 from .training_plot import plot_training_curve
 
-Init = Literal["random-uniform", "vocab", "text", "prompt"]
-Optimizer = Literal["adafactor", "adam"]
+Init = Literal["random-uniform", "vocab", "text", "prompt", "retrieved", "best-of-k"]
+Optimizer = Literal["adafactor", "adam", "sgd"]
 Schedule = Literal["constant", "cosine"]
-INITS: tuple[str, ...] = ("random-uniform", "vocab", "text", "prompt")
-OPTIMIZERS: tuple[str, ...] = ("adafactor", "adam")
+INITS: tuple[str, ...] = ("random-uniform", "vocab", "text", "prompt", "retrieved", "best-of-k")
+RETRIEVAL_INITS = ("retrieved", "best-of-k")
+OPTIMIZERS: tuple[str, ...] = ("adafactor", "adam", "sgd")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 DEFAULT_PROMPT_LENGTH = 12
-DEFAULT_LR = {"adafactor": 0.3, "adam": 0.1}  # Lester et al.'s Adafactor rate; Adam needs less
+DEFAULT_LR = {"adafactor": 0.3, "adam": 0.1, "sgd": 10.0}  # Lester et al.'s Adafactor rate; Adam needs less
 RANDOM_UNIFORM_SCALE = 0.5  # Lester et al.: U(-0.5, 0.5)
 VOCAB_INIT_TOP_TOKENS = 5000  # Lester et al.: sample from the 5,000 most common tokens
 _IGNORE = -100  # label id the loss skips
@@ -63,6 +66,8 @@ class TrainConfig:
     init_text: str | None = None
     init_from_task: str | None = None
     init_from_tenant: str | None = None  # None: the tenant being trained for
+    top_k: int = 3  # sources for init "retrieved" / "best-of-k"
+    probe_steps: int = 10  # steps per source for init "best-of-k"
     optimizer: Optimizer = "adafactor"
     lr: float = DEFAULT_LR["adafactor"]
     schedule: Schedule = "constant"
@@ -92,6 +97,7 @@ class TrainConfig:
                 self.init != "prompt" or bool(self.init_from_task),
                 "init 'prompt' needs the task whose stored prompt to start from (--init-from TASK)",
             ),
+            (self.top_k >= 1 and self.probe_steps >= 1, f"top_k={self.top_k}, probe_steps={self.probe_steps}; expected >= 1"),
             (self.prompt_length is None or self.prompt_length >= 1, f"prompt_length={self.prompt_length}; expected >= 1"),
             (self.steps >= 1, f"steps={self.steps}; expected >= 1"),
             (self.batch_size >= 1, f"batch_size={self.batch_size}; expected >= 1"),
@@ -196,13 +202,17 @@ def _right_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[t
 def prompted_inputs(
     model: T5ForConditionalGeneration, prompt: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[prompt; input; pad]` embeddings and their mask. A None prompt runs the model as is."""
+    """`[prompt; input; pad]` embeddings and their mask. A None prompt runs the model as is.
+
+    `prompt` is one `[L, D]` prompt for every row, or `[B, L, D]`: one per row (factorized
+    prompts train rows of different language/task pairs in one batch)."""
     embeds = model.get_input_embeddings()(input_ids)  # [B, S, D]
     if prompt is None:
         return embeds, attention_mask
     batch = input_ids.shape[0]
-    rows = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # [B, L, D]
-    prompt_mask = attention_mask.new_ones(batch, prompt.shape[0])  # [B, L]
+    rows = prompt.to(embeds.dtype)
+    rows = rows if rows.dim() == 3 else rows.unsqueeze(0).expand(batch, -1, -1)  # [B, L, D]
+    prompt_mask = attention_mask.new_ones(batch, rows.shape[1])  # [B, L]
     return torch.cat([rows, embeds], dim=1), torch.cat([prompt_mask, attention_mask], dim=1)
 
 
@@ -263,6 +273,11 @@ def initial_prompt(
         else:
             ids = torch.randint(top, (length,), generator=generator)
         return embeddings[ids].clone(), f"vocab:top{top}"
+    if config.init in RETRIEVAL_INITS:
+        raise InvalidRequestError(
+            f"init {config.init!r} transfers from retrieved sources: resolve them with prompts/transfer.py "
+            "and pass the prompt as init= (the `prompts train` command does this)"
+        )
     if config.init == "text":
         return _text_prompt(embeddings, tokenizer, config.init_text or "", config.prompt_length), f"text:{config.init_text!r}"
     return _stored_prompt(config, store, embeddings.shape[1])
@@ -315,6 +330,7 @@ def tune_prompt(
     *,
     store: PromptStore | None = None,
     init: torch.Tensor | None = None,
+    init_source: str = "given",
     log: Callable[[str], None] | None = None,
 ) -> TuningResult:
     """Train a soft prompt on the frozen `model`. `init` overrides `config.init` when given."""
@@ -326,8 +342,6 @@ def tune_prompt(
     device = model.get_input_embeddings().weight.device
     if init is None:
         init, init_source = initial_prompt(model, tokenizer, config, store)
-    else:
-        init_source = "given"
     prompt = torch.nn.Parameter(init.detach().float().clone().to(device))  # [L, D]
     optimizer = _optimizer(config, prompt)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
@@ -379,6 +393,10 @@ def _optimizer(config: TrainConfig, prompt: torch.nn.Parameter) -> torch.optim.O
         from transformers.optimization import Adafactor
 
         return Adafactor([prompt], lr=config.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    if config.optimizer == "sgd":
+        # Plain SGD keeps the displacement proportional to the summed gradients: the task
+        # embeddings' recipe (prompts/task_embedding.py) relies on that.
+        return torch.optim.SGD([prompt], lr=config.lr)
     return torch.optim.Adam([prompt], lr=config.lr)
 
 
@@ -441,11 +459,15 @@ def register_prompt(
     model_name: str,
     train_examples: int,
     dev_examples: int,
+    extra: dict | None = None,
+    task_embedding: torch.Tensor | None = None,
 ) -> PromptMeta:
-    """Store the best prompt as a new version of (tenant, task), with its training metadata."""
-    extra = result.metadata(config, model_name=model_name, train_examples=train_examples, dev_examples=dev_examples)
+    """Store the best prompt as a new version of (tenant, task), with its training metadata,
+    any `extra` (e.g. the transfer sources) and, if given, its task embedding."""
+    metadata = result.metadata(config, model_name=model_name, train_examples=train_examples, dev_examples=dev_examples)
     if config.output_dir is not None:
-        extra["task_embedding_file"] = str(Path(config.output_dir) / "early.safetensors")
+        metadata["early_checkpoint_file"] = str(Path(config.output_dir) / "early.safetensors")
+    metadata.update(extra or {})
     description = config.description or f"prompt-tuned on {train_examples} examples"
     return store.register(config.tenant, config.task, result.prompt, shared=config.shared,
-                          description=description, extra=extra)
+                          description=description, extra=metadata, task_embedding=task_embedding)

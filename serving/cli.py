@@ -59,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = commands.add_parser("prompts", help="manage the prompt store")
     prompt_commands = prompts.add_subparsers(title="prompt commands")
 
-    imp = prompt_commands.add_parser("import", help="register a prompt from a numpy, PEFT or safetensors file")
+    imp = prompt_commands.add_parser("import", help="register a prompt from a numpy, PEFT, safetensors or .nemo file")
     add_model_arguments(imp)
     imp.add_argument("--tenant", default=DEFAULT_TENANT)
     imp.add_argument("--task", required=True)
-    imp.add_argument("--format", default="auto", choices=["auto", "numpy", "peft", "safetensors"])
+    imp.add_argument("--format", default="auto", choices=["auto", "numpy", "peft", "safetensors", "nemo"])
+    imp.add_argument("--nemo-task", help="task name inside a .nemo prompt table that holds several")
     imp.add_argument("--shared", action="store_true", help="let every tenant call this task as TENANT/TASK")
     imp.add_argument("--publish", action="store_true",
                      help="publish the task id in the global namespace: tenants without their own TASK reach it "
@@ -105,7 +106,10 @@ def _add_optional_commands(commands, prompt_commands) -> None:
     """`prompts train`, and the commands whose modules need optional extras (Ray, gRPC, matplotlib)."""
     from promptmux.prompts.train_cli import add_train_parser
 
-    add_train_parser(prompt_commands)
+    from .prompt_science_cli import add_prompt_science_parsers, visible_tasks
+
+    add_train_parser(prompt_commands).set_defaults(visible_tasks=visible_tasks)
+    add_prompt_science_parsers(prompt_commands)
     try:
         from .serve_cli import add_serve_parser
     except ImportError:  # the serve extra is not installed
@@ -229,17 +233,31 @@ def _result_dict(result) -> dict:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from promptmux.prompts.formats import load_prompt
+    from promptmux.prompts.formats import load_prompt, load_task_embedding
 
     store = open_store(config_from_args(args))
-    tensor = load_prompt(args.path, args.format)
+    tensor = load_prompt(args.path, args.format, nemo_task=args.nemo_task)
+    extra = {"imported_from": str(args.path)}
+    embedding = load_task_embedding(args.path) if args.format in ("auto", "safetensors") else None
+    if embedding is not None:  # a promptmux export: keep its task embedding and how it was made
+        extra.update(_exported_embedding_info(args.path))
     meta = store.register(
         args.tenant, args.task, tensor, shared=args.shared, publish=args.publish, description=args.description,
-        extra={"imported_from": str(args.path)},
+        extra=extra, task_embedding=embedding if "task_embedding" in extra else None,
     )
     print(f"registered {meta.tenant}/{meta.task} version {meta.version}: length {meta.length}, "
           f"d_model {meta.d_model}, {meta.dtype}, sha256 {meta.content_hash[:12]}")
     return 0
+
+
+def _exported_embedding_info(path) -> dict:
+    """The task-embedding description a promptmux export recorded, if it has one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        recorded = (handle.metadata() or {}).get("promptmux")
+    info = json.loads(recorded).get("extra", {}).get("task_embedding") if recorded else None
+    return {"task_embedding": info} if isinstance(info, dict) else {}
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -247,7 +265,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     store = open_store(config_from_args(args))
     stored = store.get(args.tenant, args.task, args.version)
-    export_safetensors(stored.tensor, args.path, metadata={"promptmux": stored.meta.to_json()})
+    export_safetensors(stored.tensor, args.path, metadata={"promptmux": stored.meta.to_json()},
+                       task_embedding=stored.task_embedding)
     print(f"wrote {args.tenant}/{args.task} version {stored.meta.version} to {args.path}")
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from promptmux.prompts.quotas import StoreQuotas
+from promptmux.prompts.task_embedding import EmbeddingRecipe
 
 DTypeName = Literal["float32", "bfloat16"]
 Quantization = Literal["none", "8bit", "4bit"]
@@ -101,19 +102,26 @@ class PromptmuxConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # How task embeddings are computed (`prompts embed`, `prompts similar`, SimilarTasks):
+    # steps and max_examples bound the work one SimilarTasks call may cost.
+    task_embedding: EmbeddingRecipe = field(default_factory=EmbeddingRecipe)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "PromptmuxConfig":
         raw = dict(raw or {})
-        unknown = set(raw) - {"model", "store", "engine"}
+        unknown = set(raw) - {"model", "store", "engine", "task_embedding"}
         if unknown:
             raise ValueError(
-                f"unknown config section(s) {sorted(unknown)}; expected only 'model', 'store' and 'engine'"
+                f"unknown config section(s) {sorted(unknown)}; expected only 'model', 'store', 'engine' "
+                "and 'task_embedding'"
             )
+        recipe = _build(EmbeddingRecipe, raw.get("task_embedding"))
+        recipe.validate()
         return cls(
             model=_build(ModelConfig, raw.get("model")),
             store=_build(StoreConfig, raw.get("store")),
             engine=_build(EngineConfig, raw.get("engine")),
+            task_embedding=recipe,
         )
 
     def to_dict(self) -> dict[str, Any]:

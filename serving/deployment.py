@@ -35,6 +35,8 @@ from .grpc_convert import (
     reply_to_pb,
     request_from_pb,
     request_message,
+    similar_reply_to_pb,
+    similar_request_from_pb,
     stream_delta_to_pb,
     stream_final_to_pb,
     task_info_to_pb,
@@ -44,6 +46,7 @@ from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from .serving_config import API_KEYS_ENV, AppConfig
 from .streaming import TextDeltas
+from .task_similarity import TaskSimilarity
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class PromptmuxServer:
         self._metrics = ServingMetrics()
         self._batcher = Batcher(serving, self._engine.run_batch, observer=self._metrics)
         self._health = ReplicaHealth(serving, self._batcher, config.promptmux.store.root)
+        self._similarity = TaskSimilarity(self._engine.loaded, self._engine.store, config.promptmux.task_embedding)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
         self._refresher.start()
@@ -325,6 +329,15 @@ class PromptmuxServer:
         principal = self._authenticate(grpc_context, call)
         callable_tasks = await asyncio.to_thread(self._engine.index.visible_to, principal.tenant)  # O(prompts)
         return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in callable_tasks])
+
+    @unary_rpc(pb.SimilarTasksReply)
+    async def SimilarTasks(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        examples, top_k = similar_request_from_pb(request)
+        self._similarity.check_examples(examples)  # fail fast, before a worker thread is taken
+        # A short tuning run: off the event loop, so generation keeps batching meanwhile.
+        answer = await asyncio.to_thread(self._similarity.similar, self._engine.index, principal.tenant, examples, top_k)
+        return similar_reply_to_pb(answer)
 
     @unary_rpc(pb.HealthReply)
     async def Health(self, request, grpc_context, call: _Call):

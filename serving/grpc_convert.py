@@ -197,3 +197,32 @@ def task_info_to_pb(name: str, meta: PromptMeta) -> "pb.TaskInfo":
         name=name,
         published=meta.published,
     )
+
+
+# ---------------------------------------------------------------------- task similarity
+DEFAULT_SIMILAR_TOP_K = 5
+
+
+def similar_request_from_pb(msg: "pb.SimilarTasksRequest") -> tuple[list, int]:
+    """(examples, top_k) of a SimilarTasks call."""
+    from promptmux.prompts.synthetic_tasks import Example
+
+    examples = [Example(item.input, item.target) for item in msg.examples]
+    return examples, msg.top_k or DEFAULT_SIMILAR_TOP_K
+
+
+def similar_reply_to_pb(answer) -> "pb.SimilarTasksReply":
+    """A serving.task_similarity.SimilarityAnswer as the reply."""
+    ranking = answer.ranking
+    return pb.SimilarTasksReply(
+        tasks=[
+            pb.SimilarTask(task=m.meta.task, owner=m.meta.tenant, version=m.meta.version, score=m.score,
+                           shared=m.meta.shared)
+            for m in ranking.matches
+        ],
+        similarity=answer.recipe.similarity,
+        compared=ranking.compared,
+        without_embedding=len(ranking.without_embedding),
+        embedding_steps=answer.recipe.steps,
+        examples_used=answer.examples_used,
+    )

@@ -103,11 +103,11 @@ class AppConfig:
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> "AppConfig":
         raw = dict(args or {})
-        unknown = set(raw) - {"model", "store", "engine", "serving"}
+        unknown = set(raw) - {"model", "store", "engine", "task_embedding", "serving"}
         if unknown:
             raise ValueError(
                 f"unknown application arg section(s) {sorted(unknown)}; expected only 'model', 'store', "
-                "'engine' and 'serving'"
+                "'engine', 'task_embedding' and 'serving'"
             )
         serving_raw = dict(raw.pop("serving", None) or {})
         names = {f.name for f in dataclasses.fields(ServingConfig)}

@@ -224,6 +224,7 @@ def serving(ray_cluster, tmp_path_factory):
         "model": {"source": "embedded"},
         "store": {"root": str(store_root), "max_prompt_length": 64, "refresh_interval_s": 0.25},
         "engine": {"max_batch_size": 32, "max_new_tokens_limit": 64},
+        "task_embedding": {"steps": 3, "batch_size": 8},  # SimilarTasks tests: a short run suffices
         "serving": {
             "api_keys_file": str(keys_file),
             "batch_wait_timeout_s": 0.05,
