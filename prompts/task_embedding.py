@@ -1,16 +1,22 @@
 """Task embeddings (SPoT, Vu et al. 2022): an early checkpoint of a task's prompt tuning.
 
-Every task embedding starts from the SAME prompt (the recipe's fixed vocabulary init, seed
-`init_seed`) and takes the same short run (`steps` Adam steps on the task's own data). Two
-tasks that pull the prompt the same way get embeddings that point the same way.
+Every task embedding starts from the SAME prompt and takes the same short run (`steps` SGD
+steps on the task's own data). Two tasks that pull the prompt the same way get embeddings
+that point the same way.
+
+The shared init is the text prompt `init_text` ("copy: " by default: a prompt under which the
+model already does something sensible), not random token embeddings. Measured on the
+embedded model (benchmarks/results/prompt-science/report.md): from a random vocabulary init
+the gradients are dominated by the particular input strings of each batch, so two seeds of
+one task were less alike than two tasks on the same strings; from a working prompt the task's
+targets dominate. Plain SGD (not Adam) keeps the displacement proportional to the summed
+gradients, so coordinates that only carry noise do not get a full step each.
 
 Similarity is the cosine of the mean token of each embedding's displacement from the shared
-init: `cos(mean_rows(a - init), mean_rows(b - init))` ("mean-token"). The shared init is
-subtracted because after a short run it still dominates every embedding: raw cosines of any
-two tasks sit around 0.75-0.9 and rank nothing. The mean over rows is kept because it
-ignores which prompt row carried the update; "flattened" (cosine of the whole `[L, D]`
-displacement) compares rows position by position and is measured against mean-token in
-`benchmarks/prompt_science_study.py`.
+init: `cos(mean_rows(a - init), mean_rows(b - init))` ("mean-token"). The init is subtracted
+because after a short run it still dominates every embedding (raw cosines of any two tasks
+sit near 1). "flattened" (cosine of the whole `[L, D]` displacement) compares rows position
+by position; the study measures both.
 
 An embedding is comparable with another only if both came from the same model and recipe:
 `EmbeddingRecipe.comparable_key` names what must match, and it is stored with each one.
@@ -42,11 +48,12 @@ class EmbeddingRecipe:
     Config section `task_embedding` (serving/config.py); the CLI and the SimilarTasks RPC
     use the same recipe, so a query embedding is comparable with the stored ones."""
 
-    steps: int = 25  # Adam steps of the short run: SPoT's "early checkpoint"
-    batch_size: int = 32
+    steps: int = 12  # SGD steps of the short run: SPoT's "early checkpoint"
+    batch_size: int = 16
     prompt_length: int = 12
-    lr: float = 0.1
-    init_seed: int = 0  # the fixed, shared vocabulary init every embedding starts from
+    lr: float = 1.0
+    init_text: str | None = "copy: "  # the fixed, shared init; None: random token embeddings (init_seed)
+    init_seed: int = 0
     data_seed: int = 0  # batch order of the short run
     max_examples: int = 2000  # at most this many examples are read (RPC callers may send no more)
     similarity: str = "mean-token"
@@ -68,12 +75,13 @@ class EmbeddingRecipe:
     def comparable_key(self, model_name: str) -> dict:
         """What two embeddings must share to be compared: the model and the run that made them."""
         return {"model": model_name, "steps": self.steps, "batch_size": self.batch_size,
-                "prompt_length": self.prompt_length, "lr": self.lr, "init_seed": self.init_seed}
+                "prompt_length": self.prompt_length, "lr": self.lr, "init_text": self.init_text,
+                "init_seed": self.init_seed}
 
     def train_config(self, tenant: str, task: str) -> TrainConfig:
         return TrainConfig(
-            tenant=tenant, task=task, prompt_length=self.prompt_length, init="vocab", optimizer="adam",
-            lr=self.lr, schedule="constant", steps=self.steps, batch_size=self.batch_size,
+            tenant=tenant, task=task, prompt_length=self.prompt_length, init="text" if self.init_text else "vocab",
+            init_text=self.init_text or None, optimizer="sgd", lr=self.lr, schedule="constant", steps=self.steps, batch_size=self.batch_size,
             eval_every=self.steps + 1, early_checkpoint_step=self.steps, seed=self.init_seed, progress=False,
         )
 

@@ -87,3 +87,75 @@ def test_task_embedding_config_section_has_defaults_and_rejects_unknown_keys():
         PromptmuxConfig.from_dict({"task_embedding": {"stepz": 5}})
     with pytest.raises(InvalidRequestError, match="similarity"):
         PromptmuxConfig.from_dict({"task_embedding": {"similarity": "dot"}})
+
+
+# ---------------------------------------------------------------- on the embedded model
+RECIPE = {"steps": 8, "batch_size": 16}  # the default recipe, shortened: these tasks separate early
+
+
+@pytest.fixture(scope="module")
+def embedded_library(tmp_path_factory):
+    """Tasks of the embedded model with task embeddings of one data seed, and a second seed's data."""
+    from promptmux.prompts.synthetic_tasks import task_examples, write_jsonl
+
+    root = tmp_path_factory.mktemp("embedded-library")
+    config = root / "promptmux.yaml"
+    config.write_text(json.dumps({"model": {"source": "embedded"}, "store": {"root": str(root / "store")},
+                                  "task_embedding": RECIPE}))
+    loaded = load_model(ModelConfig(source="embedded"))
+    recipe = EmbeddingRecipe(**RECIPE)
+    init = shared_init(loaded.model, loaded.tokenizer, recipe)
+    store = PromptStore(root / "store", d_model=256, max_length=64)
+    for i, task in enumerate(("upper", "duplicate", "rotate", "caesar")):
+        write_jsonl(task_examples(task, 96, seed=50 + i), root / f"{task}-2.jsonl")
+        store.register("acme", task, rand(4, i).repeat(1, 16))  # the prompt itself plays no part in retrieval
+        if task == "caesar":
+            write_jsonl(task_examples(task, 96, seed=10 + i), root / f"{task}-1.jsonl")
+            continue  # embedded through the CLI below
+        embedding = compute_task_embedding(loaded.model, loaded.tokenizer, task_examples(task, 96, seed=10 + i),
+                                           recipe, model_name=loaded.name, init=init)
+        meta = store.meta("acme", task)
+        store.register("acme", task, store.get("acme", task).tensor, extra={TASK_EMBEDDING_EXTRA_KEY: embedding.info},
+                       task_embedding=embedding.tensor)
+    assert cli.main(["prompts", "embed", "--config", str(config), "--tenant", "acme", "caesar",
+                     "--data", str(root / "caesar-1.jsonl")]) == 0
+    return root, config, loaded, recipe, init, store
+
+
+@pytest.mark.parametrize("task", ["upper", "duplicate"])
+def test_a_tasks_second_seed_retrieves_it_first(embedded_library, task):
+    from promptmux.prompts.synthetic_tasks import task_examples
+
+    root, _, loaded, recipe, init, store = embedded_library
+    query = compute_task_embedding(loaded.model, loaded.tokenizer, task_examples(task, 96, seed=70), recipe,
+                                   model_name=loaded.name, init=init).tensor
+    ranking = rank_tasks(query, store.list("acme"), EmbeddingCache(store), init=init, recipe=recipe,
+                         model_name=loaded.name)
+    ranked = [m.meta.task for m in ranking.matches]
+    assert ranked[0] == task, [(m.meta.task, round(m.score, 3)) for m in ranking.matches]
+    assert sorted(ranked) == ["caesar", "duplicate", "rotate", "upper"]
+    assert ranking.matches[0].score > ranking.matches[1].score
+
+
+def test_similar_command_ranks_by_the_stored_embeddings(embedded_library, capsys):
+    root, config, *_ = embedded_library
+    capsys.readouterr()
+    assert cli.main(["prompts", "similar", "--config", str(config), "--tenant", "acme", "--data",
+                     str(root / "caesar-2.jsonl"), "--top-k", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert [t["task"] for t in answer["tasks"]][:1] == ["caesar"] and answer["compared"] == 4
+    assert len(answer["tasks"]) == 2 and answer["similarity"] == "mean-token"
+    capsys.readouterr()
+    assert cli.main(["prompts", "similar", "--config", str(config), "--tenant", "globex", "--data",
+                     str(root / "caesar-2.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == []  # acme's private tasks are not globex's
+
+
+def test_embed_keeps_the_prompt_and_adds_a_new_version(embedded_library):
+    store = embedded_library[-1]
+    first, second = store.versions("acme", "caesar")
+    assert first.content_hash == second.content_hash and second.version == first.version + 1
+    assert store.get("acme", "caesar", first.version).task_embedding is None
+    info = second.extra[TASK_EMBEDDING_EXTRA_KEY]
+    assert info["model"] == "embedded" and info["steps"] == 8 and info["examples"] == 96
+    assert store.get("acme", "caesar").task_embedding.shape == (12, 256)
