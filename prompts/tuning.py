@@ -260,6 +260,11 @@ def initial_prompt(
 ) -> tuple[torch.Tensor, str]:
     """The starting prompt `[L, D]` (float32, CPU) and a short description of its source."""
     config.validate()
+    if config.init in RETRIEVAL_INITS:
+        raise InvalidRequestError(
+            f"init {config.init!r} transfers from retrieved sources: resolve them with prompts/transfer.py "
+            "and pass the prompt as init= (the `prompts train` command does this)"
+        )
     embeddings = model.get_input_embeddings().weight.detach().float().cpu()  # [V, D]
     generator = torch.Generator().manual_seed(config.seed)
     length = config.prompt_length or DEFAULT_PROMPT_LENGTH
@@ -273,11 +278,6 @@ def initial_prompt(
         else:
             ids = torch.randint(top, (length,), generator=generator)
         return embeddings[ids].clone(), f"vocab:top{top}"
-    if config.init in RETRIEVAL_INITS:
-        raise InvalidRequestError(
-            f"init {config.init!r} transfers from retrieved sources: resolve them with prompts/transfer.py "
-            "and pass the prompt as init= (the `prompts train` command does this)"
-        )
     if config.init == "text":
         return _text_prompt(embeddings, tokenizer, config.init_text or "", config.prompt_length), f"text:{config.init_text!r}"
     return _stored_prompt(config, store, embeddings.shape[1])

@@ -18,11 +18,12 @@ from promptmux.prompts.store import PromptStore
 from promptmux.prompts.synthetic_tasks import Example
 from promptmux.prompts.task_embedding import EmbeddingRecipe, compute_task_embedding, shared_init
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, ResourceExhaustedError
 from .model_loading import LoadedModel
 from .prompt_index import PromptIndex
 
 MAX_TOP_K = 100
+MAX_WAITING = 4  # calls queued behind the running one; more are refused, not queued without bound
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TaskSimilarity:
         self.embeddings = EmbeddingCache(store)
         self._init: torch.Tensor | None = None
         self._lock = threading.Lock()  # one embedding run at a time: it is seconds of compute
+        self._admission = threading.Lock()
+        self._pending = 0
 
     def init(self) -> torch.Tensor:
         if self._init is None:
@@ -59,9 +62,20 @@ class TaskSimilarity:
     def embed(self, examples: Sequence[Example]) -> torch.Tensor:
         """The recipe's task embedding `[L, D]` of `examples`; blocks for the length of a short run."""
         self.check_examples(examples)
-        with self._lock:
-            return compute_task_embedding(self.loaded.model, self.loaded.tokenizer, examples, self.recipe,
-                                          model_name=self.loaded.name, init=self.init()).tensor
+        with self._admission:
+            if self._pending > MAX_WAITING:
+                raise ResourceExhaustedError(
+                    f"{self._pending} task-embedding runs are already running or queued on this replica; "
+                    "retry SimilarTasks with backoff"
+                )
+            self._pending += 1
+        try:
+            with self._lock:
+                return compute_task_embedding(self.loaded.model, self.loaded.tokenizer, examples, self.recipe,
+                                              model_name=self.loaded.name, init=self.init()).tensor
+        finally:
+            with self._admission:
+                self._pending -= 1
 
     def similar(self, index: PromptIndex, tenant: str, examples: Sequence[Example], top_k: int) -> SimilarityAnswer:
         """The tenant's visible tasks, most similar to the task `examples` show first."""

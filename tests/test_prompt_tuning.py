@@ -85,8 +85,10 @@ def test_config_errors_say_what_is_missing():
         quick_config(init="text").validate()
     with pytest.raises(InvalidRequestError, match="--init-from"):
         quick_config(init="prompt").validate()
-    with pytest.raises(InvalidRequestError, match="optimizer 'sgd' is unknown"):
-        quick_config(optimizer="sgd").validate()
+    with pytest.raises(InvalidRequestError, match="optimizer 'lbfgs' is unknown"):
+        quick_config(optimizer="lbfgs").validate()
+    with pytest.raises(InvalidRequestError, match="resolve them with prompts/transfer.py"):
+        initial_prompt(None, None, quick_config(init="retrieved"))
 
 
 def test_spot_init_starts_from_the_stored_prompt_exactly(tiny, tmp_path):

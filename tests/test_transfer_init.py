@@ -20,7 +20,7 @@ def library(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     config = root / "promptmux.yaml"
     config.write_text(yaml.safe_dump({"model": {"source": "random:tiny"}, "store": {"root": str(root / "store")},
-                                      "task_embedding": {"steps": 2, "batch_size": 8, "prompt_length": 4}}))
+                                      "task_embedding": {"steps": 2, "batch_size": 8, "prompt_length": 6}}))
     for task in ("upper", "reverse", "sort", "copy"):
         write_jsonl(task_examples(task, 24, seed=1), root / f"{task}.jsonl")
         write_jsonl(task_examples(task, 6, seed=2), root / f"{task}-dev.jsonl")
@@ -45,7 +45,7 @@ def train(root, config, *extra: str) -> None:
 def test_trained_prompts_carry_a_task_embedding(library):
     root, _ = library
     stored = store_of(root).get("acme", "upper")
-    assert stored.task_embedding.shape == (4, TINY_D)
+    assert stored.task_embedding.shape == (6, TINY_D)
     assert stored.meta.extra[TASK_EMBEDDING_EXTRA_KEY]["steps"] == 2
 
 
