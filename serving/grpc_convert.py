@@ -7,6 +7,7 @@ import torch
 
 from promptmux.prompts.ids import check_id, parse_task_ref
 from promptmux.prompts.records import SUPPORTED_DTYPES, PromptMeta
+from promptmux.prompts.synthetic_tasks import Example
 
 from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
 from .message_limits import MAX_REQUEST_ID_BYTES
@@ -205,8 +206,6 @@ DEFAULT_SIMILAR_TOP_K = 5
 
 def similar_request_from_pb(msg: "pb.SimilarTasksRequest") -> tuple[list, int]:
     """(examples, top_k) of a SimilarTasks call."""
-    from promptmux.prompts.synthetic_tasks import Example
-
     examples = [Example(item.input, item.target) for item in msg.examples]
     return examples, msg.top_k or DEFAULT_SIMILAR_TOP_K
 
