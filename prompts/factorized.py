@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 
 from .synthetic_tasks import Example
 from .tuning import VOCAB_INIT_TOP_TOKENS, encode_batch, evaluate, prompt_loss

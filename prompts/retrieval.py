@@ -1,13 +1,13 @@
 """Rank stored tasks by task-embedding similarity to a new task (SPoT retrieval).
 
-The caller decides which tasks may be ranked (for a tenant: the tasks it can call, from
-serving's PromptIndex); this module only loads their embeddings and scores them, so
-visibility stays in one place.
+The caller decides which tasks may be ranked (for a tenant: the tasks it can call, with the
+name it calls each by, from serving's PromptIndex.visible_to); this module only loads their
+embeddings and scores them, so visibility stays in one place.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 
@@ -20,6 +20,14 @@ from .task_embedding import TASK_EMBEDDING_EXTRA_KEY, EmbeddingRecipe, similarit
 class Match:
     meta: PromptMeta  # the stored version whose embedding matched
     score: float  # similarity to the query, -1..1
+    name: str = ""  # what the caller calls the task by: `task`, or `owner/task` for another's share
+
+    @property
+    def call_name(self) -> str:
+        return self.name or self.meta.task
+
+
+Candidate = Union[PromptMeta, tuple[str, PromptMeta]]  # a meta alone is called by its task id
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class EmbeddingCache:
 
 def rank_tasks(
     query: torch.Tensor,
-    candidates: Iterable[PromptMeta],
+    candidates: Iterable[Candidate],
     embeddings: EmbeddingCache,
     *,
     init: torch.Tensor,
@@ -69,15 +77,16 @@ def rank_tasks(
 ) -> Ranking:
     """Score every candidate that has a comparable embedding; best first."""
     scored, skipped = [], []
-    for meta in candidates:
+    for candidate in candidates:
+        name, meta = candidate if isinstance(candidate, tuple) else (candidate.task, candidate)
         embedding = embeddings.get(meta) if comparable(meta, recipe, model_name) else None
         if embedding is None or embedding.shape != query.shape:
             skipped.append(meta)
         else:
-            scored.append((meta, embedding))
+            scored.append((name, meta, embedding))
     if not scored:
         return Ranking(matches=[], compared=0, without_embedding=skipped)
-    scores = similarity_matrix([query, *(e for _, e in scored)], init, recipe.similarity)[0, 1:]  # [N]
+    scores = similarity_matrix([query, *(e for _, _, e in scored)], init, recipe.similarity)[0, 1:]  # [N]
     order = torch.argsort(scores, descending=True, stable=True).tolist()
-    matches = [Match(scored[i][0], float(scores[i])) for i in order]
+    matches = [Match(scored[i][1], float(scores[i]), name=scored[i][0]) for i in order]
     return Ranking(matches=matches[:top_k] if top_k else matches, compared=len(scored), without_embedding=skipped)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 
 from .synthetic_tasks import Example
 from .tuning import TrainConfig, initial_prompt, tune_prompt

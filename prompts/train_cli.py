@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 
 from .retrieval import EmbeddingCache, rank_tasks
 from .store import PromptStore
@@ -144,7 +144,8 @@ def _transfer_init(args, config: TrainConfig, recipe: EmbeddingRecipe, loaded, s
     visible = getattr(args, "visible_tasks", None)
     if visible is None:
         raise InvalidRequestError("--init retrieved/best-of-k needs the promptmux CLI (it resolves visible tasks)")
-    candidates = [meta for meta in visible(store, config.tenant) if meta.key != (config.tenant, config.task)]
+    candidates = [(name, meta) for name, meta in visible(store, config.tenant)
+                  if meta.key != (config.tenant, config.task)]
     ranking = rank_tasks(embedding.tensor, candidates, EmbeddingCache(store),
                          init=shared_init(loaded.model, loaded.tokenizer, recipe), recipe=recipe,
                          model_name=loaded.name)

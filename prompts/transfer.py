@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 
 from .retrieval import Match
 from .store import PromptStore
@@ -52,8 +52,8 @@ def source_prompts(store: PromptStore, matches: Sequence[Match], length: int | N
 
 
 def _describe(match: Match, weight: float | None = None) -> dict:
-    entry = {"tenant": match.meta.tenant, "task": match.meta.task, "version": match.meta.version,
-             "similarity": round(match.score, 6)}
+    entry = {"name": match.call_name, "tenant": match.meta.tenant, "task": match.meta.task,
+             "version": match.meta.version, "similarity": round(match.score, 6)}
     if weight is not None:
         entry["weight"] = round(weight, 6)
     return entry

@@ -215,7 +215,7 @@ def similar_reply_to_pb(answer) -> "pb.SimilarTasksReply":
     ranking = answer.ranking
     return pb.SimilarTasksReply(
         tasks=[
-            pb.SimilarTask(task=m.meta.task, owner=m.meta.tenant, version=m.meta.version, score=m.score,
+            pb.SimilarTask(task=m.call_name, owner=m.meta.tenant, version=m.meta.version, score=m.score,
                            shared=m.meta.shared)
             for m in ranking.matches
         ],

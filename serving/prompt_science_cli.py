@@ -20,7 +20,7 @@ from .cli import DEFAULT_TENANT, add_model_arguments, config_from_args
 
 
 def visible_tasks(store, tenant: str):
-    """The tasks `tenant` can call, exactly as serving resolves them."""
+    """(name to call it by, metadata) of every task `tenant` can call, exactly as serving resolves them."""
     from .prompt_index import PromptIndex
 
     return PromptIndex.from_store(store).visible_to(tenant)
@@ -115,13 +115,13 @@ def run_similar(args: argparse.Namespace) -> int:
         print(json.dumps({
             "similarity": answer.recipe.similarity, "compared": ranking.compared,
             "without_embedding": [f"{m.tenant}/{m.task}" for m in ranking.without_embedding],
-            "tasks": [{"task": m.meta.task, "owner": m.meta.tenant, "version": m.meta.version, "score": m.score,
+            "tasks": [{"task": m.call_name, "owner": m.meta.tenant, "version": m.meta.version, "score": m.score,
                        "shared": m.meta.shared} for m in ranking.matches],
         }))
         return 0
     print(f"{'rank':>4} {'score':>7}  task (owner, version)")
     for rank, match in enumerate(ranking.matches, start=1):
-        print(f"{rank:>4} {match.score:>7.3f}  {match.meta.task} ({match.meta.tenant}, v{match.meta.version})")
+        print(f"{rank:>4} {match.score:>7.3f}  {match.call_name} ({match.meta.tenant}, v{match.meta.version})")
     print(f"{ranking.compared} task(s) compared ({answer.recipe.similarity} cosine); "
           f"{len(ranking.without_embedding)} without a comparable embedding"
           + (" (add one with `promptmux prompts embed`)" if ranking.without_embedding else ""))

@@ -49,9 +49,11 @@ def test_similar_tasks_ranks_own_and_shared_tasks_never_another_tenants(serving,
     for tenant, others in (("globex", "acme"), ("acme", "globex")):
         reply = stub.SimilarTasks(request(pb), metadata=serving.metadata(tenant), timeout=120)
         returned = [(t.task, t.owner) for t in reply.tasks]
-        expected = {(task, tenant) for task in with_embeddings[tenant]} | {("sim-shared", "demo")}
+        # another tenant's share is called owner/task; the caller's own tasks by their bare ids
+        expected = {(task, tenant) for task in with_embeddings[tenant]} | {("demo/sim-shared", "demo")}
         assert set(returned) == expected, returned  # every visible embedded task is ranked, nothing else
-        assert not {task for task, _ in returned} & set(with_embeddings[others])
+        assert not {task.split("/")[-1] for task, _ in returned} & set(with_embeddings[others])
+        assert all(owner in (tenant, "demo") for _, owner in returned)
         scores = [t.score for t in reply.tasks]
         assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
         assert reply.compared == len(expected) and reply.without_embedding > 0  # the fixture's prompts have none
