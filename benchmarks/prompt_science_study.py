@@ -54,10 +54,10 @@ class Sizes:
     source_steps: int = 10  # from the task's own pretraining prefix: already near its best
     train_examples: int = 600
     dev_examples: int = 40
-    transfer_steps: int = 16
+    transfer_steps: int = 30
     transfer_batch: int = 16
     transfer_lr: float = 0.05
-    curve_points: tuple[int, ...] = (8, 16)
+    curve_points: tuple[int, ...] = (10, 20, 30)
     factorized_steps: int = 150
     factorized_batch: int = 16
     factorized_lr: float = 0.05
@@ -103,7 +103,7 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def run(out: Path, sizes: Sizes, threads: int) -> dict:
+def run(out: Path, sizes: Sizes, threads: int, skip_factorized: bool = False) -> dict:
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(ModelConfig(source="embedded"))
@@ -112,7 +112,7 @@ def run(out: Path, sizes: Sizes, threads: int) -> dict:
     seeds = list(range(sizes.seeds))
     n_transfer = len(TARGETS) * (len(SOURCES) + 2 * sizes.seeds) * sizes.transfer_steps
     total = (len(SOURCES) * sizes.source_steps + (2 * len(SOURCES) + len(TARGETS) * sizes.seeds) * recipe.steps
-             + n_transfer + sizes.seeds * sizes.factorized_steps)
+             + n_transfer + (0 if skip_factorized else sizes.seeds * sizes.factorized_steps))
     progress = Progress(total)
     started = time.perf_counter()
 
@@ -173,10 +173,10 @@ def run(out: Path, sizes: Sizes, threads: int) -> dict:
         config = TrainConfig(tenant="study", task=task, prompt_length=PROMPT_LENGTH, optimizer="adam",
                              lr=sizes.transfer_lr, steps=sizes.transfer_steps, batch_size=sizes.transfer_batch,
                              eval_every=sizes.curve_points[0], max_new_tokens=40, seed=seed, progress=False)
-        start, _, _ = evaluate(model, tokenizer, prompt, dev, max_new_tokens=40)
+        start, start_loss, _ = evaluate(model, tokenizer, prompt, dev, max_new_tokens=40)
         result = tune_prompt(model, tokenizer, train, dev, config, init=prompt)
-        curve = [(0, start)] + [(p.step, p.exact_match) for p in result.history if p.step in sizes.curve_points]
-        return curve
+        return [(0, start, start_loss)] + [(p.step, p.exact_match, p.loss) for p in result.history
+                                           if p.step in sizes.curve_points]
 
     def area(curve):  # mean exact match over the curve's points: area under the curve, normalised
         return statistics.fmean(em for _, em in curve)
@@ -201,6 +201,29 @@ def run(out: Path, sizes: Sizes, threads: int) -> dict:
         transfer[target] = entry
 
     # 5. factorized prompts
+    factorized = [] if skip_factorized else run_factorized(model, tokenizer, sizes, seeds, progress)
+    previous = out / "study.json"
+    progress.bar.close()
+    record = {"sizes": dataclasses.asdict(sizes), "recipe": dataclasses.asdict(recipe), "threads": threads,
+              "seconds": time.perf_counter() - started, "source_scores": source_scores,
+              "similarity": {m: {**{k: v for k, v in s.items() if k != "sim"},
+                                 "pairs": [[f"{a[0]}/{a[1]}", f"{b[0]}/{b[1]}", v] for (a, b), v in s["sim"].items()]}
+                             for m, s in similarity.items()},
+              "transfer": transfer,
+              "factorized": [{f"{lang}+{arr}": em for (lang, arr), em in run.items()} for run in factorized]}
+    if skip_factorized:  # keep the factorized results of the previous run in OUT
+        old = json.loads(previous.read_text())
+        record["factorized"], record["factorized_sizes"] = old["factorized"], old.get("factorized_sizes", old["sizes"])
+    else:
+        record["factorized_sizes"] = dataclasses.asdict(sizes)
+    (out / "study.json").write_text(json.dumps(record))
+    write_report(out, record)
+    return record
+
+
+
+def run_factorized(model, tokenizer, sizes: Sizes, seeds: list[int], progress: "Progress") -> list[dict]:
+    """Train language and task prompts jointly on 9 pairs; score all 12 pairs composed."""
     def pairs(count_seed: int, count: int, which):
         return {(lang, arr): pair_examples(lang, arr, count, seed=count_seed * 100 + i)
                 for i, (lang, arr) in enumerate(which)}
@@ -219,19 +242,20 @@ def run(out: Path, sizes: Sizes, threads: int) -> dict:
         dev = pairs(seed + 50, sizes.dev_examples, all_pairs)
         factorized.append(evaluate_pairs(model, tokenizer, result, dev, config))
         progress.advance(sizes.factorized_steps, f"factorized/{seed}")
+    return factorized
 
+
+def factorized_only(out: Path, sizes: Sizes, threads: int) -> None:
+    """Rerun the factorized part alone into OUT/factorized.json (merged by --report-only)."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(ModelConfig(source="embedded"))
+    progress = Progress(sizes.seeds * sizes.factorized_steps)
+    runs = run_factorized(loaded.model, loaded.tokenizer, sizes, list(range(sizes.seeds)), progress)
     progress.bar.close()
-    record = {"sizes": dataclasses.asdict(sizes), "recipe": dataclasses.asdict(recipe), "threads": threads,
-              "seconds": time.perf_counter() - started, "source_scores": source_scores,
-              "similarity": {m: {**{k: v for k, v in s.items() if k != "sim"},
-                                 "pairs": [[f"{a[0]}/{a[1]}", f"{b[0]}/{b[1]}", v] for (a, b), v in s["sim"].items()]}
-                             for m, s in similarity.items()},
-              "transfer": transfer,
-              "factorized": [{f"{lang}+{arr}": em for (lang, arr), em in run.items()} for run in factorized]}
-    (out / "study.json").write_text(json.dumps(record))
-    write_report(out, record)
-    return record
-
+    (out / "factorized.json").write_text(json.dumps({
+        "factorized": [{f"{lang}+{arr}": em for (lang, arr), em in run.items()} for run in runs],
+        "factorized_sizes": dataclasses.asdict(sizes)}))
 
 def _meta(task: str) -> PromptMeta:
     return PromptMeta(tenant="study", task=task, version=1, content_hash="", d_model=0, length=PROMPT_LENGTH,
@@ -290,68 +314,86 @@ def write_report(out: Path, record: dict) -> None:
                      f"{stats['different_task']:.2f} |")
     lines.append("")
 
-    # retrieval and transfer
-    gains_x, gains_y, top3_hits, beats = [], [], 0, []
+    # retrieval and transfer. At a small budget exact match is often still 0 everywhere, so a
+    # source's gain is also measured in dev loss (lower is better), which moves from the first step.
+    sizes = record["sizes"]
+    top3_hits, beats, beats_loss, gains_x, gains_y = 0, [], [], [], []
     lines += ["## Retrieval and transfer", "",
-              f"Budget: {record['sizes']['transfer_steps']} Adam steps (lr {record['sizes']['transfer_lr']}, batch "
-              f"{record['sizes']['transfer_batch']}); exact match on {record['sizes']['dev_examples']} fresh dev "
-              "strings. Gain = exact match at the budget from the source, minus from the vocabulary init (mean of seeds).",
-              "", "| target | best source (EM at budget) | retrieved top 3 (seed 0) | best in top 3 | vocab init | "
-              "retrieved init | retrieved - vocab | Spearman(sim, gain) |", "|---|---|---|---|---:|---:|---:|---:|"]
+              f"Budget: {sizes['transfer_steps']} Adam steps (lr {sizes['transfer_lr']}, batch "
+              f"{sizes['transfer_batch']}), the same for every init; dev exact match (EM) and dev loss on "
+              f"{sizes['dev_examples']} fresh strings. The best source is the one with the highest EM at the budget, "
+              "then the lowest dev loss; its gain is the dev-loss drop against the vocabulary init (mean of seeds).",
+              "", "| target | best source (EM, loss) | retrieved top 3 (seed 0) | best in top 3 | vocab init EM | "
+              "retrieved init EM | vocab init loss | retrieved init loss | Spearman(sim, loss gain) |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=110)
     for target, entry in record["transfer"].items():
-        vocab_final = [c[-1][1] for c in entry["vocab"]]
-        retrieved_final = [c[-1][1] for c in entry["retrieved"]]
-        from_source = {s: c[-1][1] for s, c in entry["from_source"].items()}
-        best = max(from_source, key=from_source.get)
-        top3 = [s for s, _ in entry["retrieved_sources"][0]]
-        hit = best in top3
+        vocab_em = [c[-1][1] for c in entry["vocab"]]
+        retrieved_em = [c[-1][1] for c in entry["retrieved"]]
+        vocab_loss = [c[-1][2] for c in entry["vocab"]]
+        retrieved_loss = [c[-1][2] for c in entry["retrieved"]]
+        final = {s: (c[-1][1], c[-1][2]) for s, c in entry["from_source"].items()}
+        best = max(final, key=lambda s: (final[s][0], -final[s][1]))
+        tops = [[s for s, _ in ranked] for ranked in entry["retrieved_sources"]]
+        hit = best in tops[0]
         top3_hits += hit
         xs = [sim[((target, 0), (s, 0))] for s in SOURCES]
-        ys = [from_source[s] - statistics.fmean(vocab_final) for s in SOURCES]
+        ys = [statistics.fmean(vocab_loss) - final[s][1] for s in SOURCES]
         gains_x += xs
         gains_y += ys
         axis.scatter(xs, ys, label=target, s=18)
-        diff = statistics.fmean(retrieved_final) - statistics.fmean(vocab_final)
-        beats.append(diff)
-        lines.append(f"| {target} | {best} ({from_source[best]:.2f}) | {', '.join(top3)} | {'yes' if hit else 'no'} | "
-                     f"{mean_sd(vocab_final)} | {mean_sd(retrieved_final)} | {diff:+.2f} | {spearman(xs, ys):.2f} |")
+        beats.append(statistics.fmean(retrieved_em) - statistics.fmean(vocab_em))
+        beats_loss.append(statistics.fmean(vocab_loss) - statistics.fmean(retrieved_loss))
+        seeds_hit = sum(best in top for top in tops)
+        lines.append(f"| {target} | {best} ({final[best][0]:.2f}, {final[best][1]:.2f}) | {', '.join(tops[0])} | "
+                     f"{'yes' if hit else 'no'} ({seeds_hit}/{len(tops)} seeds) | {mean_sd(vocab_em)} | "
+                     f"{mean_sd(retrieved_em)} | {mean_sd(vocab_loss)} | {mean_sd(retrieved_loss)} | "
+                     f"{spearman(xs, ys):.2f} |")
     axis.axhline(0, color="grey", linewidth=0.8)
     axis.set_xlabel(f"task-embedding similarity ({method})")
-    axis.set_ylabel("exact-match gain over vocab init at the budget")
+    axis.set_ylabel("dev-loss drop vs vocab init at the budget")
     axis.set_title("transfer gain against similarity (each point: one source)")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(plots / "transfer-gain-vs-similarity.png")
     plt.close(figure)
     pooled = spearman(gains_x, gains_y)
+    em_wins = sum(d >= 0.10 for d in beats)
     lines += ["", f"Best source in the retrieved top 3: **{top3_hits} of {len(TARGETS)}** targets (target >= 3). "
-              f"Retrieved init beats the vocabulary init by >= 0.10 on **{sum(d >= 0.10 for d in beats)} of "
-              f"{len(TARGETS)}** targets (target >= 2). Spearman of similarity and gain, pooled: {pooled:.2f}.", "",
+              f"Retrieved init beats the vocabulary init by >= 0.10 exact match on **{em_wins} of {len(TARGETS)}** "
+              f"targets (target >= 2); it has the lower dev loss on {sum(d > 0 for d in beats_loss)} of "
+              f"{len(TARGETS)} (mean drop {statistics.fmean(beats_loss):.2f}). Spearman of similarity and loss gain, "
+              f"pooled over targets and sources: {pooled:.2f}.", "",
               "![transfer gain against similarity](plots/transfer-gain-vs-similarity.png)", ""]
-    record["summary"] = {"best_in_top3": top3_hits, "retrieved_beats_vocab_by_0.10": sum(d >= 0.10 for d in beats),
-                         "spearman_pooled": pooled}
+    record["summary"] = {"best_in_top3": top3_hits, "retrieved_beats_vocab_by_0.10": em_wins,
+                         "retrieved_lower_loss": sum(d > 0 for d in beats_loss), "spearman_pooled": pooled,
+                         "self_first": {m: f"{v['self_first']}/{v['queries']}" for m, v in record["similarity"].items()}}
 
-    # learning curves
-    figure, axes = plt.subplots(1, len(TARGETS), figsize=(3.2 * len(TARGETS), 3.2), dpi=110, sharey=True)
-    for axis, (target, entry) in zip(axes, record["transfer"].items()):
-        for name, curves, color in (("vocab init", entry["vocab"], "tab:grey"),
-                                    ("retrieved top-3", entry["retrieved"], "tab:green")):
-            steps = [s for s, _ in curves[0]]
-            values = [[c[i][1] for c in curves] for i in range(len(steps))]
-            means = [statistics.fmean(v) for v in values]
-            spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            axis.plot(steps, means, "o-", color=color, label=name, markersize=3)
-            axis.fill_between(steps, [m - s for m, s in zip(means, spreads)],
-                              [m + s for m, s in zip(means, spreads)], color=color, alpha=0.2)
-        best = max(entry["from_source"], key=lambda s: entry["from_source"][s][-1][1])
-        curve = entry["from_source"][best]
-        axis.plot([s for s, _ in curve], [e for _, e in curve], "s--", color="tab:blue", markersize=3,
-                  label=f"best source ({best})")
-        axis.set_title(target, fontsize=9)
-        axis.set_xlabel("step")
-        axis.legend(fontsize=6)
-    axes[0].set_ylabel("dev exact match (mean ± sd over seeds)")
+    # learning curves (dev loss: it moves where exact match is still flat)
+    figure, axes = plt.subplots(2, len(TARGETS), figsize=(3.2 * len(TARGETS), 5.6), dpi=110, sharex=True)
+    for column, (target, entry) in enumerate(record["transfer"].items()):
+        best = max(entry["from_source"], key=lambda s: (entry["from_source"][s][-1][1], -entry["from_source"][s][-1][2]))
+        for row, (index, label) in enumerate(((2, "dev loss"), (1, "dev exact match"))):
+            axis = axes[row][column]
+            for name, curves, color in (("vocab init", entry["vocab"], "tab:grey"),
+                                        ("retrieved top-3", entry["retrieved"], "tab:green")):
+                steps = [p[0] for p in curves[0]]
+                values = [[c[i][index] for c in curves] for i in range(len(steps))]
+                means = [statistics.fmean(v) for v in values]
+                spreads = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+                axis.plot(steps, means, "o-", color=color, label=name, markersize=3)
+                axis.fill_between(steps, [m - s for m, s in zip(means, spreads)],
+                                  [m + s for m, s in zip(means, spreads)], color=color, alpha=0.2)
+            curve = entry["from_source"][best]
+            axis.plot([p[0] for p in curve], [p[index] for p in curve], "s--", color="tab:blue", markersize=3,
+                      label=f"best source ({best})")
+            if row == 0:
+                axis.set_title(target, fontsize=9)
+                axis.legend(fontsize=6)
+            else:
+                axis.set_xlabel("step")
+            if column == 0:
+                axis.set_ylabel(f"{label} (mean ± sd)")
     figure.tight_layout()
     figure.savefig(plots / "learning-curves.png")
     plt.close(figure)
@@ -378,9 +420,11 @@ def write_report(out: Path, record: dict) -> None:
     plt.close(figure)
     trained = [p for p in ((l, a) for l in LANGUAGES for a in ARRANGEMENTS) if p not in HELD_OUT_PAIRS]
     trained_means = [statistics.fmean(r[f"{l}+{a}"] for r in runs) for l, a in trained]
+    fsizes = record.get("factorized_sizes", record["sizes"])
     lines += ["## Factorized prompts", "",
-              f"{len(trained)} pairs trained jointly for {record['sizes']['factorized_steps']} steps "
-              f"({record['sizes']['factorized_rows'] // 2} + {record['sizes']['factorized_rows'] // 2} rows); "
+              f"{len(trained)} pairs trained jointly for {fsizes['factorized_steps']} steps of batch "
+              f"{fsizes.get('factorized_batch', 16)} at Adam lr {fsizes.get('factorized_lr', 0.05)} "
+              f"({fsizes['factorized_rows'] // 2} + {fsizes['factorized_rows'] // 2} rows); "
               f"{len(HELD_OUT_PAIRS)} pairs never trained together, composed at test time.", "",
               "| pair | kind | dev exact match per seed | mean ± sd |", "|---|---|---|---:|"]
     for lang in LANGUAGES:
@@ -406,16 +450,28 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--report-only", action="store_true", help="redraw the report from OUT/study.json")
+    parser.add_argument("--factorized-only", action="store_true",
+                        help="run only the factorized part into OUT/factorized.json (--report-only merges it)")
+    parser.add_argument("--factorized-steps", type=int, help="override the factorized training steps")
+    parser.add_argument("--skip-factorized", action="store_true",
+                        help="rerun everything but the factorized part, keeping its results from OUT/study.json")
     args = parser.parse_args(argv)
-    if args.report_only:
-        record = json.loads((args.out / "study.json").read_text())
-        write_report(args.out, record)
-        print(f"report: {args.out / 'report.md'}  summary: {json.dumps(record['summary'])}")
-        return 0
     sizes = QUICK if args.quick else Sizes()
     if args.seeds:
         sizes = dataclasses.replace(sizes, seeds=args.seeds)
-    record = run(args.out, sizes, args.threads)
+    if args.factorized_steps:
+        sizes = dataclasses.replace(sizes, factorized_steps=args.factorized_steps)
+    if args.factorized_only:
+        factorized_only(args.out, sizes, args.threads)
+        return 0
+    if args.report_only:
+        record = json.loads((args.out / "study.json").read_text())
+        if (args.out / "factorized.json").exists():  # a later --factorized-only run replaces the part
+            record.update(json.loads((args.out / "factorized.json").read_text()))
+        write_report(args.out, record)
+        print(f"report: {args.out / 'report.md'}  summary: {json.dumps(record['summary'])}")
+        return 0
+    record = run(args.out, sizes, args.threads, args.skip_factorized)
     print(f"report: {args.out / 'report.md'}  summary: {json.dumps(record['summary'])}")
     return 0
 
