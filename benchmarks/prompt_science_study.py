@@ -1,7 +1,7 @@
 """The prompt-science study on the embedded model: task embeddings, SPoT retrieval and
 transfer, factorized prompts. Writes a markdown report with plots.
 
-    ./dev python -m promptmux.benchmarks.prompt_science_study            # about 15 min on 2 cores
+    ./dev python -m promptmux.benchmarks.prompt_science_study            # about 26 min, one thread of a busy 2-core CPU
     ./dev python -m promptmux.benchmarks.prompt_science_study --quick    # a smoke run, about 1 min
 
 What it does, on the frozen embedded model (4.8M parameters, byte-level T5):
@@ -58,7 +58,7 @@ class Sizes:
     transfer_batch: int = 16
     transfer_lr: float = 0.05
     curve_points: tuple[int, ...] = (10, 20, 30)
-    factorized_steps: int = 150
+    factorized_steps: int = 400
     factorized_batch: int = 16
     factorized_lr: float = 0.05
     factorized_rows: int = 12  # 6 language + 6 task rows, as the paper's 50 + 50 scaled down
@@ -440,6 +440,9 @@ def write_report(out: Path, record: dict) -> None:
     record["summary"].update({"trained_pairs_min": min(trained_means), "trained_pairs_mean": statistics.fmean(trained_means),
                               "best_unseen_pair": f"{unseen_best[0]}+{unseen_best[1]}", "best_unseen": unseen_value})
     (out / "study.json").write_text(json.dumps(record))
+    notes = out / "notes.md"  # the reading of these figures, written by whoever ran the study
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
