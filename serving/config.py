@@ -79,6 +79,10 @@ class EngineConfig:
     # once per forward (kernels/t5_attention_bias.py; 1.4x eager on CPU, equal tokens).
     # "model": leave the model's own attention implementation untouched.
     attention: Literal["merged-bias", "model"] = "merged-bias"
+    # How the step loop (serving/step_engine.py) runs its decoder forward: "cuda-graphs"
+    # (captured per padded shape), "compile" (torch.compile), "none" (eager). "auto" is
+    # cuda-graphs on CUDA and eager on CPU, the only mode there (see serving/decode_graphs.py).
+    decode_graphs: Literal["auto", "cuda-graphs", "compile", "none"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_new_tokens_limit", "max_batch_size"):
