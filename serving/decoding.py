@@ -3,7 +3,9 @@
 Choice: the whole batch is encoded once; rows are then decoded in groups that share a
 decoding program, with per-row parameters inside each group:
 - greedy rows: one loop, per-row max_new_tokens;
-- sampling rows: one loop, per-row temperature, top-p and max_new_tokens;
+- sampling rows: one loop, per-row temperature, top-p, max_new_tokens and random stream
+  (PerRowSampler: each row draws from its own seed, so its tokens never depend on its
+  batch-mates; the step loop samples with the same function, serving/sampling.py);
 - beam rows: one loop per (num_beams, length_penalty, max_new_tokens), because a beam
   search's result depends on its length budget.
 So a batch runs at most 2 + (number of distinct beam settings) decoder loops, never one per
@@ -19,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from .requests import GenerationParams
+from .sampling import SAMPLING_DTYPE, sample_rows, seed_words
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,9 @@ def generation_config(key: DecodeGroupKey, params: Sequence[GenerationParams], b
         config.early_stopping = True
     else:
         config.num_beams = 1
-        config.do_sample = key.strategy == "sample"
+        # Sampling rows pick their token in PerRowSampler and leave only it unmasked, so
+        # generate's own argmax takes it: no shared RNG is drawn from.
+        config.do_sample = False
     return config
 
 
@@ -73,21 +78,28 @@ class PerRowMaxNewTokens(StoppingCriteria):
         return generated >= self.limits
 
 
-class PerRowTemperatureTopP(LogitsProcessor):
-    """Temperature and nucleus filtering with one value per row, in one vectorised pass."""
+class PerRowSampler(LogitsProcessor):
+    """Samples each row with its own temperature, top-p and random stream
+    (`sampling.sample_rows`), then masks every other token: generate's greedy pick takes it.
 
-    def __init__(self, temperature: torch.Tensor, top_p: torch.Tensor) -> None:
-        self.temperature = temperature[:, None]  # [Bg, 1]
-        self.top_p = top_p[:, None]  # [Bg, 1]
+    A row's k-th token is drawn with the uniform of (its seed, k), exactly as in the step
+    loop, so a seeded request gives the same tokens alone, in any batch, on either path."""
+
+    def __init__(self, params: Sequence[GenerationParams], seeds: Sequence[int], device: torch.device,
+                 start_length: int) -> None:
+        self.temperature = torch.tensor([p.temperature for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
+        self.top_p = torch.tensor([p.top_p for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
+        self.seeds = torch.tensor([seed_words(s) for s in seeds], dtype=torch.long).to(device)  # [Bg, 2]
+        self.greedy = torch.zeros(len(params), dtype=torch.bool, device=device)  # [Bg]
+        self.filter_top_p = any(p.top_p < 1.0 for p in params)
+        self.start_length = start_length  # decoder tokens before the first generated one
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores / self.temperature  # [Bg, V]
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the mass before it already reaches top_p; the top token always stays.
-        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= self.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)  # back to vocab order
-        return scores.masked_fill(drop, float("-inf"))
+        counters = torch.full_like(self.seeds[:, 0], input_ids.shape[1] - self.start_length)  # [Bg]
+        tokens = sample_rows(scores, self.greedy, self.temperature, self.top_p, self.seeds, counters,
+                             filter_top_p=self.filter_top_p)  # [Bg]
+        chosen = torch.full_like(scores, float("-inf"))  # [Bg, V]
+        return chosen.scatter(1, tokens[:, None], 0.0)
 
 
 class TokenStreamer(BaseStreamer):

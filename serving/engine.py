@@ -25,7 +25,7 @@ from promptmux.prompts.store import PromptStore
 from .config import EngineConfig, PromptmuxConfig
 from .decoding import (
     PerRowMaxNewTokens,
-    PerRowTemperatureTopP,
+    PerRowSampler,
     TokenStreamer,
     generation_config,
     group_key,
@@ -35,6 +35,7 @@ from .model_loading import LoadedModel, load_model
 from .prompt_bank import Lease, PromptBank, merge_leases
 from .prompt_index import PromptIndex
 from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
+from .sampling import check_sampling_params, row_seed
 
 TokenCallback = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ class Engine:
             raise InvalidRequestError("the request text is empty; send the input text to run the task on")
         check_id("tenant", request.tenant)
         request.params.validate(self.config.max_new_tokens_limit)
+        check_sampling_params(request.params)  # in float32, where sampling runs
         metas = [prompts.resolve(request.tenant, task) for task in request.prompt_task_ids]
         for meta in metas:
             if meta.d_model != self.loaded.d_model:
@@ -316,12 +318,9 @@ class Engine:
             limits = torch.tensor([p.max_new_tokens for p in params], device=hidden.device)
             kwargs["stopping_criteria"] = [PerRowMaxNewTokens(limits, start_length=1)]
         if key.strategy == "sample":
-            temperature = torch.tensor([p.temperature for p in params], device=hidden.device)
-            top_p = torch.tensor([p.top_p for p in params], device=hidden.device)
-            kwargs["logits_processor"] = [PerRowTemperatureTopP(temperature, top_p)]
-            seed = next((p.seed for p in params if p.seed is not None), None)
-            if seed is not None:
-                torch.manual_seed(seed)
+            # Each row its own random stream: a seeded row no longer depends on its batch-mates.
+            seeds = [row_seed(p) for p in params]
+            kwargs["logits_processor"] = [PerRowSampler(params, seeds, hidden.device, start_length=1)]
         if on_token is not None and key.strategy != "beam":
             kwargs["streamer"] = TokenStreamer(
                 lambda row, token: on_token(prepared[group_rows[row]].index, token),

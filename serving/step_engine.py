@@ -306,6 +306,7 @@ class StepEngine:
         )
         return events
 
+    @torch.inference_mode()
     def cancel(self, handle: Hashable) -> bool:
         """Free the request's slot now (the caller went away). No event. False if unknown."""
         index = self._row_of.get(handle)

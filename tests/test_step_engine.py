@@ -1,0 +1,305 @@
+"""The step loop: every row of a busy, ever-changing batch gives what it gets alone.
+
+References are Hugging Face `generate` for the request alone (`Engine.run_batch` with one
+prepared request: the static path, encoder + generate, in fp32)."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from promptmux.prompts.store import PromptStore
+from promptmux.serving.config import EngineConfig, ModelConfig
+from promptmux.serving.decode_graphs import resolve_decode_graphs
+from promptmux.serving.demo_prompts import seed_demo_prompts
+from promptmux.serving.engine import Engine
+from promptmux.serving.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
+from promptmux.serving.model_loading import load_model
+from promptmux.serving.requests import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
+from promptmux.serving.step_engine import StepEngine
+
+PROMPT_LENGTHS = {"p1": 1, "p23": 23, "p64": 64, "p100": 100}  # plus None: no prompt at all
+GREEDY = GenerationParams(max_new_tokens=64)
+
+
+def make_engine(source: str, tmp_path_factory, device: str = "cpu", **config) -> Engine:
+    loaded = load_model(ModelConfig(source=source, dtype="float32", device=device))
+    store = PromptStore(tmp_path_factory.mktemp("store"), d_model=loaded.d_model, max_length=128)
+    generator = torch.Generator().manual_seed(3)
+    for task, length in PROMPT_LENGTHS.items():
+        store.register("acme", task, 0.05 * torch.randn(length, loaded.d_model, generator=generator))
+    if source == "embedded":
+        seed_demo_prompts(store)
+    settings = dict(max_batch_size=4, max_input_tokens=128, max_new_tokens_limit=64, prompt_cache_rows=1024)
+    settings.update(config)
+    return Engine(loaded, store, EngineConfig(**settings))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Engine:
+    return make_engine("embedded", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def t5_small(tmp_path_factory) -> Engine:
+    return make_engine("random:t5-small", tmp_path_factory)
+
+
+def prepared_request(engine: Engine, rng: random.Random, *, task: str | None, input_tokens: int,
+                     params: GenerationParams, tenant: str = "acme", name: str = "") -> PreparedRequest:
+    """A request of exactly `input_tokens` encoder tokens (byte ids, then EOS)."""
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(input_tokens - 1))
+    prepared = engine.prepare(GenerationRequest(tenant=tenant, text=text or "x", task=task, params=params,
+                                                request_id=name))
+    return dataclasses.replace(prepared, token_ids=prepared.token_ids[-input_tokens:])  # 1 token: EOS alone
+
+
+def alone(engine: Engine, prepared: PreparedRequest) -> GenerationResult:
+    result = engine.run_batch([prepared]).results[0]
+    assert isinstance(result, GenerationResult), result
+    return result
+
+
+def drive(step_engine: StepEngine, arrivals: dict[int, list[tuple[object, PreparedRequest]]],
+          cancel_at: dict[int, list[object]] | None = None) -> dict[object, GenerationResult | PromptmuxError]:
+    """Run the engine until all work is done. `arrivals[k]` join the queue before step k and
+    are admitted as slots free up; `cancel_at[k]` are cancelled before step k. Checks that
+    every request's streamed tokens add up to its result and that it ends exactly once."""
+    queue: list[tuple[object, PreparedRequest]] = []
+    done: dict[object, GenerationResult | PromptmuxError] = {}
+    streamed: dict[object, list[int]] = {}
+    step = 0
+    while step <= max(arrivals, default=0) or queue or step_engine.active_slots:
+        queue.extend(arrivals.get(step, []))
+        for handle in (cancel_at or {}).get(step, []):
+            free = step_engine.free_slots
+            assert step_engine.cancel(handle)
+            assert step_engine.free_slots == free + 1
+            assert not step_engine.cancel(handle)
+            done[handle] = None  # type: ignore[assignment]
+        take = min(len(queue), step_engine.free_slots)
+        if take:
+            batch, queue = queue[:take], queue[take:]
+            for event in step_engine.admit(batch):
+                assert event.new_tokens == [] and event.handle not in done
+                done[event.handle] = event.done
+        for event in step_engine.step():
+            assert event.handle not in done, f"{event.handle} produced after it ended"
+            assert len(event.new_tokens) == 1
+            streamed.setdefault(event.handle, []).extend(event.new_tokens)
+            if event.done is not None:
+                done[event.handle] = event.done
+                assert event.done.token_ids == streamed[event.handle]
+        step += 1
+        assert step < 1000
+    assert step_engine.free_slots == step_engine.cache.slots
+    return done
+
+
+def mixed_arrivals(engine: Engine, seed: int, count: int, sampling_every: int = 3, longest: int = 64):
+    """`count` requests over prompt lengths 0..100, inputs 1..128 and max_new_tokens 1..64
+    (one of 64, one of 1, the rest up to `longest`), arriving over several steps; every
+    `sampling_every`-th one samples."""
+    rng = random.Random(seed)
+    tasks = [None, *PROMPT_LENGTHS]
+    inputs = [1, 128] + [rng.randint(1, 128) for _ in range(count - 2)]
+    budgets = [64, 1] + [rng.randint(1, longest) for _ in range(count - 2)]
+    arrivals: dict[int, list] = {}
+    requests = {}
+    for i in range(count):
+        params = dataclasses.replace(GREEDY, max_new_tokens=budgets[i])
+        if i % sampling_every == sampling_every - 1:
+            params = dataclasses.replace(params, strategy="sample", temperature=1.3, top_p=0.9, seed=i)
+        prepared = prepared_request(engine, rng, task=tasks[i % len(tasks)], input_tokens=inputs[i], params=params,
+                                    name=f"r{i}")
+        requests[f"r{i}"] = prepared
+        arrivals.setdefault(rng.choice([0, 0, 1, 3, 7, 12]), []).append((f"r{i}", prepared))
+    return requests, arrivals
+
+
+@pytest.mark.parametrize("model", ["embedded", "t5_small"])
+def test_greedy_rows_equal_generate_alone_with_staggered_admission(model, request):
+    engine = request.getfixturevalue(model)
+    count = 12 if model == "embedded" else 6
+    requests, arrivals = mixed_arrivals(engine, seed=11, count=count, longest=64 if model == "embedded" else 24)
+    step_engine = StepEngine(engine)
+    results = drive(step_engine, arrivals)
+    greedy = 0
+    for name, prepared in requests.items():
+        result = results[name]
+        assert isinstance(result, GenerationResult), result
+        assert 1 <= len(result.token_ids) <= prepared.params.max_new_tokens
+        assert result.request_id == name and result.input_tokens == len(prepared.token_ids)
+        if prepared.params.strategy == "greedy":
+            assert result.token_ids == alone(engine, prepared).token_ids, name
+            greedy += 1
+    assert greedy >= count * 2 // 3
+    assert len({tuple(r.token_ids) for r in results.values()}) > count // 2  # outputs really differ
+
+
+def test_demo_tasks_stop_at_eos_and_match_generate(embedded):
+    """The trained embedded model ends its answers with EOS: rows leave at their own EOS."""
+    texts = {"reverse": "hello42", "upper": "promptmux", "copy": "step by step", "rotate": "abcdefgh",
+             "caesar": "xyz", "reverse-upper": "slots"}
+    step_engine = StepEngine(embedded)
+    arrivals = {}
+    prepared = {}
+    for i, (task, text) in enumerate(texts.items()):
+        prepared[task] = embedded.prepare(GenerationRequest(tenant="acme", text=text, task=task, params=GREEDY))
+        arrivals.setdefault(i, []).append((task, prepared[task]))
+    results = drive(step_engine, arrivals)
+    assert results["reverse"].text == "24olleh" and results["upper"].text == "PROMPTMUX"
+    for task, result in results.items():
+        assert result.finish_reason == "eos" and result.token_ids[-1] == embedded.eos_token_id
+        assert result.token_ids == alone(embedded, prepared[task]).token_ids
+
+
+def sampled_request(engine: Engine, seed: int | None, rng_seed: int, task: str | None = "p23") -> PreparedRequest:
+    params = GenerationParams(max_new_tokens=24, strategy="sample", temperature=1.5, top_p=0.95, seed=seed)
+    return prepared_request(engine, random.Random(rng_seed), task=task, input_tokens=40, params=params)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_full_busy_engine(embedded):
+    target = sampled_request(embedded, seed=1234, rng_seed=0)
+    lone = drive(StepEngine(embedded), {0: [("target", target)]})["target"]
+    greedy = drive(StepEngine(embedded), {0: [("greedy", dataclasses.replace(
+        target, request=dataclasses.replace(target.request, params=GREEDY)))]})["greedy"]
+    assert lone.token_ids != greedy.token_ids[: len(lone.token_ids)]  # it really samples
+
+    # Full and busy: every slot taken by greedy, seeded and unseeded sampling rows that come and
+    # go; the target arrives late (so it sits in a different slot) and rows around it move.
+    rng = random.Random(5)
+    crowd = []
+    for i in range(9):
+        params = [GREEDY, dataclasses.replace(target.params, seed=i), dataclasses.replace(target.params, seed=None)][i % 3]
+        params = dataclasses.replace(params, max_new_tokens=rng.randint(1, 30))
+        crowd.append((f"c{i}", prepared_request(embedded, rng, task=rng.choice([None, "p1", "p64"]),
+                                                input_tokens=rng.randint(1, 60), params=params)))
+    step_engine = StepEngine(embedded)
+    results = drive(step_engine, {0: crowd[:4], 2: [("target", target)] + crowd[4:]})
+    assert results["target"].token_ids == lone.token_ids
+    # The static path draws each row from the same per-row stream.
+    assert alone(embedded, target).token_ids == lone.token_ids
+
+
+def test_static_path_seeded_sampling_no_longer_depends_on_batch_mates(embedded):
+    target = sampled_request(embedded, seed=77, rng_seed=1)
+    lone = alone(embedded, target)
+    mates = [sampled_request(embedded, seed=s, rng_seed=10 + i, task=t)
+             for i, (s, t) in enumerate([(None, "p1"), (5, None), (77, "p100"), (None, "p64")])]
+    for batch in ([mates[0], target], [target, *mates[:3]], [*mates[1:], target]):
+        results = embedded.run_batch(batch).results
+        assert results[batch.index(target)].token_ids == lone.token_ids
+
+
+def test_cancelled_slot_is_freed_and_neighbours_are_unchanged(embedded):
+    rng = random.Random(8)
+    requests = [(f"r{i}", prepared_request(embedded, rng, task=["p1", None, "p100", "p23"][i],
+                                           input_tokens=rng.randint(1, 90),
+                                           params=dataclasses.replace(GREEDY, max_new_tokens=40)))
+                for i in range(4)]
+    late = ("late", prepared_request(embedded, rng, task="p64", input_tokens=33, params=GREEDY))
+    reference = drive(StepEngine(embedded), {0: requests, 20: [late]})
+    step_engine = StepEngine(embedded)
+    # r0 sits in row 0: freeing it moves the last active row into its place.
+    cancelled = drive(step_engine, {0: requests, 20: [late]}, cancel_at={5: ["r0"]})
+    assert cancelled["r0"] is None
+    for name in ("r1", "r2", "r3", "late"):
+        assert cancelled[name].token_ids == reference[name].token_ids, name
+    assert not step_engine.cancel("never-admitted")
+
+
+def test_poisoned_requests_fail_alone_in_admit(embedded):
+    store = embedded.store
+    generator = torch.Generator().manual_seed(9)
+    for task in ("doomed", "corrupt"):
+        store.register("acme", task, 0.05 * torch.randn(9, embedded.loaded.d_model, generator=generator))
+    embedded.refresh_prompts()
+    rng = random.Random(4)
+    good = [prepared_request(embedded, rng, task=t, input_tokens=n, params=p) for t, n, p in [
+        ("p23", 30, GREEDY), (None, 5, dataclasses.replace(GREEDY, max_new_tokens=9)),
+        ("p100", 77, dataclasses.replace(GREEDY, strategy="sample", seed=3, temperature=0.7))]]
+    deleted = prepared_request(embedded, rng, task="doomed", input_tokens=12, params=GREEDY)
+    corrupt = prepared_request(embedded, rng, task="corrupt", input_tokens=12, params=GREEDY)
+    cold = dataclasses.replace(good[0], request=dataclasses.replace(
+        good[0].request, params=GenerationParams(strategy="sample", temperature=1e-300)))  # 0 in float32
+    beam = dataclasses.replace(good[1], request=dataclasses.replace(
+        good[1].request, params=GenerationParams(strategy="beam", num_beams=3)))
+    # After the requests resolved their versions, before admission: one prompt is deleted, one
+    # unreadable. A fresh engine's bank has neither cached.
+    store.delete("acme", "doomed")
+    meta = corrupt.prompts[0]
+    store._version_file(meta.tenant, meta.task, meta.version).write_bytes(b"not a safetensors file")
+    try:
+        step_engine = StepEngine(Engine(embedded.loaded, store, dataclasses.replace(embedded.config, max_batch_size=8)))
+        events = step_engine.admit([("g0", good[0]), ("deleted", deleted), ("g1", good[1]), ("corrupt", corrupt),
+                                    ("cold", cold), ("beam", beam), ("g2", good[2])])
+    finally:
+        store.delete("acme", "corrupt")
+    failed = {e.handle: e.done for e in events}
+    assert set(failed) == {"deleted", "corrupt", "cold", "beam"}
+    assert all(e.new_tokens == [] for e in events)
+    assert isinstance(failed["deleted"], TaskNotFoundError)
+    assert isinstance(failed["corrupt"], PromptmuxError) and "could not be loaded" in str(failed["corrupt"])
+    assert isinstance(failed["cold"], InvalidRequestError) and "float32" in str(failed["cold"])
+    assert isinstance(failed["beam"], InvalidRequestError) and "Engine.run_batch" in str(failed["beam"])
+    assert step_engine.active_slots == 3 and step_engine.last_stats.admitted == 3
+    assert step_engine.last_stats.encoder_tokens == (23 + 30) + 5 + (100 + 77)
+    results = drive(step_engine, {})
+    for name, prepared in zip(("g0", "g1", "g2"), good):
+        lone = drive(StepEngine(embedded), {0: [(name, prepared)]})[name]
+        assert results[name].token_ids == lone.token_ids, name
+    assert results["g0"].token_ids == alone(embedded, good[0]).token_ids
+
+
+def test_a_prompt_too_big_for_the_bank_fails_alone(embedded):
+    small_bank = Engine(embedded.loaded, embedded.store, dataclasses.replace(embedded.config, prompt_cache_rows=64))
+    rng = random.Random(6)
+    oversized = prepared_request(small_bank, rng, task="p100", input_tokens=10, params=GREEDY)
+    goods = [prepared_request(small_bank, rng, task=t, input_tokens=20, params=GREEDY) for t in ("p23", None)]
+    step_engine = StepEngine(small_bank)
+    results = drive(step_engine, {0: [("g0", goods[0]), ("big", oversized), ("g1", goods[1])]})
+    assert isinstance(results["big"], ResourceExhaustedError) and "engine.prompt_cache_rows" in str(results["big"])
+    for name, prepared in zip(("g0", "g1"), goods):
+        assert results[name].token_ids == alone(embedded, prepared).token_ids
+
+
+def test_admit_refuses_more_requests_than_free_slots(embedded):
+    step_engine = StepEngine(embedded)
+    rng = random.Random(2)
+    items = [(i, prepared_request(embedded, rng, task=None, input_tokens=3, params=GREEDY)) for i in range(5)]
+    with pytest.raises(InvalidRequestError, match="free_slots"):
+        step_engine.admit(items)
+    assert step_engine.admit(items[:4]) == [] and step_engine.free_slots == 0
+    events = step_engine.step()
+    assert [e.handle for e in events] == [0, 1, 2, 3]
+    assert step_engine.last_stats.tokens == 4 and step_engine.last_stats.active_slots == 4
+
+
+def test_decode_graph_modes_are_refused_off_cuda():
+    cpu = torch.device("cpu")
+    assert resolve_decode_graphs("auto", cpu) == "none"
+    assert resolve_decode_graphs("none", cpu) == "none"
+    for mode in ("cuda-graphs", "compile"):
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            resolve_decode_graphs(mode, cpu)
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_decode_graphs("graphs", cpu)
+    assert resolve_decode_graphs("auto", torch.device("cuda", 0)) == "cuda-graphs"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["cuda-graphs", "compile"])
+def test_cuda_decode_modes_equal_eager(mode, tmp_path_factory):
+    results = {}
+    for m in ("none", mode):
+        engine = make_engine("random:t5-small", tmp_path_factory, device="cuda", decode_graphs=m, max_batch_size=8)
+        requests, arrivals = mixed_arrivals(engine, seed=3, count=12)
+        step_engine = StepEngine(engine)
+        assert step_engine.decode_graphs == m
+        results[m] = drive(step_engine, arrivals)
+    for name, result in results["none"].items():
+        assert results[mode][name].token_ids == result.token_ids, name
