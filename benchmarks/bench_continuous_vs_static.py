@@ -1,0 +1,166 @@
+"""Continuous (step loop) against static (batch-at-a-time) decoding, engine-direct.
+
+The same requests run two ways on one Engine, with `engine.max_batch_size` slots:
+- static: batches of max_batch_size requests in arrival order, each run to completion by
+  `Engine.run_batch` (encoder once, then Hugging Face `generate`): a batch lasts as long as
+  its longest row, and finished rows keep computing padding;
+- continuous: `StepEngine`, admitting queued requests into free slots before every step, so
+  a finished row's slot takes the next request at once.
+Output lengths are uniform in 4..64 (each request's own max_new_tokens, EOS ignored on both
+paths, as load generators do), prompts come from 64 tasks, greedy. The figure is generated
+tokens/s, continuous / static, per round; rounds alternate the two modes so a burst of
+load on the shared machine hits both.
+
+    python -m promptmux.benchmarks.bench_continuous_vs_static [--model embedded random:t5-small] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from promptmux.prompts.store import PromptStore
+from promptmux.serving.config import EngineConfig, ModelConfig
+from promptmux.serving.engine import Engine
+from promptmux.serving.model_loading import load_model
+from promptmux.serving.requests import GenerationParams, GenerationRequest, PreparedRequest
+from promptmux.serving.step_engine import StepEngine
+
+from .machine import machine_info
+
+MIN_NEW, MAX_NEW = 4, 64
+
+
+def build_workload(engine: Engine, tasks: int, requests: int, seed: int) -> list[PreparedRequest]:
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    for t in range(tasks):
+        length = rng.randint(10, 30)
+        engine.store.register("bench", f"task{t}", 0.05 * torch.randn(length, engine.loaded.d_model, generator=generator))
+    engine.refresh_prompts()
+    out = []
+    for i in range(requests):
+        text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(8, 48)))
+        params = GenerationParams(max_new_tokens=rng.randint(MIN_NEW, MAX_NEW))
+        out.append(engine.prepare(GenerationRequest(tenant="bench", text=text, task=f"task{i % tasks}", params=params)))
+    return out
+
+
+@contextlib.contextmanager
+def eos_ignored(engine: Engine):
+    """Every row runs to its own max_new_tokens on both paths (an id no row can produce)."""
+    model = engine.model
+    never = model.config.vocab_size + 1
+    saved = (model.config.eos_token_id, model.generation_config.eos_token_id, engine.eos_token_id)
+    model.config.eos_token_id = model.generation_config.eos_token_id = engine.eos_token_id = never
+    try:
+        yield
+    finally:
+        model.config.eos_token_id, model.generation_config.eos_token_id, engine.eos_token_id = saved
+
+
+def run_static(engine: Engine, requests: list[PreparedRequest]) -> int:
+    size = engine.config.max_batch_size
+    tokens = 0
+    for start in range(0, len(requests), size):
+        tokens += sum(r.output_tokens for r in engine.run_batch(requests[start : start + size]).results)
+    return tokens
+
+
+def run_continuous(step_engine: StepEngine, requests: list[PreparedRequest]) -> int:
+    queue = list(enumerate(requests))
+    tokens = 0
+    while queue or step_engine.active_slots:
+        take = min(step_engine.free_slots, len(queue))
+        if take:
+            failed = step_engine.admit(queue[:take])
+            assert not failed, failed
+            queue = queue[take:]
+        tokens += sum(len(event.new_tokens) for event in step_engine.step())
+    return tokens
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = fn(*args)
+    return time.perf_counter() - start, tokens
+
+
+def bench_model(source: str, args, bar) -> dict:
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(source=source))
+    with tempfile.TemporaryDirectory() as root, torch.inference_mode():
+        store = PromptStore(root, d_model=loaded.d_model, max_length=1024)
+        engine = Engine(loaded, store, EngineConfig(max_batch_size=args.slots, max_new_tokens_limit=MAX_NEW))
+        requests = build_workload(engine, args.tasks, args.requests, seed=0)
+        expected = sum(r.params.max_new_tokens for r in requests)
+        step_engine = StepEngine(engine)
+        with eos_ignored(engine):
+            run_static(engine, requests[: args.slots])  # warm-up
+            run_continuous(step_engine, requests[: args.slots])
+            rounds = []
+            for _ in range(args.rounds):
+                static_s, static_tokens = timed(run_static, engine, requests)
+                bar.update(1)
+                continuous_s, continuous_tokens = timed(run_continuous, step_engine, requests)
+                bar.update(1)
+                assert static_tokens == continuous_tokens == expected, (static_tokens, continuous_tokens, expected)
+                rounds.append((expected / static_s, expected / continuous_s))
+    ratios = [c / s for s, c in rounds]
+    return {"model": source, "tokens": expected, "rounds": rounds, "ratios": ratios, "median": statistics.median(ratios)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["embedded", "random:t5-small"])
+    parser.add_argument("--tasks", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--slots", type=int, default=64, help="engine.max_batch_size for both modes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is steadiest on a CPU shared with other jobs")
+    parser.add_argument("--output", type=Path,
+                        default=Path(__file__).parent / "results" / "continuous_vs_static_cpu.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    with tqdm(total=2 * args.rounds * len(args.model), desc="bench", unit="run") as bar:
+        results = [bench_model(source, args, bar) for source in args.model]
+    after = machine_info().load_average
+
+    lines = [
+        "# Continuous (step loop) vs static (batch-at-a-time) decoding, engine-direct",
+        "",
+        f"Machine: {info.describe()}; {torch.get_num_threads()} torch thread(s); 1-minute load average "
+        f"{info.load_average[0]:.1f} before, {after[0]:.1f} after (other jobs shared the cores).",
+        f"Workload: {args.requests} requests over {args.tasks} tasks (prompts of 10-30 rows, inputs of 9-49 tokens), "
+        f"output lengths uniform in {MIN_NEW}..{MAX_NEW} (EOS ignored), greedy, fp32, {args.slots} slots; "
+        f"static = `Engine.run_batch` on batches of {args.slots} in arrival order, continuous = `StepEngine` "
+        "refilling free slots before every step. Rounds alternate the two modes.",
+        "",
+        "| model | static tokens/s | continuous tokens/s | continuous / static |",
+        "|---|---:|---:|---:|",
+    ]
+    for result in results:
+        for static_rate, continuous_rate in result["rounds"]:
+            lines.append(f"| {result['model']} | {static_rate:.1f} | {continuous_rate:.1f} | "
+                         f"{continuous_rate / static_rate:.2f}x |")
+    lines += ["", "Median ratio per model: " + ", ".join(
+        f"{r['model']} **{r['median']:.2f}x**" for r in results) + " (target >= 1.5).", "",
+        f"Command: `python -m promptmux.benchmarks.bench_continuous_vs_static --rounds {args.rounds} "
+        f"--threads {args.threads}`"]
+    report = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
