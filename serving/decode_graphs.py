@@ -2,9 +2,9 @@
 
 `engine.decode_graphs`:
 - `none`: eager PyTorch, the exact active shape every step. The only mode on CPU.
-- `cuda-graphs`: the forward of T5DecoderStep captured once per padded shape (rows rounded
-  up to a power of two, self columns to a multiple of 32, encoder columns to a multiple of
-  64) and replayed. Every tensor the forward touches lives in the SlotCache's fixed buffers,
+- `cuda-graphs`: the forward of T5DecoderStep captured once per padded shape (active rows,
+  self-attention columns and encoder columns each rounded up to a power of two,
+  `padded_shape`) and replayed. Every tensor the forward touches lives in the SlotCache's fixed buffers,
   so a replay reads the current tokens, positions and K/V. Rows past the active ones are free
   slots parked at position 0 (their outputs are ignored; their K/V writes land in free rows).
   When the cross K/V buffer grows (a longer request), every captured graph is dropped.
@@ -16,8 +16,8 @@ Not yet run on a GPU (none was lent while this was written). Check there first:
 1. greedy rows under `cuda-graphs` equal `none` (tests/test_step_engine.py runs that
    comparison on CUDA, marked `gpu`);
 2. the step time of `cuda-graphs` against `compile` and `none` at 1, 8 and 64 active slots;
-3. capture count and pool memory after a varied workload (shapes are bucketed so a long run
-   captures at most log2(slots) x T/32 x W/64 graphs).
+3. capture count, capture time and pool memory after a varied workload (`padded_shape`
+   bounds the number of shapes).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .t5_step import T5DecoderStep
 
 DecodeGraphs = Literal["auto", "cuda-graphs", "compile", "none"]
 MODES = ("auto", "cuda-graphs", "compile", "none")
-COLUMN_STEP = 32  # self-attention columns are padded to a multiple of this under graphs
+MIN_COLUMNS = 32  # fewest self-attention columns a graph is built for
 
 # (rows, columns, width) -> logits [rows, V]
 DecoderRunner = Callable[[int, int, int], torch.Tensor]
@@ -58,16 +58,19 @@ def make_runner(mode: str, decoder: T5DecoderStep, cache: SlotCache) -> "EagerRu
     return EagerRunner(decoder, cache)
 
 
-def _round_up(value: int, step: int, cap: int) -> int:
-    return min(-(-value // step) * step, cap)
+def _power_of_two(value: int, floor: int, cap: int) -> int:
+    return min(max(1 << (value - 1).bit_length(), floor), cap)
 
 
 def padded_shape(cache: SlotCache, rows: int, columns: int, width: int) -> tuple[int, int, int]:
-    """(rows, columns, width) rounded up to the shape a graph or compiled kernel is built for."""
+    """(rows, columns, width) rounded up to the shape a graph or compiled kernel is built for:
+    powers of two (columns from 32, encoder width from 64), capped by the buffers. A long run
+    therefore builds at most log2(slots) x log2(T/32) x log2(W/64) shapes (about a hundred
+    at 64 slots, T=256, W=1024), and padding at most doubles the attention's reads."""
     return (
-        min(1 << (rows - 1).bit_length(), cache.slots),
-        _round_up(columns, COLUMN_STEP, cache.max_positions),
-        _round_up(width, CROSS_WIDTH_STEP, cache.cross_width),
+        _power_of_two(rows, 1, cache.slots),
+        _power_of_two(columns, MIN_COLUMNS, cache.max_positions),
+        _power_of_two(width, CROSS_WIDTH_STEP, cache.cross_width),
     )
 
 
@@ -123,6 +126,10 @@ class CompiledRunner:
 
     def __init__(self, decoder: T5DecoderStep, cache: SlotCache) -> None:
         self.decoder, self.cache = decoder, cache
+        # One compiled graph per padded shape: allow as many as padded_shape can make
+        # (dynamo's default limit of 8 would silently fall back to eager).
+        shapes = cache.slots.bit_length() * cache.max_positions.bit_length() * 16
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         self.compiled = torch.compile(decoder.forward, dynamic=False)
 
     def __call__(self, rows: int, columns: int, width: int) -> torch.Tensor:
