@@ -9,9 +9,8 @@ time axis the way Hugging Face's decoder assumes:
   and bias embedding, so every value equals what `compute_bias` gives a lone request.
 - cross-attention: no position bias (as in T5); the additive mask is the slot's encoder
   padding mask (SlotCache.cross_bias), over that slot's K/V projected at admission.
-Both attentions are one `scaled_dot_product_attention` call with `scale=1.0` and a float
-bias, the same computation as the merged-bias path the Engine installs for `generate`
-(kernels/t5_attention_bias.py). Layer norms, feed-forward blocks, output projections and
+Both attentions add one float bias to unscaled scores (`attend`), the computation of the
+merged-bias path the Engine installs for `generate` (kernels/t5_attention_bias.py). Layer norms, feed-forward blocks, output projections and
 the LM head are the model's own modules, called as they are.
 """
 from __future__ import annotations
@@ -21,6 +20,30 @@ import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
 from .slot_cache import SlotCache
+
+
+def attend(
+    query: torch.Tensor,  # [B, H, 1, d]
+    key: torch.Tensor,  # [B, H, K, d] (a view into the cache: strided along B)
+    value: torch.Tensor,  # [B, H, K, d]
+    bias: torch.Tensor,  # [B, H or 1, 1, K] additive: position bias and/or mask
+) -> torch.Tensor:
+    """One query per row over K keys, T5-style (scores not scaled): [B, H, 1, d].
+
+    CUDA: `scaled_dot_product_attention` (fused, float32 softmax inside, as the merged-bias
+    path of `generate`). CPU: two batched matmuls and a softmax, about twice as fast as SDPA's
+    CPU kernel at one query per row (embedded shape, 64 rows, 23 keys: 0.12 vs 0.23 ms)."""
+    if query.device.type == "cuda":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=1.0)
+    batch, heads, _, d_kv = query.shape
+    keys = key.shape[2]
+    scores = torch.baddbmm(
+        bias.expand(batch, heads, 1, keys).reshape(batch * heads, 1, keys),
+        query.reshape(batch * heads, 1, d_kv),
+        key.reshape(batch * heads, keys, d_kv).transpose(1, 2),
+    )  # [B*H, 1, K]
+    out = torch.bmm(scores.softmax(dim=-1), value.reshape(batch * heads, keys, d_kv))  # [B*H, 1, d]
+    return out.view(batch, heads, 1, d_kv)
 
 
 class T5DecoderStep:
@@ -88,24 +111,16 @@ class T5DecoderStep:
             query = attention.q(normed).view(n, 1, heads, d_kv).transpose(1, 2)  # [n, H, 1, d]
             cache.self_k[layer, row_index, :, positions] = attention.k(normed).view(n, heads, d_kv)
             cache.self_v[layer, row_index, :, positions] = attention.v(normed).view(n, heads, d_kv)
-            out = F.scaled_dot_product_attention(
-                query,
-                cache.self_k[layer, :n, :, :columns],  # [n, H, t, d]
-                cache.self_v[layer, :n, :, :columns],
-                attn_mask=self_bias,
-                scale=1.0,  # T5 does not scale its scores
+            out = attend(
+                query, cache.self_k[layer, :n, :, :columns], cache.self_v[layer, :n, :, :columns], self_bias
             )  # [n, H, 1, d]
             hidden = hidden + attention.o(out.transpose(1, 2).reshape(n, 1, heads * d_kv))
 
             attention = cross_layer.EncDecAttention
             normed = cross_layer.layer_norm(hidden)
             query = attention.q(normed).view(n, 1, heads, d_kv).transpose(1, 2)  # [n, H, 1, d]
-            out = F.scaled_dot_product_attention(
-                query,
-                cache.cross_k[layer, :n, :, :width],  # [n, H, w, d]
-                cache.cross_v[layer, :n, :, :width],
-                attn_mask=cross_bias,
-                scale=1.0,
+            out = attend(
+                query, cache.cross_k[layer, :n, :, :width], cache.cross_v[layer, :n, :, :width], cross_bias
             )  # [n, H, 1, d]
             hidden = hidden + attention.o(out.transpose(1, 2).reshape(n, 1, heads * d_kv))
             hidden = feed_forward(hidden)  # layer norm, FF and residual: the model's own module
