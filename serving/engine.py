@@ -35,7 +35,7 @@ from .model_loading import LoadedModel, load_model
 from .prompt_bank import Lease, PromptBank, merge_leases
 from .prompt_index import PromptIndex
 from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
-from .sampling import check_sampling_params, row_seed
+from .sampling import row_seed
 
 TokenCallback = Callable[[int, int], None]
 log = logging.getLogger(__name__)
@@ -203,7 +203,6 @@ class Engine:
             raise InvalidRequestError("the request text is empty; send the input text to run the task on")
         check_id("tenant", request.tenant)
         request.params.validate(self.config.max_new_tokens_limit)
-        check_sampling_params(request.params)  # in float32, where sampling runs
         metas = [prompts.resolve(request.tenant, task) for task in request.prompt_task_ids]
         for meta in metas:
             if meta.d_model != self.loaded.d_model:

@@ -191,12 +191,9 @@ class StepEngine:
                 f"beam search (num_beams={prepared.params.num_beams}) does not run in the step loop; "
                 "send it to Engine.run_batch (StepEngine.supports() tells which requests to route there)"
             )
-        limit = self.cache.max_positions
-        if not 1 <= prepared.params.max_new_tokens <= limit:
-            raise InvalidRequestError(
-                f"max_new_tokens={prepared.params.max_new_tokens} is out of range; expected 1..{limit} "
-                "(the server's max_new_tokens_limit)"
-            )
+        # Prepared requests were validated once; checked again here because a slot's cache
+        # holds max_new_tokens_limit positions and the sampler runs in float32, whoever built it.
+        prepared.params.validate(self.cache.max_positions)
         check_sampling_params(prepared.params)
 
     def _lease(self, prepared: PreparedRequest) -> Lease:

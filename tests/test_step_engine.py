@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from promptmux.prompts.errors import StoredPromptUnreadableError
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.decode_graphs import resolve_decode_graphs
@@ -242,7 +243,7 @@ def test_poisoned_requests_fail_alone_in_admit(embedded):
     assert set(failed) == {"deleted", "corrupt", "cold", "beam"}
     assert all(e.new_tokens == [] for e in events)
     assert isinstance(failed["deleted"], TaskNotFoundError)
-    assert isinstance(failed["corrupt"], PromptmuxError) and "could not be loaded" in str(failed["corrupt"])
+    assert isinstance(failed["corrupt"], StoredPromptUnreadableError) and "unreadable" in str(failed["corrupt"])
     assert isinstance(failed["cold"], InvalidRequestError) and "float32" in str(failed["cold"])
     assert isinstance(failed["beam"], InvalidRequestError) and "Engine.run_batch" in str(failed["beam"])
     assert step_engine.active_slots == 3 and step_engine.last_stats.admitted == 3
