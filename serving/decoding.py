@@ -20,8 +20,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import InvalidRequestError
 from .requests import GenerationParams
-from .sampling import SAMPLING_DTYPE, sample_rows, seed_words
+from .sampling import SAMPLING_DTYPE, check_sampling_params, sample_rows, seed_words
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class PerRowSampler(LogitsProcessor):
 
     def __init__(self, params: Sequence[GenerationParams], seeds: Sequence[int], device: torch.device,
                  start_length: int) -> None:
+        for p in params:  # validation refuses these; a row that skipped it must not decode garbage
+            try:
+                check_sampling_params(p)
+            except InvalidRequestError as error:
+                raise ValueError(f"a sampling row reached the decoder unvalidated: {error}") from None
         self.temperature = torch.tensor([p.temperature for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
         self.top_p = torch.tensor([p.top_p for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
         self.seeds = torch.tensor([seed_words(s) for s in seeds], dtype=torch.long).to(device)  # [Bg, 2]
