@@ -8,8 +8,9 @@ The same requests run two ways on one Engine, with `engine.max_batch_size` slots
   a finished row's slot takes the next request at once.
 Output lengths are uniform in 4..64 (each request's own max_new_tokens, EOS ignored on both
 paths, as load generators do), prompts come from 64 tasks, greedy. The figure is generated
-tokens per CPU second, continuous / static, at saturation (continuous while its queue still
-holds work; static's batches are all full), per round; the whole-run ratio (with the
+tokens per CPU second, continuous / static, at saturation (continuous in its steady state,
+after the first fill turned over and while its queue still holds work; static's batches are
+all full), per round; the whole-run ratio (with the
 continuous run's drain) and the wall-time ratio are reported beside it. Rounds alternate the
 two modes so a burst of load on the shared machine hits both.
 
@@ -79,21 +80,25 @@ def run_static(engine: Engine, requests: list[PreparedRequest]) -> int:
 
 def run_continuous(step_engine: StepEngine, requests: list[PreparedRequest]) -> tuple[int, int, float]:
     """Returns (all tokens, tokens while saturated, CPU seconds while saturated). Saturated:
-    from the start until the queue runs dry, i.e. while every freed slot was refilled at once,
-    as on a server that always has work queued; the drain after it is not saturation."""
+    from step MAX_NEW (by then every slot of the first fill has turned over at least once, so
+    slot ages are mixed) until the queue runs dry: every freed slot is refilled at once, as on
+    a server that always has work queued. The first fill and the drain are not steady state."""
     queue = list(enumerate(requests))
-    tokens = saturated_tokens = 0
-    started = time.process_time()
+    tokens = saturated_tokens = step = 0
+    window_start = window_tokens = None
     saturated_seconds = 0.0
     while queue or step_engine.active_slots:
+        if step == MAX_NEW:
+            window_start, window_tokens = time.process_time(), tokens
         take = min(step_engine.free_slots, len(queue))
         if take:
             failed = step_engine.admit(queue[:take])
             assert not failed, failed
             queue = queue[take:]
         tokens += sum(len(event.new_tokens) for event in step_engine.step())
-        if queue:
-            saturated_tokens, saturated_seconds = tokens, time.process_time() - started
+        step += 1
+        if queue and window_start is not None:
+            saturated_tokens, saturated_seconds = tokens - window_tokens, time.process_time() - window_start
     return tokens, saturated_tokens, saturated_seconds
 
 
@@ -129,6 +134,7 @@ def bench_model(source: str, args, bar) -> dict:
                     run_continuous, step_engine, requests)
                 bar.update(1)
                 assert static_tokens == continuous_tokens == expected, (static_tokens, continuous_tokens, expected)
+                assert saturated_tokens, "the queue ran dry before the first fill turned over: send more --requests"
                 rounds.append((expected / static_cpu, saturated_tokens / saturated_cpu, expected / continuous_cpu,
                                static_wall / continuous_wall))
                 static_cpu, _, _ = timed(run_static, engine, equal)
@@ -173,8 +179,8 @@ def main(argv=None) -> None:
         "refilling free slots before every step. Rounds alternate the two modes.",
         "",
         "Tokens/s are per CPU second of the benchmark process (one torch thread, so that is the work "
-        "done whatever else ran). *Saturated*: continuous while the queue still held work (every freed slot "
-        "refilled at once, as on a loaded server), against static's full batches. *Whole run*: including "
+        "done whatever else ran). *Saturated*: continuous from step 64 (the first fill has turned over) until the "
+        "queue ran dry, every freed slot refilled at once as on a loaded server, against static's full batches. *Whole run*: including "
         "the continuous run's drain, when slots empty out one by one. Last column: the whole-run ratio in "
         "wall time, which other jobs on the machine disturb.",
         "",
