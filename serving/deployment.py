@@ -22,7 +22,6 @@ import grpc
 import torch
 
 from .auth import KeyRing, Principal, require_owner_or_admin
-from .batcher import Batcher
 from .demo_prompts import seed_demo_prompts_if_embedded
 from .engine import Engine
 from .errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
@@ -45,6 +44,7 @@ from .grpc_convert import (
 from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from .serving_config import API_KEYS_ENV, AppConfig
+from .step_scheduler import build_scheduler
 from .streaming import TextDeltas
 from .task_similarity import TaskSimilarity
 
@@ -131,7 +131,8 @@ class PromptmuxServer:
         seed_demo_prompts_if_embedded(config.promptmux.model, self._engine.store)
         self._engine.refresh_prompts()
         self._metrics = ServingMetrics()
-        self._batcher = Batcher(serving, self._engine.run_batch, observer=self._metrics)
+        # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
+        self._batcher = build_scheduler(serving, self._engine, observer=self._metrics)
         self._health = ReplicaHealth(serving, self._batcher, config.promptmux.store.root)
         self._similarity = TaskSimilarity(self._engine.loaded, self._engine.store, config.promptmux.task_embedding)
         self._stop = threading.Event()

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from .config import PromptmuxConfig
 
-BatchingMode = Literal["mixed", "per_task"]
+BatchingMode = Literal["continuous", "mixed", "per_task"]
+BATCHING_MODES = ("continuous", "mixed", "per_task")
 API_KEYS_ENV = "PROMPTMUX_API_KEYS_FILE"
 
 
@@ -26,13 +27,22 @@ class ServingConfig:
 
     # YAML file of hashed API keys (see serving/auth.py). None: $PROMPTMUX_API_KEYS_FILE.
     api_keys_file: str | None = None
-    # "mixed": any tasks share a batch. "per_task": each batch holds one task only (what
-    # one-adapter-per-forward serving offers; kept for comparison).
-    batching: BatchingMode = "mixed"
-    # Most requests per engine batch. None: engine.max_batch_size. 1 disables batching.
+    # "continuous": iteration-level batching (serving/step_scheduler.py): requests join and
+    # leave the running batch between decoder steps. "mixed": batch-at-a-time (any tasks
+    # share a batch, which runs to completion; the static mode, kept for comparison).
+    # "per_task": batch-at-a-time with one task per batch (what one-adapter-per-forward
+    # serving offers; kept for comparison).
+    batching: BatchingMode = "continuous"
+    # Most requests per engine batch (continuous: rows decoding at once). None:
+    # engine.max_batch_size. 1 disables batching.
     max_batch_size: int | None = None
-    # After the first request arrives, how long to wait for more before running a batch.
+    # Batch-at-a-time modes: after the first request arrives, how long to wait for more
+    # before running a batch. Continuous batching admits at once and ignores it.
     batch_wait_timeout_s: float = 0.01
+    # Continuous: encoder positions (prompt rows + input tokens) admitted per step, so a
+    # burst of long inputs spreads over several steps and decoding never stalls for long.
+    # A single request longer than this is admitted alone, in a step of its own.
+    max_encoder_tokens_per_step: int = 1024
     # Requests waiting for a batch, beyond which new ones get RESOURCE_EXHAUSTED at once.
     max_queue_size: int = 1024
     # Requests one tenant may have queued or running on a replica (RESOURCE_EXHAUSTED past it),
@@ -55,9 +65,12 @@ class ServingConfig:
     store_check_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.batching not in ("mixed", "per_task"):
-            raise ValueError(f"serving.batching={self.batching!r} is unknown; expected 'mixed' or 'per_task'")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(
+                f"serving.batching={self.batching!r} is unknown; expected 'continuous' (the default), 'mixed' or 'per_task'"
+            )
         positive = {
+            "max_encoder_tokens_per_step": self.max_encoder_tokens_per_step,
             "max_queue_size": self.max_queue_size,
             "max_in_flight_per_tenant": self.max_in_flight_per_tenant,
             "max_queue_wait_s": self.max_queue_wait_s,

@@ -1,0 +1,542 @@
+"""The step scheduler against a deterministic fake step engine (no model): admission between
+steps, per-tenant round-robin, the encoder-token budget, deadlines, cancellation freeing the
+slot at the next step, queue bounds, beam routing, close(), no busy loop."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import pytest
+
+from promptmux.serving.batcher import Batcher
+from promptmux.serving.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    PromptmuxError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from promptmux.serving.requests import (
+    BatchStats,
+    GenerationParams,
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+)
+from promptmux.serving.serving_config import ServingConfig
+from promptmux.serving.step_scheduler import StepScheduler, build_scheduler
+
+
+@dataclass
+class Event:
+    handle: Hashable
+    new_tokens: list[int]
+    done: GenerationResult | PromptmuxError | None = None
+
+
+@dataclass
+class Stats:
+    active_slots: int = 0
+    admitted: int = 0
+    encoder_tokens: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class Row:
+    prepared: PreparedRequest
+    produced: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.prepared.request.text
+
+
+@dataclass
+class Output:
+    results: list
+    stats: BatchStats
+
+
+class FakeStepEngine:
+    """Each row emits its text's characters (as ords), one per step, then EOS-finishes;
+    `max_new_tokens` cuts it ("length"). Records every call in `log`; `gate` holds a step."""
+
+    def __init__(self, slots: int = 4, fail_texts=(), crash_on_step: int | None = None) -> None:
+        self.slots = slots
+        self.rows: dict[Hashable, Row] = {}
+        self.log: list[tuple[str, list[str]]] = []  # ("admit"|"step"|"cancel"|"batch", texts)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_step = threading.Event()
+        self.fail_texts = set(fail_texts)
+        self.crash_on_step = crash_on_step
+        self.steps = 0
+        self.last_stats = Stats()
+        self.permits: threading.Semaphore | None = None  # set: each step waits for one permit
+
+    # the StepEngine interface
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.rows)
+
+    @property
+    def active_slots(self) -> int:
+        return len(self.rows)
+
+    def encoder_tokens(self, prepared: PreparedRequest) -> int:
+        return len(prepared.token_ids)
+
+    def supports(self, prepared: PreparedRequest) -> bool:
+        return prepared.params.strategy != "beam"
+
+    def admit(self, items):
+        assert len(items) <= self.free_slots, "admitted more requests than free slots"
+        self.log.append(("admit", [p.request.text for _, p in items]))
+        events = []
+        for handle, prepared in items:
+            if prepared.request.text in self.fail_texts:
+                events.append(Event(handle, [], InvalidRequestError(f"cannot admit {prepared.request.text!r}")))
+            else:
+                self.rows[handle] = Row(prepared)
+        self.last_stats = Stats(len(self.rows), len(items), sum(len(p.token_ids) for _, p in items), 0.001, 0)
+        return events
+
+    def step(self):
+        self.in_step.set()
+        if self.permits is not None:
+            assert self.permits.acquire(timeout=10), "the test never let this step run"
+        self.gate.wait(10)
+        self.in_step.clear()
+        self.steps += 1
+        if self.crash_on_step == self.steps:
+            raise RuntimeError("device fell over")
+        self.log.append(("step", [row.text for row in self.rows.values()]))
+        events = []
+        for handle, row in list(self.rows.items()):
+            token = ord(row.text[len(row.produced)])
+            row.produced.append(token)
+            done = None
+            limit = row.prepared.params.max_new_tokens
+            if len(row.produced) == len(row.text) or len(row.produced) == limit:
+                reason = "eos" if len(row.produced) == len(row.text) else "length"
+                done = GenerationResult(row.prepared.request.request_id, row.text[: len(row.produced)],
+                                        list(row.produced), reason, 0, len(row.text), len(row.produced))
+                del self.rows[handle]
+            events.append(Event(handle, [token], done))
+        self.last_stats = Stats(len(self.rows), 0, 0, 0.001, len(events))
+        return events
+
+    def cancel(self, handle) -> bool:
+        row = self.rows.pop(handle, None)
+        if row is None:
+            return False
+        self.log.append(("cancel", [row.text]))
+        return True
+
+    # Engine.run_batch, for beam requests
+    def run_batch(self, requests, on_token=None):
+        self.log.append(("batch", [r.request.text for r in requests]))
+        results = []
+        for i, r in enumerate(requests):
+            tokens = [ord(c) for c in reversed(r.request.text)]
+            if on_token is not None:
+                for t in tokens:
+                    on_token(i, t)
+            results.append(GenerationResult(r.request.request_id, r.request.text[::-1], tokens, "eos", 0,
+                                            len(tokens), len(tokens)))
+        return Output(results, BatchStats(len(requests), 1, 0.0, 0, 0, 0.0, 0.0))
+
+    def admitted(self) -> list[list[str]]:
+        return [texts for kind, texts in self.log if kind == "admit"]
+
+    def stepped(self) -> list[list[str]]:
+        return [texts for kind, texts in self.log if kind == "step"]
+
+
+class Recorder:
+    """The scheduler's observer: everything it reports, in order."""
+
+    def __init__(self) -> None:
+        self.dropped: list[str] = []
+        self.active: list[int] = []
+        self.freed: dict[str, int] = {}
+        self.first_tokens: list[str] = []
+        self.admissions: list[int] = []
+        self.steps: list[tuple[int, int]] = []
+        self.batches: list[int] = []
+
+    def batch_finished(self, batch, stats, compute_seconds) -> None:
+        self.batches.append(len(batch))
+
+    def request_dropped(self, item, status) -> None:
+        self.dropped.append(status)
+
+    def queue_depth(self, depth) -> None:
+        pass
+
+    def admitted(self, items, stats, padding_fraction) -> None:
+        assert all(item.started_at >= item.enqueued_at for item in items)
+        self.admissions.append(len(items))
+
+    def step_finished(self, stats, rows, distinct_tasks) -> None:
+        self.steps.append((rows, distinct_tasks))
+
+    def first_token(self, item, seconds) -> None:
+        assert seconds >= 0
+        self.first_tokens.append(item.request.request.text)
+
+    def slots(self, active, freed) -> None:
+        self.active.append(active)
+        for reason, count in freed.items():
+            self.freed[reason] = self.freed.get(reason, 0) + count
+
+
+def prep(tenant: str, text: str, task: str = "t", **params) -> PreparedRequest:
+    request = GenerationRequest(tenant=tenant, text=text, task=task, request_id=f"{tenant}/{text}",
+                                params=GenerationParams(**params))
+    return PreparedRequest(request=request, token_ids=tuple(ord(c) for c in text), prompts=())
+
+
+def make(engine: FakeStepEngine, observer: Recorder | None = None, **overrides) -> StepScheduler:
+    settings = dict(max_encoder_tokens_per_step=1000)
+    settings.update(overrides)
+    config = ServingConfig(**settings).resolved(engine.slots)
+    return StepScheduler(config, engine, engine.run_batch, observer=observer)
+
+
+async def until(condition, limit_s: float = 5.0) -> None:
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+async def hold_engine(scheduler: StepScheduler, engine: FakeStepEngine, text: str = "blocker" * 4) -> asyncio.Future:
+    """Start one long request and stop the engine thread inside a step until `engine.gate.set()`."""
+    engine.gate.clear()
+    blocker = asyncio.ensure_future(scheduler.submit(prep("blocker", text)))
+    await until(engine.in_step.is_set)
+    return blocker
+
+
+async def one_step(engine: FakeStepEngine) -> None:
+    """Let exactly one (permit-gated) step run, and wait until it has."""
+    steps = engine.steps
+    engine.permits.release()
+    await until(lambda: engine.steps > steps)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_rows_join_and_leave_between_steps_and_results_match():
+    async def main():
+        engine, seen = FakeStepEngine(slots=2), Recorder()
+        scheduler = make(engine, seen)
+        long = await hold_engine(scheduler, engine, text="abcdefgh")
+        short = asyncio.ensure_future(scheduler.submit(prep("b", "xy")))
+        later = asyncio.ensure_future(scheduler.submit(prep("c", "pqr")))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        results = await asyncio.gather(long, short, later)
+        assert [r.text for r in results] == ["abcdefgh", "xy", "pqr"]
+        assert [r.finish_reason for r in results] == ["eos"] * 3
+        # "pqr" took the slot "xy" freed while "abcdefgh" kept decoding: one step held both.
+        assert any(rows == ["abcdefgh", "pqr"] for rows in engine.stepped())
+        assert len(engine.stepped()) < 8 + 2 + 3  # rows shared steps
+        assert seen.first_tokens[0] == "abcdefgh" and sorted(seen.first_tokens) == ["abcdefgh", "pqr", "xy"]
+        assert seen.active[-1] == 0 and seen.freed == {"eos": 3}
+        await scheduler.close()
+
+    run(main())
+
+
+def test_each_step_streams_each_rows_new_token():
+    async def main():
+        engine = FakeStepEngine(slots=4)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine)
+        received: list[int] = []
+        job = asyncio.ensure_future(scheduler.submit(prep("a", "hello"), on_token=received.append))
+        for step in range(1, 6):
+            await one_step(engine)
+            await until(lambda: len(received) == step)  # this step's token, before the next step runs
+            assert received == [ord(c) for c in "hello"[:step]] and engine.steps == step
+        assert (await job).token_ids == received
+        await scheduler.close()
+
+    run(main())
+
+
+def test_round_robin_admits_tenants_in_turn_into_free_slots():
+    async def main():
+        engine = FakeStepEngine(slots=5)
+        scheduler = make(engine)
+        blocker = await hold_engine(scheduler, engine)
+        flood = [asyncio.ensure_future(scheduler.submit(prep("flood", f"f{i}"))) for i in range(10)]
+        await asyncio.sleep(0.01)
+        quiet = [asyncio.ensure_future(scheduler.submit(prep("quiet", f"q{i}"))) for i in range(2)]
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(blocker, *flood, *quiet)
+        # Four free slots at the first admission after the blocker: tenants in turn, FIFO within one.
+        assert engine.admitted()[1] == ["f0", "q0", "f1", "q1"]
+        await scheduler.close()
+
+    run(main())
+
+
+def test_encoder_token_budget_spreads_a_burst_over_several_steps():
+    async def main():
+        engine = FakeStepEngine(slots=16)
+        scheduler = make(engine, max_encoder_tokens_per_step=10)
+        blocker = await hold_engine(scheduler, engine, text="z" * 40)
+        burst = [asyncio.ensure_future(scheduler.submit(prep(f"t{i}", f"{i}" * 4))) for i in range(6)]
+        big = asyncio.ensure_future(scheduler.submit(prep("big", "B" * 25)))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(blocker, *burst, big)
+        admits = engine.admitted()[1:]
+        assert [len(a) for a in admits] == [2, 2, 2, 1]  # 4 + 4 tokens fit in 10, a third would not
+        assert admits[-1] == ["B" * 25]  # bigger than the budget: admitted alone
+        # A step ran between admissions: decoding went on while the burst was admitted.
+        kinds = [kind for kind, _ in engine.log]
+        first = kinds.index("admit", 1)
+        assert kinds[first:first + 8] == ["admit", "step"] * 4
+        await scheduler.close()
+
+    run(main())
+
+
+def test_expired_requests_are_dropped_before_compute():
+    async def main():
+        engine, seen = FakeStepEngine(slots=2), Recorder()
+        scheduler = make(engine, seen, max_queue_wait_s=0.2)
+        blocker = await hold_engine(scheduler, engine)
+        late = asyncio.ensure_future(scheduler.submit(prep("a", "late"), deadline=time.monotonic()))
+        slow = asyncio.ensure_future(scheduler.submit(prep("a", "slow")))  # only max_queue_wait_s bounds it
+        await asyncio.sleep(0.01)
+        # Hold the engine past the queue wait bound: nothing queued may start after it.
+        engine.gate.clear()
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        with pytest.raises(DeadlineExceededError, match="dropped before compute"):
+            await late
+        with pytest.raises(DeadlineExceededError, match="dropped before compute"):
+            await slow
+        await blocker
+        computed = [text for texts in engine.admitted() for text in texts]
+        assert "late" not in computed and "slow" not in computed
+        assert seen.dropped.count("DEADLINE_EXCEEDED") == 2
+        ok = await scheduler.submit(prep("a", "ok"))
+        assert ok.text == "ok"
+        await scheduler.close()
+
+    run(main())
+
+
+def test_cancelled_request_frees_its_slot_at_the_next_step():
+    async def main():
+        engine, seen = FakeStepEngine(slots=2), Recorder()
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine, seen)
+        gone = asyncio.ensure_future(scheduler.submit(prep("a", "x" * 50)))
+        stays = asyncio.ensure_future(scheduler.submit(prep("b", "y" * 6)))
+        await until(engine.in_step.is_set)
+        while scheduler.active < 2:
+            await one_step(engine)
+        await until(engine.in_step.is_set)  # inside a step that holds both rows
+        assert engine.free_slots == 0
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        engine.permits.release(100)
+        assert (await stays).text == "y" * 6
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        kinds = [(kind, texts) for kind, texts in engine.log]
+        cancel_at = kinds.index(("cancel", ["x" * 50]))
+        # The step that was running when the caller left finished; the next one ran without it.
+        assert kinds[cancel_at - 1][0] == "step" and "x" * 50 in kinds[cancel_at - 1][1]
+        assert all("x" * 50 not in texts for kind, texts in kinds[cancel_at:] if kind == "step")
+        assert engine.free_slots == 2 and scheduler.active == 0
+        assert seen.freed.get("cancelled") == 1 and seen.active[-1] == 0
+        await scheduler.close()
+
+    run(main())
+
+
+def test_cancelled_queued_request_is_never_admitted():
+    async def main():
+        engine, seen = FakeStepEngine(slots=1), Recorder()
+        scheduler = make(engine, seen)
+        blocker = await hold_engine(scheduler, engine)
+        gone = asyncio.ensure_future(scheduler.submit(prep("a", "gone")))
+        await asyncio.sleep(0)
+        assert scheduler.queue_depth == 1
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert scheduler.queue_depth == 0 and scheduler.in_flight("a") == 0
+        engine.gate.set()
+        await blocker
+        await scheduler.submit(prep("a", "next"))
+        assert "gone" not in [t for texts in engine.admitted() for t in texts]
+        assert seen.dropped == ["CANCELLED"]
+        await scheduler.close()
+
+    run(main())
+
+
+def test_full_queue_and_tenant_limit_answer_resource_exhausted():
+    async def main():
+        engine = FakeStepEngine(slots=1)
+        scheduler = make(engine, max_queue_size=3, max_in_flight_per_tenant=2)
+        blocker = await hold_engine(scheduler, engine)
+        first = [asyncio.ensure_future(scheduler.submit(prep("a", f"a{i}"))) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhaustedError, match=r"tenant 'a' has 2 requests in flight.*max_in_flight_per_tenant=2"):
+            await scheduler.submit(prep("a", "a-too-many"))
+        other = asyncio.ensure_future(scheduler.submit(prep("b", "b0")))  # another tenant still gets in
+        await asyncio.sleep(0)
+        assert scheduler.queue_depth == 3
+        with pytest.raises(ResourceExhaustedError, match=r"queue is full \(3 waiting, serving.max_queue_size=3\)"):
+            await scheduler.submit(prep("c", "c0"))
+        engine.gate.set()
+        await asyncio.gather(blocker, *first, other)
+        assert scheduler.in_flight("a") == 0
+        computed = [t for texts in engine.admitted() for t in texts]
+        assert "a-too-many" not in computed and "c0" not in computed
+        await scheduler.close()
+
+    run(main())
+
+
+def test_beam_requests_run_on_the_static_path_between_steps():
+    async def main():
+        engine, seen = FakeStepEngine(slots=2), Recorder()
+        scheduler = make(engine, seen)
+        streamed: list[int] = []
+        greedy = asyncio.ensure_future(scheduler.submit(prep("a", "greedy")))
+        await until(lambda: engine.steps >= 1)
+        beam = await scheduler.submit(prep("b", "beam", strategy="beam", num_beams=2), on_token=streamed.append)
+        assert beam.text == "maeb" and streamed == beam.token_ids
+        assert (await greedy).text == "greedy"
+        assert ("batch", ["beam"]) in engine.log
+        assert "beam" not in [t for texts in engine.admitted() for t in texts]  # never took a slot
+        assert seen.batches == [1]
+        await scheduler.close()
+
+    run(main())
+
+
+def test_a_request_failing_admission_fails_alone_and_an_engine_crash_fails_only_its_rows():
+    async def main():
+        engine = FakeStepEngine(slots=4, fail_texts={"bad"}, crash_on_step=3)
+        scheduler = make(engine)
+        outcomes = await asyncio.gather(
+            scheduler.submit(prep("a", "bad")), scheduler.submit(prep("b", "fine")), return_exceptions=True
+        )
+        assert isinstance(outcomes[0], InvalidRequestError)
+        assert isinstance(outcomes[1], PromptmuxError) and "device fell over" in str(outcomes[1])
+        assert scheduler.active == 0 and engine.free_slots == 4 - 0  # the crashed row left its slot
+        assert (await scheduler.submit(prep("c", "again"))).text == "again"  # serving goes on
+        await scheduler.close()
+
+    run(main())
+
+
+def test_max_batch_size_caps_rows_per_step():
+    async def main():
+        engine = FakeStepEngine(slots=8)
+        scheduler = make(engine, max_batch_size=2)
+        results = await asyncio.gather(*(scheduler.submit(prep(f"t{i}", "abc")) for i in range(5)))
+        assert [r.text for r in results] == ["abc"] * 5
+        assert max(len(rows) for rows in engine.stepped()) == 2
+        await scheduler.close()
+
+    run(main())
+
+
+def test_idle_scheduler_sleeps_and_reports_no_stall():
+    async def main():
+        engine = FakeStepEngine(slots=2)
+        scheduler = make(engine)
+        await scheduler.submit(prep("a", "abc"))
+        steps = engine.steps
+        await asyncio.sleep(0.3)
+        assert engine.steps == steps  # no step without work
+        assert scheduler.stalled_for() == 0.0
+        blocker = await hold_engine(scheduler, engine)
+        await asyncio.sleep(0.05)
+        assert scheduler.stalled_for() >= 0.04  # held inside a step with work running
+        engine.gate.set()
+        await blocker
+        assert scheduler.stalled_for() == 0.0
+        await scheduler.close()
+
+    run(main())
+
+
+def test_close_refuses_new_requests_and_fails_what_cannot_finish_in_the_grace_period():
+    async def main():
+        engine = FakeStepEngine(slots=1)
+        scheduler = make(engine)
+        blocker = await hold_engine(scheduler, engine)
+        queued = asyncio.ensure_future(scheduler.submit(prep("a", "queued")))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(scheduler.close(grace_s=0.1))
+        await asyncio.sleep(0)
+        assert scheduler.closing
+        with pytest.raises(UnavailableError, match="shutting down"):
+            await scheduler.submit(prep("b", "new"))
+        await closing
+        with pytest.raises(UnavailableError, match="before running"):
+            await queued
+        with pytest.raises(UnavailableError, match="while running"):
+            await blocker
+        engine.gate.set()
+
+    run(main())
+
+
+def test_close_lets_running_and_queued_work_finish_within_the_grace_period():
+    async def main():
+        engine = FakeStepEngine(slots=1)
+        scheduler = make(engine)
+        blocker = await hold_engine(scheduler, engine, text="abc")
+        queued = asyncio.ensure_future(scheduler.submit(prep("a", "queued")))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(scheduler.close(grace_s=5))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await closing
+        assert (await blocker).text == "abc" and (await queued).text == "queued"
+
+    run(main())
+
+
+def test_only_prepared_requests_are_queued():
+    async def main():
+        scheduler = make(FakeStepEngine())
+        with pytest.raises(TypeError, match="PreparedRequest"):
+            await scheduler.submit(GenerationRequest(tenant="a", text="raw", task="t"))
+        await scheduler.close()
+
+    run(main())
+
+
+def test_batching_mode_picks_the_scheduler():
+    engine = FakeStepEngine()
+    for mode in ("mixed", "per_task"):
+        built = build_scheduler(ServingConfig(batching=mode).resolved(4), engine)
+        assert isinstance(built, Batcher)
+    assert ServingConfig().batching == "continuous"
+    with pytest.raises(ValueError, match="'continuous' \\(the default\\), 'mixed' or 'per_task'"):
+        ServingConfig(batching="static")
+    with pytest.raises(ValueError, match="max_encoder_tokens_per_step=0"):
+        ServingConfig(max_encoder_tokens_per_step=0)
