@@ -25,7 +25,7 @@ def test_the_projects_serve_config_feeds_promptmux_serve():
     assert serve_config["grpc_options"]["port"] == 9000 and serve_config["http_options"]["port"] == 8000
     assert options["autoscaling_config"]["min_replicas"] == 1 and "name" not in options
     config = AppConfig.from_args(app_args)
-    assert config.promptmux.model.source == "embedded" and config.serving.batching == "mixed"
+    assert config.promptmux.model.source == "embedded" and config.serving.batching == "continuous"
 
 
 def test_command_line_overrides_the_config_file(tmp_path):
