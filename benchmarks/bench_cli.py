@@ -4,6 +4,7 @@
     promptmux bench run my.yaml --address host:9000 --keys-file keys.yaml
     promptmux bench run --tasks 64 --mode open --rate 5,10,20 --duration 20
     promptmux bench suite                                 the standard CPU suite (./dev bench-cpu)
+    promptmux bench continuous                            continuous batching vs the static path: the table
     promptmux bench gpu                                   T5-XXL shape, bf16, on CUDA
     promptmux bench scenarios                             list the shipped scenarios
 """
@@ -42,6 +43,16 @@ def add_bench_parser(subparsers) -> None:
     suite.add_argument("--only", help="comma-separated scenario names, a subset of the suite")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")
     suite.set_defaults(handler=_suite_command)
+
+    continuous = commands.add_parser(
+        "continuous", help="continuous batching against the static path: fairness, throughput, TTFT, mixing (~12 min)")
+    continuous.add_argument("--models", default="random:embedded,random:t5-small",
+                            help="comma-separated model sources (default: the embedded and t5-small shapes)")
+    continuous.add_argument("--output", type=Path,
+                            help="results folder (default benchmarks/results/<date>-<machine>/continuous-batching)")
+    continuous.add_argument("--scale", type=float, default=1.0, help="multiply every run's duration (0.5 for a quick look)")
+    continuous.add_argument("--no-progress", action="store_true", help="no progress bars")
+    continuous.set_defaults(handler=_continuous_command)
 
     gpu = commands.add_parser("gpu", help="T5-XXL-shaped model in bf16 on CUDA: tokens/s against the bandwidth bound")
     from .gpu_bench import add_gpu_arguments
@@ -296,6 +307,16 @@ def _suite_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"promptmux bench suite: {unknown} are not in the suite ({', '.join(SUITE)})")
     options = HarnessOptions(output=Path("."), progress=not args.no_progress)
     run_suite(output=args.output, names=names, scale=args.scale, options=options, argv=sys.argv[3:])
+    return 0
+
+
+def _continuous_command(args: argparse.Namespace) -> int:
+    from .continuous_bench import run_continuous_bench
+    from .runner import HarnessOptions
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    options = HarnessOptions(output=Path("."), progress=not args.no_progress)
+    run_continuous_bench(models=models, output=args.output, scale=args.scale, options=options, argv=sys.argv[3:])
     return 0
 
 

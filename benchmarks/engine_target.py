@@ -1,8 +1,9 @@
 """The engine in this process as a benchmark target: no gRPC, no Ray.
 
-Requests go through the serving layer's own Batcher (serving/batcher.py) into
-`Engine.run_batch`, so batches form exactly as on a replica (same mode, size limit and wait)
-and the difference against a server run is the cost of gRPC and Ray Serve alone.
+Requests go through the serving layer's own scheduler for the variant's `serving.batching`
+(the StepScheduler over a StepEngine for continuous batching, the Batcher into
+`Engine.run_batch` otherwise), so batches form exactly as on a replica and the difference
+against a server run is the cost of gRPC and Ray Serve alone.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Sequence
 import torch
 
 from promptmux.prompts.records import content_hash
-from promptmux.serving.batcher import Batcher
 from promptmux.serving.engine import Engine
 from promptmux.serving.errors import PromptmuxError
 from promptmux.serving.serving_config import ServingConfig
+from promptmux.serving.step_scheduler import build_scheduler
 
 from .records import BatchSample, ServerStats
 from .targets import BatchMonitor, Clock, Outcome, TargetInfo
@@ -34,10 +35,26 @@ class _Batch:
 
 
 class _BatchLog:
-    """The batcher's observer: every batch, with its end time."""
+    """The scheduler's observer: every batch (continuous batching: every decoder step), with
+    its end time."""
 
     def __init__(self) -> None:
         self.batches: list[_Batch] = []
+        self._admitted: list[tuple[str, float]] = []  # waits of requests admitted since the last step
+
+    def admitted(self, items, stats, padding_fraction: float) -> None:
+        self._admitted.extend((item.tenant, item.started_at - item.enqueued_at) for item in items)
+
+    def step_finished(self, stats, rows: int, distinct_tasks: int) -> None:
+        if rows:
+            waits, self._admitted = tuple(self._admitted), []
+            self.batches.append(_Batch(time.monotonic(), rows, distinct_tasks, stats.seconds, waits))
+
+    def first_token(self, item, seconds: float) -> None:
+        pass
+
+    def slots(self, active: int, freed) -> None:
+        pass
 
     def batch_finished(self, batch, stats, compute_seconds: float) -> None:
         if stats.batch_size:
@@ -110,7 +127,7 @@ class EngineTarget:
         self.model_name = model_name or engine.loaded.name
         self._log = batch_log or _BatchLog()
         self._serving = serving.resolved(engine.config.max_batch_size)
-        self._batcher: Batcher | None = None
+        self._batcher = None
         if serving.torch_threads:
             torch.set_num_threads(serving.torch_threads)
 
@@ -118,15 +135,15 @@ class EngineTarget:
         """A target on the same engine with other batching options (a fresh batcher)."""
         return EngineTarget(self.engine, serving, model_name=self.model_name, batch_log=self._log)
 
-    def _ensure_batcher(self) -> Batcher:
+    def _ensure_batcher(self):
         if self._batcher is None:
-            self._batcher = Batcher(self._serving, self.engine.run_batch, observer=self._log)
+            self._batcher = build_scheduler(self._serving, self.engine, observer=self._log)
         return self._batcher
 
     async def info(self) -> TargetInfo:
         return TargetInfo(
             kind="engine",
-            description="engine-direct (this process, serving Batcher, no gRPC or Ray)",
+            description="engine-direct (this process, the serving scheduler, no gRPC or Ray)",
             model=self.model_name,
             d_model=self.engine.loaded.d_model,
             batching=self._serving.batching,
@@ -179,8 +196,8 @@ class EngineTarget:
             params=GenerationParams(max_new_tokens=request.max_new_tokens),
         )
         try:
-            self.engine.validate(generation)
-            result = await self._ensure_batcher().submit(generation, on_token=on_token if stream else None)
+            prepared = self.engine.prepare(generation)  # once, as a replica does
+            result = await self._ensure_batcher().submit(prepared, on_token=on_token if stream else None)
         except PromptmuxError as error:
             return Outcome(error.status, error=str(error))
         return Outcome("OK", result.output_tokens, result.input_tokens, first_token_at=first[0] if first else None)

@@ -13,6 +13,9 @@ Ray (2.60) records a histogram observation as the midpoint of its bucket, so a h
 - distinct tasks per batch is estimated from the bucket counts, knowing the values are
   whole numbers (the bucket (2, 4] holds 3s and 4s: 3.5), so one task per batch reads 1;
 - engine time per batch and queue wait are Ray's midpoint estimates (marked ≈ in reports).
+Under continuous batching (serving/step_scheduler.py) a "batch" is one decoder step: its
+size (rows) and tasks come from the bucket counts, engine time is the step's, and queue wait
+is the wait for admission into a slot.
 Ray pushes replica metrics to its endpoint every `metrics_report_interval_ms` (10 s by
 default; the harness's own server uses 1 s), so intervals shorter than that read as bursts.
 """
@@ -37,6 +40,7 @@ HISTOGRAMS = {
     "promptmux_batch_distinct_tasks": "batch_tasks",
     "promptmux_batch_compute_seconds": "compute_s",
     "promptmux_queue_wait_seconds": "queue_wait_s",  # tagged by tenant
+    "promptmux_step_seconds": "step_s",  # continuous batching: decoder steps only (phase="decode")
 }
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -106,7 +110,18 @@ class Totals:
             below, low = count, le
         return weighted / total if total > 0 else float("nan")
 
+    @property
+    def continuous(self) -> bool:
+        """A step scheduler's figures: a "batch" is one decoder step, whose rows are not
+        requests (a request spans many steps), so batch size comes from the histogram."""
+        return self.counts.get(("step_s", ""), 0.0) > 0
+
+    def mean_compute_s(self) -> float:
+        return self.mean("step_s") if self.continuous else self.mean("compute_s")
+
     def mean_batch_size(self) -> float:
+        if self.continuous:
+            return self.whole_number_mean("batch_size")
         if self.batches > 0 and self.ok_requests > 0:
             return self.ok_requests / self.batches
         return self.whole_number_mean("batch_size")
@@ -136,6 +151,8 @@ def histogram_totals(text: str, application: str | None = None) -> Totals:
                 continue
             else:
                 continue
+            if key == "step_s" and labels.get("phase") != "decode":
+                continue
             tenant = labels.get("tenant", "") if key == "queue_wait_s" else ""
             target[(key, tenant)] += value
     return totals
@@ -153,7 +170,7 @@ def samples_from_totals(points: list[tuple[float, Totals]]) -> list[BatchSample]
             batches=int(round(delta.batches)),
             mean_batch_size=delta.mean_batch_size(),
             mean_distinct_tasks=delta.whole_number_mean("batch_tasks"),
-            mean_compute_s=delta.mean("compute_s"),
+            mean_compute_s=delta.mean_compute_s(),
         ))
     return out
 
@@ -170,7 +187,7 @@ def run_stats(points: list[tuple[float, Totals]]) -> ServerStats | None:
         batches=int(round(delta.batches)),
         mean_batch_size=delta.mean_batch_size(),
         mean_distinct_tasks=delta.whole_number_mean("batch_tasks"),
-        mean_compute_s=delta.mean("compute_s"),
+        mean_compute_s=delta.mean_compute_s(),
         mean_queue_wait_s={t: delta.mean("queue_wait_s", t) for t in tenants},
     )
 

@@ -75,6 +75,8 @@ class RunResult:
         summary = self.streams.get(stream, self.summary) if stream else self.summary
         if name.startswith("latency_"):
             return summary.latency_s.get(name.removeprefix("latency_"), math.nan)
+        if name.startswith("ttft_"):
+            return summary.ttft_s.get(name.removeprefix("ttft_"), math.nan)
         return getattr(summary, name)
 
 

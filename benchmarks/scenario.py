@@ -50,6 +50,8 @@ METRICS = {
     "latency_p90": "lower",
     "latency_p99": "lower",
     "latency_max": "lower",
+    "ttft_p50": "lower",  # time to first token, streaming runs (load.stream: true)
+    "ttft_p99": "lower",
     "cpu_ms_per_request": "lower",  # CPU time of the benchmark's processes per completed request
 }
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}

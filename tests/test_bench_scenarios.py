@@ -20,7 +20,7 @@ def test_every_shipped_scenario_parses_into_valid_application_args(name, tmp_pat
     assert scenario.runs
     for variant in scenario.servers:
         config = AppConfig.from_args(scenario.app_args(variant, store_root=str(tmp_path), api_keys_file="keys.yaml"))
-        assert config.serving.batching in ("mixed", "per_task")
+        assert config.serving.batching in ("continuous", "mixed", "per_task")
     run_names = {r.name for r in scenario.runs}
     for comparison in scenario.comparisons:
         assert {comparison.numerator, comparison.denominator} <= run_names
@@ -122,3 +122,22 @@ def test_a_missing_key_is_a_one_line_error_before_any_connection(flags, missing,
     assert "\n" not in message
     assert f"no API key for workload tenant(s) {missing} of the server at 127.0.0.1:9 ({have})" in message
     assert "--key TENANT=KEY" in message
+
+
+def test_continuous_bench_builds_the_issue_table_from_its_comparisons():
+    from promptmux.benchmarks.continuous_bench import at_rate, figures, scenarios_for
+    from promptmux.benchmarks.runner import ComparisonResult, ScenarioResult
+
+    main, ttft = scenarios_for("random:t5-small", scale=0.5)
+    assert main.model["source"] == "random:t5-small" and main.name == "continuous-t5-small"
+    assert max(s.load.duration_s for r in main.runs for s in r.streams) == 4.0
+    assert {r.variant for r in main.runs} == {"static", "continuous", "per_task"}
+    assert all(s.load.rate == 12.5 and s.load.stream for r in at_rate(ttft, 12.5).runs for s in r.streams)
+    # Fake ratios: numerator 6, denominator 2 -> every ratio 3.
+    results = [ScenarioResult(s, [], [ComparisonResult(c, 6.0, 2.0) for c in s.comparisons], 0, 0) for s in (main, ttft)]
+    rows = {row.name: row for row in figures(*results)}
+    assert len(rows) == 6
+    fairness = rows["steady tenant p99 under a flood ÷ alone (harness fairness scenario)"]
+    assert (fairness.static, fairness.continuous, fairness.met) == (3.0, 3.0, True)
+    assert rows["time to first token p50 at 75% of capacity: static ÷ continuous"].met is False  # 3 < 5
+    assert rows["mixed ÷ per-task, 64 tasks"].met is True  # continuous 3 is not below static 3
