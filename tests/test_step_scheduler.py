@@ -540,3 +540,103 @@ def test_batching_mode_picks_the_scheduler():
         ServingConfig(batching="static")
     with pytest.raises(ValueError, match="max_encoder_tokens_per_step=0"):
         ServingConfig(max_encoder_tokens_per_step=0)
+
+
+# ---------------------------------------------------------------------- the real step engine
+
+
+@pytest.fixture(scope="module")
+def real_engine(tmp_path_factory):
+    import torch
+
+    from promptmux.prompts.store import PromptStore
+    from promptmux.serving.config import EngineConfig, ModelConfig
+    from promptmux.serving.engine import Engine
+    from promptmux.serving.model_loading import load_model
+
+    loaded = load_model(ModelConfig(source="random:embedded", dtype="float32"))
+    store = PromptStore(tmp_path_factory.mktemp("store"), d_model=loaded.d_model, max_length=128)
+    generator = torch.Generator().manual_seed(3)
+    for task, length in {"short": 3, "mid": 17, "long": 60}.items():
+        store.register("acme", task, 0.05 * torch.randn(length, loaded.d_model, generator=generator))
+    engine = Engine(loaded, store, EngineConfig(max_input_tokens=160, max_new_tokens_limit=64, max_batch_size=4,
+                                                prompt_cache_rows=1024, prompt_cache_page_rows=16))
+    engine.refresh_prompts()
+    return engine
+
+
+def real_request(engine, task: str, text: str, **params) -> PreparedRequest:
+    return engine.prepare(GenerationRequest(tenant="acme", text=text, task=task, request_id=f"{task}/{text}",
+                                            params=GenerationParams(**params)))
+
+
+def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(real_engine):
+    from promptmux.serving.step_engine import StepEngine
+
+    specs = [("short", "abc", 9), ("long", "a longer input " * 4, 30), ("mid", "x", 1), ("mid", "hello there", 20),
+             ("long", "queued behind full slots", 12), ("short", "last one in", 25)]
+    requests = [real_request(real_engine, task, text, max_new_tokens=n) for task, text, n in specs]
+    beam = real_request(real_engine, "mid", "beam me", strategy="beam", num_beams=3, max_new_tokens=8)
+    expected = [real_engine.run_batch([r]).results[0] for r in [*requests, beam]]
+
+    async def main():
+        seen = Recorder()
+        config = ServingConfig(max_encoder_tokens_per_step=80).resolved(real_engine.config.max_batch_size)
+        scheduler = StepScheduler(config, StepEngine(real_engine), real_engine.run_batch, observer=seen)
+        streams: list[list[int]] = [[] for _ in range(len(requests) + 1)]
+        jobs = []
+        for i, request in enumerate([*requests, beam]):  # arrivals spread over several steps
+            jobs.append(asyncio.ensure_future(scheduler.submit(request, on_token=streams[i].append)))
+            await asyncio.sleep(0.003 * i)
+        results = await asyncio.gather(*jobs)
+        for got, want, streamed in zip(results, expected, streams):
+            assert got.token_ids == want.token_ids and got.text == want.text
+            assert got.finish_reason == want.finish_reason and streamed == got.token_ids
+        assert len(seen.admissions) >= 2  # 6 requests, 4 slots, an 80-token budget: several admissions
+        assert max(rows for rows, _ in seen.steps) <= 4 and seen.active[-1] == 0
+        assert seen.batches == [1]  # the beam request ran on the static path
+        await scheduler.close()
+
+    run(main())
+
+
+def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_engine):
+    from promptmux.serving.step_engine import StepEngine
+
+    class Gated(StepEngine):
+        """Each step waits for a permit, then runs for real."""
+
+        permits = threading.Semaphore(0)
+        steps = 0
+
+        def step(self):
+            assert self.permits.acquire(timeout=10)
+            self.steps += 1
+            return super().step()
+
+    async def main():
+        seen = Recorder()
+        step_engine = Gated(real_engine)
+        config = ServingConfig().resolved(real_engine.config.max_batch_size)
+        scheduler = StepScheduler(config, step_engine, real_engine.run_batch, observer=seen)
+        tokens: list[int] = []
+        request = real_request(real_engine, "mid", "a stream that goes away", max_new_tokens=64)
+        job = asyncio.ensure_future(scheduler.submit(request, on_token=tokens.append))
+        await until(lambda: step_engine.active_slots == 1)
+        step_engine.permits.release()
+        await until(lambda: len(tokens) == 1)
+        assert tokens[0] != real_engine.eos_token_id, "pick an input whose first token is not EOS"
+        job.cancel()  # the client went away while the engine thread waits inside step 2
+        await asyncio.sleep(0.02)
+        assert step_engine.active_slots == 1 and step_engine.steps == 1  # step 2 waits for its permit
+        step_engine.permits.release()  # step 2 completes; the slot is freed before any step 3
+        await until(lambda: step_engine.active_slots == 0)
+        assert step_engine.free_slots == real_engine.config.max_batch_size
+        await until(lambda: seen.freed.get("cancelled") == 1 and seen.active[-1] == 0)
+        step_engine.permits.release(5)
+        await asyncio.sleep(0.1)
+        assert step_engine.steps == 2 and scheduler.active == 0  # nothing left to decode: no step 3
+        assert len(tokens) == 1  # nothing reached the stream after its caller left
+        await scheduler.close()
+
+    run(main())
