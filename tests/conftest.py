@@ -227,6 +227,7 @@ def serving(ray_cluster, tmp_path_factory):
         "task_embedding": {"steps": 3, "batch_size": 8},  # SimilarTasks tests: a short run suffices
         "serving": {
             "api_keys_file": str(keys_file),
+            "batching": "continuous",  # the default: every serving test runs on the step scheduler
             "batch_wait_timeout_s": 0.05,
             "max_in_flight_per_tenant": 12,
             "torch_threads": 1,

@@ -41,12 +41,15 @@ def test_counters_move_and_batches_mix_tasks(serving):
     text = serving.wait_for_metrics(moved)
     for name in (
         "ray_promptmux_queue_wait_seconds_count",
-        "ray_promptmux_batch_compute_seconds_count",
+        "ray_promptmux_step_seconds_count",  # continuous batching: the fixture's mode
+        "ray_promptmux_admission_wait_seconds_count",
+        "ray_promptmux_time_to_first_token_seconds_count",
+        "ray_promptmux_generated_tokens_total",
+        "ray_promptmux_active_slots",
         "ray_promptmux_request_latency_seconds_count",
         "ray_promptmux_batch_size_count",
         "ray_promptmux_batch_padding_fraction_count",
         "ray_promptmux_input_tokens_total",
-        "ray_promptmux_prompt_cache_misses_total",
         "ray_promptmux_queue_depth",
     ):
         assert re.search(rf"^{name}[{{ ]", text, re.MULTILINE), f"{name} is missing from the metrics endpoint"
