@@ -130,7 +130,8 @@ def test_continuous_bench_builds_the_issue_table_from_its_comparisons():
 
     main, ttft = scenarios_for("random:t5-small", scale=0.5)
     assert main.model["source"] == "random:t5-small" and main.name == "continuous-t5-small"
-    assert max(s.load.duration_s for r in main.runs for s in r.streams) == 4.0
+    assert max(s.load.duration_s for r in main.runs for s in r.streams) == 6.0  # t5-small runs x 1.5
+    assert {s.load.rate for r in main.runs for s in r.streams if s.load.rate} == {2.5, 1.0}  # rates x 0.25
     assert {r.variant for r in main.runs} == {"static", "continuous", "per_task"}
     assert all(s.load.rate == 12.5 and s.load.stream for r in at_rate(ttft, 12.5).runs for s in r.streams)
     # Fake ratios: numerator 6, denominator 2 -> every ratio 3.
