@@ -77,7 +77,7 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size (best is kept)")
     parser.add_argument("--hbm-gbps", type=float, help="HBM bandwidth in GB/s (default: by device name)")
     parser.add_argument("--mode", default="static", choices=MODES,
-                        help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (not built yet)")
+                        help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (serving/step_engine.py)")
     parser.add_argument("--output", type=Path,
                         help="results folder, created if missing (default benchmarks/results/<date>-<gpu>); "
                              "on a device that returns only one folder, point it there, e.g. --output \"$OUT/bench\"")
@@ -209,22 +209,33 @@ def build_engine(model: str, dtype: str, device: str, store_root: str, max_batch
 def batch_runner(engine, mode: str) -> Callable[[list], int]:
     """A function that runs one batch of requests to completion and returns the tokens generated.
 
-    `static` runs the batch-at-a-time path (`engine.run_batch`). `continuous` is the hook for
-    the step loop: when the engine has one, this is the one place to wire it in, so the report
-    can put static and continuous side by side.
+    `static` runs the batch-at-a-time path (`engine.run_batch`, Hugging Face `generate`).
+    `continuous` runs the step loop (serving/step_engine.py): the batch is prepared once,
+    admitted in one encoder forward, then decoded one step at a time over the engine's slots
+    until every row is done, which is the loop a replica runs with its slots full.
     """
     check_mode(mode)
-    return lambda requests: engine.run_batch(requests).stats.output_tokens
+    if mode == "static":
+        return lambda requests: engine.run_batch(requests).stats.output_tokens
+    from promptmux.serving.step_engine import StepEngine
+
+    steps = StepEngine(engine)  # its slot cache is allocated once, for every batch
+
+    def run(requests) -> int:
+        events = steps.admit([(i, engine.prepare(r)) for i, r in enumerate(requests)])
+        failed = [e.done for e in events if isinstance(e.done, Exception)]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(requests)} requests failed admission: {failed[0]}")
+        generated = 0
+        while steps.active_slots:
+            generated += sum(len(e.new_tokens) for e in steps.step())
+        return generated
+
+    return run
 
 
 def check_mode(mode: str) -> None:
     """Refuse a mode this build cannot run, before minutes go into building the model."""
-    if mode == "continuous":
-        raise UnsupportedModeError(
-            "--mode continuous needs the engine's continuous-batching step loop, which this build "
-            "does not have yet; run --mode static (the batch-at-a-time path). When the step loop "
-            "lands, wire it into benchmarks/gpu_bench.py:batch_runner"
-        )
     if mode not in MODES:
         raise UnsupportedModeError(f"--mode {mode!r} is unknown; expected one of {', '.join(MODES)}")
 

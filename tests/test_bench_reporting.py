@@ -161,13 +161,21 @@ def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypat
     assert json.loads((out / "gpu.json").read_text())["points"][0]["generated_tokens"] == 6
 
 
-def test_gpu_continuous_mode_refuses_with_a_teaching_message_until_the_step_loop_exists(capsys):
+def test_gpu_bench_runs_the_step_loop_in_continuous_mode(tmp_path, monkeypatch):
+    from promptmux.benchmarks import gpu_bench
     from promptmux.serving.cli import main
 
-    assert main(["bench", "gpu", "--mode", "continuous"]) == 2
-    error = capsys.readouterr().err
-    assert "--mode continuous needs the engine's continuous-batching step loop" in error
-    assert "run --mode static" in error
+    monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
+    out = tmp_path / "bench"
+    code = main(["bench", "gpu", "--mode", "continuous", "--model", "random:tiny", "--dtype", "float32",
+                 "--device", "cpu", "--batch-sizes", "1,3", "--tasks", "2", "--prompt-length", "2",
+                 "--input-length", "4", "--new-tokens", "4", "--repeats", "1", "--hbm-gbps", "10",
+                 "--output", str(out)])
+    assert code == 0
+    record = json.loads((out / "gpu.json").read_text())
+    # Every row ran its full length on the step loop (EOS suppressed through lm_head there too).
+    assert [p["generated_tokens"] for p in record["points"]] == [4, 12]
+    assert "continuous batching" in (out / "gpu.md").read_text()
 
 
 def test_weight_bytes_count_tied_tensors_once():
