@@ -77,7 +77,7 @@ def test_scenario_against_the_running_server_then_cleans_up(serving, tmp_path):
     )
     results = run_scenarios([scenario], options)
     check_outputs(results, tmp_path)
-    assert all(r.target.kind == "grpc" and r.target.batching == "mixed" for r in results[0].runs)
+    assert all(r.target.kind == "grpc" and r.target.batching == serving.args["serving"]["batching"] for r in results[0].runs)
     left = serving.stub().ListPrompts(pb.ListPromptsRequest(), metadata=serving.metadata(ADMIN_TENANT), timeout=30)
     assert not [p.task for p in left.prompts if p.task.startswith("benchtest")]
 
