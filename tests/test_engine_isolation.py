@@ -209,7 +209,9 @@ def test_a_decoding_failure_of_one_row_fails_that_row_alone(engine):
     good = good_requests()
     prepared = [engine.prepare(r) for r in good]
     sampler = prepared[3]
-    bad_params = dataclasses.replace(sampler.request.params, temperature=1e-300)
+    # No temperature at all: building the group's per-row tensors fails (the per-row sampler
+    # itself takes any float, even one that is 0 in float32, so a value cannot break it).
+    bad_params = dataclasses.replace(sampler.request.params, temperature=None)
     poisoned = dataclasses.replace(sampler, request=dataclasses.replace(sampler.request, params=bad_params))
     results = engine.run_batch([*prepared, poisoned]).results
     assert isinstance(results[-1], PromptmuxError) and results[-1].status == "INTERNAL"

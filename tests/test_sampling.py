@@ -71,6 +71,8 @@ def test_a_tiny_temperature_is_argmax_not_nan():
     (GenerationParams(strategy="sample", top_p=1e-50), "top_p=1e-50 is 0.0 in float32"),
 ])
 def test_parameters_that_break_in_float32_are_refused(params, message):
+    with pytest.raises(InvalidRequestError, match="float32"):
+        params.validate(64)  # the request's own validation refuses it too, in float32 terms
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
         check_sampling_params(params)
     check_sampling_params(GenerationParams(strategy="greedy", temperature=1e-300))  # unused by greedy rows
