@@ -607,9 +607,11 @@ def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_e
         """Each step waits for a permit, then runs for real."""
 
         permits = threading.Semaphore(0)
+        entered = 0  # steps the engine thread has started waiting in
         steps = 0
 
         def step(self):
+            self.entered += 1
             assert self.permits.acquire(timeout=10)
             self.steps += 1
             return super().step()
@@ -626,6 +628,7 @@ def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_e
         step_engine.permits.release()
         await until(lambda: len(tokens) == 1)
         assert tokens[0] != real_engine.eos_token_id, "pick an input whose first token is not EOS"
+        await until(lambda: step_engine.entered == 2)  # the engine thread now waits inside step 2
         job.cancel()  # the client went away while the engine thread waits inside step 2
         await asyncio.sleep(0.02)
         assert step_engine.active_slots == 1 and step_engine.steps == 1  # step 2 waits for its permit
