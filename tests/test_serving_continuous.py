@@ -3,6 +3,8 @@ step scheduler, the default): streams get their tokens step by step, and a clien
 away frees its slot, visibly in the metrics."""
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import grpc
@@ -50,11 +52,52 @@ def slot_metrics(text: str) -> tuple[float, float]:
             metric(text, "ray_promptmux_active_slots"))
 
 
+@contextlib.contextmanager
+def busy_engine(serving, pb, streams: int = 10):
+    """Another tenant keeps `streams` long generations decoding, so every step takes longer and
+    a cancel reaches the replica while the cancelled request still decodes (on a quiet
+    machine a lone 64-token request can finish before its cancel arrives)."""
+    stop = threading.Event()
+    request = pb.GenerateRequest(task="reverse", text="keep the engine busy " * 3,
+                                 params=pb.GenerationParams(max_new_tokens=64))
+
+    def load() -> None:
+        stub = serving.stub()
+        end = time.monotonic() + 60  # bounded even if the test never stops it
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                for _ in stub.GenerateStream(request, metadata=serving.metadata("acme"), timeout=30):
+                    pass
+            except grpc.RpcError:
+                pass
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
 def test_a_cancelled_stream_frees_its_slot_and_the_metrics_show_it(serving, pb):
     stub = serving.stub()
     request = pb.GenerateRequest(task="reverse", text="cancel me before the end " * 2,
                                  params=pb.GenerationParams(max_new_tokens=64))
     freed_before, _ = slot_metrics(serving.scrape())
+    with busy_engine(serving, pb):
+        cancel_one_stream(serving, stub, request, freed_before)
+    # The slot is free again: nothing decodes once the stream and the load are gone.
+    text = serving.wait_for_metrics(lambda t: slot_metrics(t)[1] == 0)
+    assert slot_metrics(text)[0] == freed_before + 1
+    for name in ("ray_promptmux_step_seconds_count", "ray_promptmux_time_to_first_token_seconds_count",
+                 "ray_promptmux_admission_wait_seconds_count", "ray_promptmux_generated_tokens_total"):
+        assert metric(text, name) > 0, f"{name} is missing or zero"
+
+
+def cancel_one_stream(serving, stub, request, freed_before: float) -> None:
     for attempt in range(3):  # a request that finishes before the cancel reaches the replica proves nothing: retry
         call = stub.GenerateStream(request, metadata=serving.metadata("globex"), timeout=60)
         first = next(call)
@@ -65,15 +108,9 @@ def test_a_cancelled_stream_frees_its_slot_and_the_metrics_show_it(serving, pb):
                 pass
         assert gone.value.code() == grpc.StatusCode.CANCELLED
         try:
-            text = serving.wait_for_metrics(lambda t: slot_metrics(t)[0] > freed_before, limit_s=10)
+            serving.wait_for_metrics(lambda t: slot_metrics(t)[0] > freed_before, limit_s=10)
             break
         except AssertionError:
             continue
     else:
         pytest.fail("three cancelled streams never showed in promptmux_slots_freed_total{reason='cancelled'}")
-    # The slot is free again: nothing decodes once the stream is gone.
-    text = serving.wait_for_metrics(lambda t: slot_metrics(t)[1] == 0)
-    assert slot_metrics(text)[0] == freed_before + 1
-    for name in ("ray_promptmux_step_seconds_count", "ray_promptmux_time_to_first_token_seconds_count",
-                 "ray_promptmux_admission_wait_seconds_count", "ray_promptmux_generated_tokens_total"):
-        assert metric(text, name) > 0, f"{name} is missing or zero"
