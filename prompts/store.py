@@ -8,6 +8,8 @@ Layout on disk (works on a local disk and on a shared ReadWriteMany volume):
     <root>/<tenant>/.lock                          held (flock) while a registration checks quotas
     <root>/.published/<task>                       the claim on a task id in the global namespace;
                                                    it holds the publishing tenant's id
+    <root>/.changes/...                            the change log: one entry per registration or
+                                                   delete, written before it (change_log.py)
 
 A version appears atomically: it is written to a temporary file, fsynced, then hard-linked
 to its final name. The link fails if another writer took that version number, so
@@ -22,6 +24,10 @@ taken). So a writer that picked a number from an older listing fails to link it 
 next one, which lies above the tombstone: numbers are taken in increasing order, a delete
 never removes a version registered after it, and caches keyed by version stay valid.
 (`.deleted` tombstones of stores written before this layout are still honoured.)
+
+Every registration and delete is announced in the change log before its files change, so
+replicas keep a table of every task's latest version current by reading only new entries
+(task_table.py, `self.tasks`); quotas are checked against that table too.
 
 A corrupt or unreadable file is skipped and logged with its path (once per change of the
 file); it never stops listing, resolving or starting a replica. A task whose newest version
@@ -54,10 +60,12 @@ from promptmux.prompts.errors import (
     TaskNotFoundError,
 )
 
+from .change_log import ChangeLog
 from .ids import ID_PATTERN, check_id, is_valid_id, parse_task_ref
 from .namespace import TaskNamespace, task_not_found
 from .quotas import StoreQuotas
 from .records import SUPPORTED_DTYPES, PromptMeta, StoredPrompt, content_hash
+from .task_table import PENDING_GRACE_S, TaskTable
 
 __all__ = ["ID_PATTERN", "PromptStore", "StoreQuotas"]
 
@@ -87,6 +95,7 @@ class PromptStore:
         max_length: int,
         allowed_tenants: Iterable[str] | None = None,
         quotas: StoreQuotas | None = None,
+        snapshot_every: int = 10_000,
     ) -> None:
         self.root = Path(root)
         self.d_model = d_model
@@ -100,6 +109,9 @@ class PromptStore:
         # once a newer tombstone exists, and listings stop at the newest tombstone, so a cached
         # answer is never read stale.
         self._is_marker: dict[Path, bool] = {}
+        self.changes = ChangeLog(self.root)
+        # Every task's latest version, current as of its last `catch_up` (loaded on first use).
+        self.tasks = TaskTable(self, self.changes, snapshot_every=snapshot_every)
         self._remove_stale_temp_files()
 
     # ---------------------------------------------------------------- writes
@@ -140,7 +152,9 @@ class PromptStore:
             if check_quotas:
                 self._check_usage(tenant, task, int(tensor.shape[0]))
             if publish:
-                self._claim(task, tenant)
+                self._claim(task, tenant)  # no change to the namespace until a published version exists
+            announced = time.monotonic()
+            self.changes.append("register", tenant, task, self._next_version(task_dir))
             while True:
                 version = self._next_version(task_dir)
                 meta = PromptMeta(
@@ -159,6 +173,8 @@ class PromptStore:
                 )
                 payload = st_save(tensors, metadata={_META_KEY: meta.to_json()})
                 if _publish(task_dir, f"v{version:08d}.safetensors", payload):
+                    if time.monotonic() - announced > PENDING_GRACE_S / 2:
+                        self.changes.append("register", tenant, task, version)  # readers may have stopped waiting
                     return meta
                 # Another writer took this version number first: take the next one.
 
@@ -169,6 +185,7 @@ class PromptStore:
         task_dir = self._task_dir(tenant, task)
         if not self._live_files(task_dir) and self.published_claims().get(task) != tenant:
             raise task_not_found(tenant, task)  # a task whose every version is corrupt can still be deleted
+        self.changes.append("delete", tenant, task, self._next_version(task_dir))
         while True:
             tombstone = self._next_version(task_dir)
             if _publish(task_dir, f"v{tombstone:08d}.safetensors", _DELETED):
@@ -178,7 +195,8 @@ class PromptStore:
             if number < tombstone and path.suffix == ".safetensors" and _replace_with_marker(path):
                 self._meta_cache.pop(path, None)
                 removed += 1
-        self._release_claim(task, tenant)
+        if self._release_claim(task, tenant):
+            self.changes.append("claim", tenant, task, 0)
         return removed
 
     # ---------------------------------------------------------------- reads
@@ -235,6 +253,31 @@ class PromptStore:
                 if meta is not None:
                     out[meta.key] = meta
         return out
+
+    def latest_or_none(self, tenant: str, task: str) -> PromptMeta | None:
+        """The task's latest live, readable version; None for a deleted or unknown task."""
+        return self._latest_meta(self._task_dir(tenant, task)) if is_valid_id(tenant) and is_valid_id(task) else None
+
+    def has_version_at_least(self, key: tuple[str, str], version: int) -> bool:
+        """Whether a version file or tombstone numbered `version` or later exists for the task."""
+        if not (is_valid_id(key[0]) and is_valid_id(key[1])):
+            return True  # nothing to wait for
+        entries = _version_entries(self._task_dir(*key), self._log_unreadable)
+        return bool(entries) and entries[-1][0] >= version
+
+    def claim_holder(self, task: str) -> str | None:
+        """The tenant holding `task` in the global namespace, if any."""
+        if not is_valid_id(task):
+            return None
+        path = self.root / _CLAIMS_DIR / task
+        try:
+            owner = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self._log_unreadable(path, error)
+            return None
+        return owner if is_valid_id(owner) else None
 
     def published_claims(self) -> dict[str, str]:
         """Task id -> the tenant holding it in the global namespace."""
@@ -321,11 +364,14 @@ class PromptStore:
             )
 
     def _check_usage(self, tenant: str, task: str, new_rows: int) -> None:
-        """Quotas, with the tenant's lock held: usage as it would be after this registration."""
-        usage = self.snapshot([tenant])
-        previous = usage.pop((tenant, task), None)  # a new version replaces the task's latest
-        prompts = len(usage) + 1
-        rows = sum(m.length for m in usage.values()) + new_rows
+        """Quotas, with the tenant's lock held: usage as it would be after this registration.
+        Every earlier registration of this tenant finished under the same lock and announced
+        itself in the change log first, so catching up the table sees all of them."""
+        self.tasks.catch_up()
+        own, rows = self.tasks.usage(tenant)
+        previous = own.get(task)  # a new version replaces the task's latest
+        prompts = len(own) + (previous is None)
+        rows += new_rows - (previous.length if previous is not None else 0)
         if previous is None or new_rows > previous.length:  # a version that grows nothing always fits
             self.quotas.check_usage(tenant, prompts=prompts, rows=rows)
 
@@ -345,10 +391,12 @@ class PromptStore:
             f"'{tenant}/{task}'), or have {holder!r}'s task deleted first"
         )
 
-    def _release_claim(self, task: str, tenant: str) -> None:
-        if self.published_claims().get(task) == tenant:
+    def _release_claim(self, task: str, tenant: str) -> bool:
+        if self.claim_holder(task) == tenant:
             (self.root / _CLAIMS_DIR / task).unlink(missing_ok=True)
             _fsync_directory(self.root / _CLAIMS_DIR)
+            return True
+        return False
 
     @contextmanager
     def _tenant_lock(self, tenant: str) -> Iterator[None]:
@@ -463,6 +511,7 @@ class PromptStore:
 
     def _remove_stale_temp_files(self) -> None:
         cutoff = time.time() - _STALE_TEMP_SECONDS
+        self.changes.remove_stale_temp_files(cutoff)
         for temp in [*self.root.glob("*/*/.tmp-*"), *self.root.glob(f"{_CLAIMS_DIR}/.tmp-*")]:
             try:
                 if temp.stat().st_mtime < cutoff:

@@ -38,8 +38,12 @@ class StoreConfig:
 
     root: Path = Path("var/prompts")
     max_prompt_length: int = 1024
-    # How often a replica re-reads the store's listing, so updates land without a restart.
+    # How often a replica reads the store's change log for new entries, so updates land
+    # without a restart (an idle read is one failed open, whatever the number of tasks).
     refresh_interval_s: float = 0.5
+    # A replica writes a snapshot of every task's latest version after this many new change-log
+    # entries, so a starting replica reads one file plus the entries after it (0: never).
+    snapshot_every_changes: int = 10_000
     # Per-tenant quotas (prompts/quotas.py); a registration past one is RESOURCE_EXHAUSTED.
     # Prompts and rows count each task's latest version.
     max_prompts_per_tenant: int = 10_000

@@ -8,7 +8,6 @@ program (see decoding.py). A bad request fails alone; the rest of the batch stil
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -85,7 +84,6 @@ class Engine:
             loader=self._load_prompt,
         )
         self.index = PromptIndex.from_store(store)
-        self._refresh_lock = threading.Lock()
         self.eos_token_id = self.model.config.eos_token_id
         self.pad_token_id = self.model.config.pad_token_id
         # Models pad their vocabulary past the tokenizer's (T5: 32128 vs 32100; random shapes
@@ -96,14 +94,15 @@ class Engine:
     def from_config(cls, config: PromptmuxConfig) -> "Engine":
         loaded = load_model(config.model)
         store = PromptStore(config.store.root, d_model=loaded.d_model, max_length=config.store.max_prompt_length,
+                            snapshot_every=config.store.snapshot_every_changes,
                             quotas=config.store.quotas())
         return cls(loaded, store, config.engine)
 
     # ------------------------------------------------------------------ prompts
-    def refresh_prompts(self) -> None:
-        """Re-read the store listing; new and deleted versions apply to the next batch."""
-        with self._refresh_lock:
-            self.index = PromptIndex.from_store(self.store)
+    def refresh_prompts(self) -> int:
+        """Apply the store's new changes (registrations and deletes since the last call, not a
+        rescan); they apply to the next batch. Returns how many changes were applied."""
+        return self.index.refresh()
 
     def _load_prompt(self, meta: PromptMeta) -> torch.Tensor:
         """A prompt version's tensor for the bank, checked against what the index promised and

@@ -1,20 +1,47 @@
 """Which prompt version each tenant's task reference resolves to, kept in memory.
 
-Built from the store's listing and its claims on published ids, and swapped whole on
-refresh, so the batch path reads it without I/O and without locks. The sharing rules
-themselves are in prompts/namespace.py."""
+A view over the store's task table (prompts/task_table.py), which is kept current from the
+store's change log: `refresh` applies only the entries written since the last one, so its
+cost does not grow with the number of registered tasks. The batch path resolves one key at
+a time without I/O and without locks. The sharing rules themselves are in
+prompts/namespace.py."""
 from __future__ import annotations
 
-from promptmux.prompts.namespace import TaskNamespace
+from promptmux.prompts.records import PromptMeta
 from promptmux.prompts.store import PromptStore
+from promptmux.prompts.task_table import TaskTable
 
 
-class PromptIndex(TaskNamespace):
+class PromptIndex:
+    def __init__(self, table: TaskTable) -> None:
+        self.table = table
+
     @classmethod
     def from_store(cls, store: PromptStore) -> "PromptIndex":
-        namespace = store.namespace()
-        return cls(latest=namespace.latest, published=namespace.published)
+        index = cls(store.tasks)
+        index.refresh()
+        return index
 
-    def visible_to(self, tenant: str):
+    def refresh(self) -> int:
+        """Apply the store's new changes; returns how many."""
+        return self.table.catch_up()
+
+    def resolve(self, tenant: str, ref: str) -> PromptMeta:
+        return self.table.resolve(tenant, ref)
+
+    def visible_to(self, tenant: str) -> list[tuple[str, PromptMeta]]:
         """(name to call it by, metadata) of every task `tenant` can call, sorted by name."""
-        return self.callable_by(tenant)
+        return self.table.callable_by(tenant)
+
+    callable_by = visible_to
+
+    @property
+    def latest(self):
+        return self.table.latest
+
+    @property
+    def published(self):
+        return self.table.published
+
+    def __len__(self) -> int:
+        return len(self.table)

@@ -209,6 +209,7 @@ def test_delete_racing_register_in_two_processes_never_loses_a_newer_version(tmp
         with pytest.raises(TaskNotFoundError):
             store.versions("acme", "race")
     assert store.register("acme", "race", prompt()).version == max(acked_versions + deleted_at) + 1
+    assert_change_feed_matches_scan(root)
 
 
 def test_sigkill_at_random_points_never_loses_an_acknowledged_version(tmp_path):
@@ -244,3 +245,12 @@ def test_sigkill_at_random_points_never_loses_an_acknowledged_version(tmp_path):
         assert content_hash(store.get("acme", "crash", version).tensor) == digest
     assert len(live) == len(versions)  # every version file reads cleanly: none is torn
     assert store.register("acme", "crash", prompt()).version == max(live) + 1
+    assert_change_feed_matches_scan(root)
+
+
+def assert_change_feed_matches_scan(root: Path) -> None:
+    """A replica starting now (snapshot + change log, no scan) sees exactly what a full scan sees."""
+    fresh = PromptStore(root, d_model=D, max_length=8)
+    fresh.tasks.catch_up()
+    assert fresh.tasks.stats["full_scans"] == 0
+    assert fresh.tasks.latest == fresh.snapshot()

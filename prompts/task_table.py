@@ -1,0 +1,244 @@
+"""Every task's latest live version, kept current from the store's change log.
+
+A replica (and the store's quota check) loads the newest snapshot once, then applies only the
+entries written after it: `catch_up` costs one failed `open` when nothing changed, and one
+task-directory listing per changed task otherwise. No call is proportional to the number of
+tasks, except start-up without any snapshot (one full scan, then a snapshot is written).
+
+Applying an entry re-reads the one task it names (and the claim on its id), so an entry is
+idempotent and the table always agrees with the version files. Entries are written before
+their change (change_log.py): if the task's files do not show the change yet, the task stays
+*pending* and is re-read on every `catch_up` until a version file at or past the entry's
+number appears, or for `PENDING_GRACE_S` (a writer that crashed before writing its version
+never completes it; a writer slower than half that logs its change again).
+
+Writers mutate the maps only under `lock`; readers of one key (`resolve`) need no lock, as
+dict reads are atomic. Listings copy what they need under the lock.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Iterable
+
+from .change_log import Change, ChangeLog
+from .ids import format_task_ref
+from .namespace import TaskKey, TaskNamespace
+from .records import PromptMeta
+
+if TYPE_CHECKING:
+    from .store import PromptStore
+
+log = logging.getLogger(__name__)
+
+PENDING_GRACE_S = 120.0
+# How far back a start-up without a snapshot replays entries, for changes announced before its
+# scan whose files landed after the scan read them.
+_BOOTSTRAP_REPLAY_S = PENDING_GRACE_S
+_SNAPSHOT_FORMAT = 1
+
+
+class TaskTable:
+    def __init__(self, store: "PromptStore", changes: ChangeLog, *, snapshot_every: int = 10_000) -> None:
+        self._store = store
+        self._log = changes
+        self.snapshot_every = snapshot_every
+        self.lock = threading.RLock()
+        self.latest: dict[TaskKey, PromptMeta] = {}
+        self.published: dict[str, PromptMeta] = {}  # task id -> its published version
+        self.namespace = TaskNamespace(latest=self.latest, published=self.published)  # live view, same dicts
+        self._by_tenant: dict[str, dict[str, PromptMeta]] = {}
+        self._shared: dict[TaskKey, PromptMeta] = {}  # other tenants may call these as owner/task
+        self._claims: dict[str, str] = {}  # task id -> owner holding it
+        self._rows: dict[str, int] = {}  # tenant -> rows of its latest versions
+        self._pending: dict[TaskKey, tuple[int, float]] = {}  # key -> (version awaited, since monotonic)
+        self.applied = 0  # every entry up to this sequence number is applied
+        self._snapshot_seq = 0
+        self._loaded = False
+        self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0}
+
+    # ---------------------------------------------------------------- keeping current
+    def catch_up(self) -> int:
+        """Apply every entry written since the last call; returns how many."""
+        with self.lock:
+            if not self._loaded:
+                self._load()
+            applied = 0
+            for change in self._log.read_after(self.applied):
+                self._apply(change)
+                self.applied = change.seq
+                applied += 1
+            if self._pending:
+                self._recheck_pending()
+            self.stats["changes_applied"] += applied
+            if self.snapshot_every and self.applied - self._snapshot_seq >= self.snapshot_every:
+                self.write_snapshot()
+            return applied
+
+    def _apply(self, change: Change) -> None:
+        if change.op == "unreadable":
+            self._full_scan()  # cannot tell which task it named
+            return
+        key = (change.tenant, change.task)
+        self._reread(key)
+        self._reread_claim(change.task)
+        if change.op in ("register", "delete") and not self._store.has_version_at_least(key, change.version):
+            self._pending.setdefault(key, (change.version, time.monotonic()))
+
+    def _recheck_pending(self) -> None:
+        now = time.monotonic()
+        for key, (version, since) in list(self._pending.items()):
+            if self._store.has_version_at_least(key, version):
+                self._reread(key)
+                self._reread_claim(key[1])
+                del self._pending[key]
+            elif now - since > PENDING_GRACE_S:
+                log.info("change log: version %d of %s/%s never appeared (its writer stopped before writing "
+                         "it); no longer waiting for it", version, *key)
+                del self._pending[key]
+
+    def _reread(self, key: TaskKey) -> None:
+        self._set(key, self._store.latest_or_none(*key))
+
+    def _reread_claim(self, task: str) -> None:
+        owner = self._store.claim_holder(task)
+        if owner is None:
+            self._claims.pop(task, None)
+        else:
+            self._claims[task] = owner
+        self._update_published(task)
+
+    def _set(self, key: TaskKey, meta: PromptMeta | None) -> None:
+        tenant, task = key
+        old = self.latest.get(key)
+        if old is meta:
+            return
+        if old is not None:
+            self._rows[tenant] -= old.length
+        if meta is None:
+            self.latest.pop(key, None)
+            self._shared.pop(key, None)
+            own = self._by_tenant.get(tenant)
+            if own is not None:
+                own.pop(task, None)
+                if not own:
+                    del self._by_tenant[tenant]
+                    self._rows.pop(tenant, None)
+        else:
+            self.latest[key] = meta
+            self._by_tenant.setdefault(tenant, {})[task] = meta
+            self._rows[tenant] = self._rows.get(tenant, 0) + meta.length
+            if meta.shared:
+                self._shared[key] = meta
+            else:
+                self._shared.pop(key, None)
+        if self._claims.get(task) == tenant:
+            self._update_published(task)
+
+    def _update_published(self, task: str) -> None:
+        owner = self._claims.get(task)
+        meta = None if owner is None else self.latest.get((owner, task))
+        if meta is not None and meta.published:
+            self.published[task] = meta
+        else:
+            self.published.pop(task, None)
+
+    # ---------------------------------------------------------------- start-up
+    def _load(self) -> None:
+        snapshot = self._log.latest_snapshot()
+        if snapshot is not None and snapshot[1].get("format") == _SNAPSHOT_FORMAT:
+            seq, payload = snapshot
+            try:
+                metas = [PromptMeta(**record) for record in payload["metas"]]
+                claims = {str(task): str(owner) for task, owner in payload["claims"].items()}
+                pending = [(str(t), str(k), int(v)) for t, k, v in payload["pending"]]
+            except (KeyError, TypeError, ValueError) as error:
+                log.warning("change log: snapshot %d is unusable (%s); scanning the store instead", seq, error)
+            else:
+                self._fill(metas, claims)
+                now = time.monotonic()
+                for tenant, task, version in pending:
+                    self._pending[(tenant, task)] = (version, now)
+                self.applied = self._snapshot_seq = seq
+                self._loaded = True
+                self.stats["snapshot_loaded"] = seq
+                return
+        self._full_scan()
+        self._loaded = True
+
+    def _full_scan(self) -> None:
+        """The table from a full listing (no usable snapshot, or an unreadable entry)."""
+        head = self._log.head()
+        started = time.time()
+        self._fill(self._store.snapshot().values(), self._store.published_claims())
+        self.stats["full_scans"] += 1
+        # Entries announced shortly before the scan may name files the scan read too early.
+        seq = head
+        while seq > 0:
+            change = self._log.read(seq)
+            if change is None or change.time < started - _BOOTSTRAP_REPLAY_S:
+                break
+            if change.op != "unreadable":
+                self._apply(change)
+            seq -= 1
+        self.applied = max(self.applied, head)
+        if head - self._snapshot_seq >= 1 or not self._log.latest_snapshot():
+            self.write_snapshot()
+
+    def _fill(self, metas: Iterable[PromptMeta], claims: dict[str, str]) -> None:
+        for table in (self.latest, self.published, self._by_tenant, self._shared, self._claims, self._rows):
+            table.clear()
+        self._pending.clear()
+        self._claims.update(claims)
+        for meta in metas:
+            self._set(meta.key, meta)
+        for task in claims:
+            self._update_published(task)
+
+    def write_snapshot(self) -> None:
+        with self.lock:
+            payload = {
+                "format": _SNAPSHOT_FORMAT,
+                "metas": [asdict(m) for m in self.latest.values()],
+                "claims": dict(self._claims),
+                "pending": [[t, k, v] for (t, k), (v, _) in self._pending.items()],
+            }
+            seq = self.applied
+        self._log.write_snapshot(seq, payload)
+        self._snapshot_seq = seq
+        self.stats["snapshots_written"] += 1
+
+    # ---------------------------------------------------------------- reads
+    def resolve(self, tenant: str, ref: str) -> PromptMeta:
+        return self.namespace.resolve(tenant, ref)
+
+    def usage(self, tenant: str) -> tuple[dict[str, PromptMeta], int]:
+        """(task -> latest version, total rows) of one tenant, as of the last catch_up."""
+        with self.lock:
+            return dict(self._by_tenant.get(tenant, {})), self._rows.get(tenant, 0)
+
+    def tenant_tasks(self, tenant: str) -> list[PromptMeta]:
+        """The latest version of each of `tenant`'s tasks, sorted by task id."""
+        with self.lock:
+            own = list(self._by_tenant.get(tenant, {}).values())
+        return sorted(own, key=lambda m: m.task)
+
+    def callable_by(self, tenant: str) -> list[tuple[str, PromptMeta]]:
+        """Every task `tenant` can call, once each, with the name to call it by, sorted by name:
+        the rules of TaskNamespace.callable_by, over the tenant's own, published and shared
+        tasks only (not every task in the store)."""
+        with self.lock:
+            names: dict[str, PromptMeta] = dict(self._by_tenant.get(tenant, {}))
+            for task, meta in self.published.items():
+                names.setdefault(task, meta)
+            shared = list(self._shared.items())
+        reachable_bare = {(m.tenant, m.task) for m in names.values()}
+        for (owner, task), meta in shared:
+            if owner != tenant and (owner, task) not in reachable_bare:
+                names[format_task_ref(owner, task)] = meta
+        return sorted(names.items())
+
+    def __len__(self) -> int:
+        return len(self.latest)
