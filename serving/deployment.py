@@ -43,6 +43,7 @@ from .grpc_convert import (
 )
 from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
+from .pagination import page
 from .serving_config import API_KEYS_ENV, AppConfig
 from .step_scheduler import build_scheduler
 from .streaming import TextDeltas
@@ -303,8 +304,10 @@ class PromptmuxServer:
         principal = self._authenticate(grpc_context, call)
         owner = prompt_owner_from_pb(request, principal.tenant)
         require_owner_or_admin(principal, owner, "list")
-        metas = await asyncio.to_thread(self._engine.store.list, owner)
-        return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in metas])
+        await asyncio.to_thread(self._engine.refresh_prompts)  # every replica lists what the store holds now
+        metas = [(m.task, m) for m in self._engine.index.tenant_tasks(owner)]
+        chosen, next_token = page(metas, request.page_size, request.page_token, f"prompts:{owner}")
+        return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in chosen], next_page_token=next_token)
 
     @unary_rpc(pb.PromptInfo)
     async def GetPrompt(self, request, grpc_context, call: _Call):
@@ -328,8 +331,11 @@ class PromptmuxServer:
     @unary_rpc(pb.ListTasksReply)
     async def ListTasks(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        callable_tasks = await asyncio.to_thread(self._engine.index.visible_to, principal.tenant)  # O(prompts)
-        return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in callable_tasks])
+        visible = await asyncio.to_thread(self._engine.index.visible_to, principal.tenant)  # O(callable tasks)
+        callable_tasks = [(name, (name, meta)) for name, meta in visible]
+        chosen, next_token = page(callable_tasks, request.page_size, request.page_token, f"tasks:{principal.tenant}")
+        return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in chosen],
+                                 next_page_token=next_token)
 
     @unary_rpc(pb.SimilarTasksReply)
     async def SimilarTasks(self, request, grpc_context, call: _Call):

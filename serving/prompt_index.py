@@ -35,6 +35,10 @@ class PromptIndex:
 
     callable_by = visible_to
 
+    def tenant_tasks(self, tenant: str) -> list[PromptMeta]:
+        """The latest version of each of `tenant`'s own tasks, sorted by task id."""
+        return self.table.tenant_tasks(tenant)
+
     @property
     def latest(self):
         return self.table.latest
