@@ -367,7 +367,7 @@ class PromptStore:
         """Quotas, with the tenant's lock held: usage as it would be after this registration.
         Every earlier registration of this tenant finished under the same lock and announced
         itself in the change log first, so catching up the table sees all of them."""
-        self.tasks.catch_up()
+        self.tasks.catch_up(tenant)
         own, rows = self.tasks.usage(tenant)
         previous = own.get(task)  # a new version replaces the task's latest
         prompts = len(own) + (previous is None)

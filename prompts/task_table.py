@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING_GRACE_S = 120.0
+# Pending tasks are re-read at most this often (each is a directory listing; with many
+# registrations in flight, every catch_up re-reading all of them would cost more than the rest).
+PENDING_RECHECK_S = 0.05
 # How far back a start-up without a snapshot replays entries, for changes announced before its
 # scan whose files landed after the scan read them.
 _BOOTSTRAP_REPLAY_S = PENDING_GRACE_S
@@ -56,12 +59,15 @@ class TaskTable:
         self._pending: dict[TaskKey, tuple[int, float]] = {}  # key -> (version awaited, since monotonic)
         self.applied = 0  # every entry up to this sequence number is applied
         self._snapshot_seq = 0
+        self._last_recheck = 0.0
         self._loaded = False
         self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0}
 
     # ---------------------------------------------------------------- keeping current
-    def catch_up(self) -> int:
-        """Apply every entry written since the last call; returns how many."""
+    def catch_up(self, tenant: str | None = None) -> int:
+        """Apply every entry written since the last call; returns how many. `tenant`: re-read
+        that tenant's pending tasks now (the quota check, and a replica making its own
+        registration usable at once), not only every PENDING_RECHECK_S."""
         with self.lock:
             if not self._loaded:
                 self._load()
@@ -71,7 +77,12 @@ class TaskTable:
                 self.applied = change.seq
                 applied += 1
             if self._pending:
-                self._recheck_pending()
+                now = time.monotonic()
+                if now - self._last_recheck >= PENDING_RECHECK_S:
+                    self._last_recheck = now
+                    self._recheck_pending()
+                elif tenant is not None:
+                    self._recheck_pending(tenant)
             self.stats["changes_applied"] += applied
             if self.snapshot_every and self.applied - self._snapshot_seq >= self.snapshot_every:
                 self.write_snapshot()
@@ -82,14 +93,20 @@ class TaskTable:
             self._full_scan()  # cannot tell which task it named
             return
         key = (change.tenant, change.task)
+        # Look for the announced file *before* re-reading the task: a file that lands in between
+        # is then still awaited, never taken as read.
+        landed = change.op not in ("register", "delete") or self._store.has_version_at_least(key, change.version)
         self._reread(key)
         self._reread_claim(change.task)
-        if change.op in ("register", "delete") and not self._store.has_version_at_least(key, change.version):
-            self._pending.setdefault(key, (change.version, time.monotonic()))
+        if not landed:
+            awaited, since = self._pending.get(key, (0, time.monotonic()))
+            self._pending[key] = (max(awaited, change.version), since)  # wait for the newest announced
 
-    def _recheck_pending(self) -> None:
+    def _recheck_pending(self, tenant: str | None = None) -> None:
         now = time.monotonic()
         for key, (version, since) in list(self._pending.items()):
+            if tenant is not None and key[0] != tenant:
+                continue
             if self._store.has_version_at_least(key, version):
                 self._reread(key)
                 self._reread_claim(key[1])

@@ -151,6 +151,7 @@ class PromptmuxServer:
         while not self._stop.wait(interval):
             try:
                 self._engine.refresh_prompts()
+                self._metrics.prompt_tiers(self._engine.bank.tier_stats())
             except Exception:  # a transient store error must not end refreshing
                 log.exception("refreshing prompts failed; retrying in %.1fs", interval)
 
@@ -296,7 +297,7 @@ class PromptmuxServer:
             self._engine.store.register, owner, task, tensor,
             shared=request.shared, publish=request.publish, description=request.description,
         )
-        await asyncio.to_thread(self._engine.refresh_prompts)  # usable here at once, elsewhere within a refresh
+        await asyncio.to_thread(self._engine.index.refresh, owner)  # usable here at once, elsewhere within a refresh
         return prompt_info_to_pb(meta)
 
     @unary_rpc(pb.ListPromptsReply)
@@ -304,7 +305,7 @@ class PromptmuxServer:
         principal = self._authenticate(grpc_context, call)
         owner = prompt_owner_from_pb(request, principal.tenant)
         require_owner_or_admin(principal, owner, "list")
-        await asyncio.to_thread(self._engine.refresh_prompts)  # every replica lists what the store holds now
+        await asyncio.to_thread(self._engine.index.refresh, owner)  # every replica lists what the store holds now
         metas = [(m.task, m) for m in self._engine.index.tenant_tasks(owner)]
         chosen, next_token = page(metas, request.page_size, request.page_token, f"prompts:{owner}")
         return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in chosen], next_page_token=next_token)
@@ -325,7 +326,7 @@ class PromptmuxServer:
         call.task = task
         require_owner_or_admin(principal, owner, "delete")
         removed = await asyncio.to_thread(self._engine.store.delete, owner, task)
-        await asyncio.to_thread(self._engine.refresh_prompts)
+        await asyncio.to_thread(self._engine.index.refresh, owner)
         return pb.DeletePromptReply(tenant=owner, task=task, versions_removed=removed)
 
     @unary_rpc(pb.ListTasksReply)

@@ -22,9 +22,10 @@ class PromptIndex:
         index.refresh()
         return index
 
-    def refresh(self) -> int:
-        """Apply the store's new changes; returns how many."""
-        return self.table.catch_up()
+    def refresh(self, tenant: str | None = None) -> int:
+        """Apply the store's new changes; returns how many. `tenant`: also settle that tenant's
+        changes still in flight now (after its own registration or delete)."""
+        return self.table.catch_up(tenant)
 
     def resolve(self, tenant: str, ref: str) -> PromptMeta:
         return self.table.resolve(tenant, ref)

@@ -126,7 +126,7 @@ def test_an_entry_whose_version_is_not_written_yet_is_picked_up_when_it_lands(tm
     assert ("acme", "slow") not in replica.tasks.latest  # announced, not written yet
     release.set()
     registering.join(10)
-    assert replica.tasks.catch_up() == 0  # no new entry, but the awaited version landed
+    assert replica.tasks.catch_up("acme") == 0  # no new entry, but the awaited version landed
     assert replica.tasks.latest[("acme", "slow")].version == 1
 
 
@@ -153,7 +153,7 @@ def test_a_writer_killed_between_entry_and_version_loses_nothing_and_is_not_wait
     assert replica.tasks.latest[("acme", "a")].version == 1  # version 1 stays; version 2 never existed
     assert ("acme", "a") in replica.tasks._pending
     monkeypatch.setattr(task_table_module, "PENDING_GRACE_S", 0.0)
-    replica.tasks.catch_up()
+    replica.tasks.catch_up("acme")
     assert not replica.tasks._pending
     assert store.register("acme", "a", prompt(seed=2)).version == 2  # the number was never taken
     replica.tasks.catch_up()
@@ -183,7 +183,7 @@ def test_registrations_from_two_processes_interleave_in_one_dense_log(tmp_path):
     while any(c.poll() is None for c in children):
         seen += replica.tasks.catch_up()  # racing the writers
     assert all(c.wait(120) == 0 for c in children)
-    seen += replica.tasks.catch_up()
+    seen += replica.tasks.catch_up("acme")  # and settle what was still in flight at the last one
     assert seen == replica.changes.head() == 2 * (40 + 40 + 4)  # every entry once, numbers dense
     assert_equals_scan(replica.tasks, replica)
     fresh = open_store(tmp_path)
