@@ -77,6 +77,9 @@ class EngineConfig:
     # Device prompt cache: fixed-size pages of rows in one preallocated tensor.
     prompt_cache_rows: int = 65536
     prompt_cache_page_rows: int = 16
+    # Host-memory tier under the device cache, in rows of d_model (pinned memory on CUDA);
+    # prompts are read into it when a request is admitted. 0: no host tier.
+    prompt_host_cache_rows: int = 262_144
     # "auto" picks Triton on CUDA and the vectorised PyTorch path on CPU.
     concat_backend: Literal["auto", "triton", "torch", "reference"] = "auto"
     # "merged-bias": T5 attention through SDPA with the position bias and padding mask merged

@@ -82,6 +82,7 @@ class Engine:
             dtype=self.embedding.dtype,
             device=self.device,
             loader=self._load_prompt,
+            host_capacity_rows=config.prompt_host_cache_rows,
         )
         self.index = PromptIndex.from_store(store)
         self.eos_token_id = self.model.config.eos_token_id
@@ -219,6 +220,7 @@ class Engine:
                     "(engine.max_input_tokens); shorten it or set truncate=true"
                 )
             token_ids = token_ids[: limit - 1] + [self.eos_token_id]
+        self.bank.prefetch(metas)  # at admission: the batch this joins never waits on the disk for it
         return PreparedRequest(request=request, token_ids=tuple(token_ids), prompts=tuple(metas))
 
     # ------------------------------------------------------------------ compute

@@ -93,6 +93,18 @@ class ServingMetrics:
         self.cache_hits = Counter("promptmux_prompt_cache_hits", "Prompt lookups served by the device cache")
         self.cache_misses = Counter("promptmux_prompt_cache_misses", "Prompt lookups loaded from host or disk")
         self.cache_evictions = Counter("promptmux_prompt_cache_evictions", "Prompts evicted from the device cache")
+        # Per tier of the prompt cache ("device", "host"), published by the replica's refresh thread.
+        self.tier_hits = Counter("promptmux_prompt_tier_hits", "Prompt lookups a cache tier served",
+                                 tag_keys=("tier",))
+        self.tier_misses = Counter("promptmux_prompt_tier_misses", "Prompt lookups a cache tier passed down "
+                                   "(device: to host or disk; host: to the store on disk)", tag_keys=("tier",))
+        self.tier_evictions = Counter("promptmux_prompt_tier_evictions", "Prompts a cache tier evicted",
+                                      tag_keys=("tier",))
+        self.tier_rows = Gauge("promptmux_prompt_tier_rows_in_use", "Prompt rows a cache tier holds",
+                               tag_keys=("tier",))
+        self.tier_capacity = Gauge("promptmux_prompt_tier_capacity_rows", "Prompt rows a cache tier can hold",
+                                   tag_keys=("tier",))
+        self._tier_counted: dict[str, tuple[int, int, int]] = {}
         self.depth = Gauge("promptmux_queue_depth", "Requests waiting for a batch on this replica")
         self.dropped = Counter(
             "promptmux_requests_dropped", "Requests dropped before compute: DEADLINE_EXCEEDED (waited too long), CANCELLED (the caller's deadline passed or it left), UNAVAILABLE (shutdown)", tag_keys=("status",),
@@ -163,6 +175,20 @@ class ServingMetrics:
         self.active_slots.set(active)
         for reason, count in freed.items():
             self.slots_freed.inc(count, tags={"reason": reason})
+
+    def prompt_tiers(self, tiers: dict) -> None:
+        """Publish each tier's TierStats (serving/host_prompt_cache.py): counters by their growth
+        since the last call, gauges as they are."""
+        for tier, stats in tiers.items():
+            tags = {"tier": tier}
+            last = self._tier_counted.get(tier, (0, 0, 0))
+            now = (stats.hits, stats.misses, stats.evictions)
+            for counter, new, old in zip((self.tier_hits, self.tier_misses, self.tier_evictions), now, last):
+                if new > old:
+                    counter.inc(new - old, tags=tags)
+            self._tier_counted[tier] = now
+            self.tier_rows.set(stats.rows_in_use, tags=tags)
+            self.tier_capacity.set(stats.capacity_rows, tags=tags)
 
     def request_dropped(self, item: QueuedRequest, status: str) -> None:
         self.dropped.inc(1, tags={"status": status})

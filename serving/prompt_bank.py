@@ -6,6 +6,10 @@ batch op gathers any mix of prompts with one kernel. Space is handed out in fixe
 than a page spans several pages, which become several (offset, length) segments. A batch
 holds a lease that pins its prompts, so eviction never disturbs a batch in flight.
 Versions are immutable, so entries are keyed by (tenant, task, version) and never go stale.
+
+Below it sits an optional host-memory tier (host_prompt_cache.py): a miss here copies the
+prompt's rows from host memory, and `prefetch` fills that tier when a request is admitted, so
+a batch does not read the disk for a cold task. `tier_stats` reports both tiers.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from promptmux.prompts.records import PromptMeta
 
 from .errors import ResourceExhaustedError
+from .host_prompt_cache import HostPromptCache, TierStats
 
 Segment = tuple[int, int]  # (first bank row, rows)
 VersionKey = tuple[str, str, int]
@@ -28,6 +33,7 @@ VersionKey = tuple[str, str, int]
 class _Entry:
     pages: list[int]
     segments: list[Segment]
+    rows: int
     pins: int = 0
 
 
@@ -59,6 +65,7 @@ class PromptBank:
         dtype: torch.dtype,
         device: torch.device | str,
         loader: Callable[[PromptMeta], torch.Tensor],
+        host_capacity_rows: int = 0,
     ) -> None:
         if capacity_rows < page_rows or page_rows < 1:
             raise ValueError(
@@ -67,7 +74,14 @@ class PromptBank:
         self.page_rows = page_rows
         self.num_pages = capacity_rows // page_rows
         self.rows = torch.zeros(self.num_pages * page_rows, d_model, dtype=dtype, device=device)  # [R, D]
+        # The host tier, if any, sits in the loader path: a device miss reads from it, it reads the store.
+        self.host = None
+        if host_capacity_rows > 0:
+            self.host = HostPromptCache(capacity_rows=host_capacity_rows, dtype=dtype,
+                                        pin=torch.device(device).type == "cuda", loader=loader)
+            loader = self.host.get
         self._loader = loader
+        self._rows_in_use = 0
         self._entries: OrderedDict[VersionKey, _Entry] = OrderedDict()  # least recently used first
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low pages first
         self._lock = threading.Lock()
@@ -105,6 +119,23 @@ class PromptBank:
         with self._lock:
             self._unpin(lease.keys)
 
+    def prefetch(self, metas: Sequence[PromptMeta]) -> None:
+        """Bring prompts not on the device into the host tier now (at a request's admission, off
+        the batch path). Raises the store's error for an unreadable prompt, failing that request
+        alone instead of the batch it would have joined. No-op without a host tier."""
+        if self.host is not None:
+            self.host.prefetch([m for m in metas if (m.tenant, m.task, m.version) not in self._entries])
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        """Hits, misses, evictions and rows in use of each tier ("device", and "host" if any)."""
+        with self._lock:
+            tiers = {"device": TierStats(self.stats.hits, self.stats.misses, self.stats.evictions,
+                                         self._rows_in_use, self.num_pages * self.page_rows)}
+        if self.host is not None:
+            host = self.host.stats
+            tiers["host"] = TierStats(host.hits, host.misses, host.evictions, host.rows_in_use, host.capacity_rows)
+        return tiers
+
     @property
     def cached_versions(self) -> int:
         return len(self._entries)
@@ -120,8 +151,11 @@ class PromptBank:
         pages = [self._free_pages.pop() for _ in range(pages_needed)]
         rows = torch.cat([torch.arange(p * self.page_rows, (p + 1) * self.page_rows) for p in pages])
         rows = rows[: tensor.shape[0]].to(self.rows.device)
-        self.rows.index_copy_(0, rows, tensor.to(device=self.rows.device, dtype=self.rows.dtype))
-        self._entries[key] = _Entry(pages=pages, segments=_segments(pages, self.page_rows, tensor.shape[0]))
+        # From pinned host memory (CUDA) this copy is asynchronous and ordered before the batch's gather.
+        self.rows.index_copy_(0, rows, tensor.to(device=self.rows.device, dtype=self.rows.dtype, non_blocking=True))
+        self._entries[key] = _Entry(pages=pages, segments=_segments(pages, self.page_rows, tensor.shape[0]),
+                                    rows=int(tensor.shape[0]))
+        self._rows_in_use += int(tensor.shape[0])
         return evictions
 
     def _make_room(self, pages_needed: int) -> int:
@@ -139,7 +173,9 @@ class PromptBank:
                     "the prompt cache is full of prompts pinned by batches in flight; raise "
                     "engine.prompt_cache_rows or lower engine.max_batch_size"
                 )
-            self._free_pages.extend(self._entries.pop(victim).pages)
+            evicted = self._entries.pop(victim)
+            self._free_pages.extend(evicted.pages)
+            self._rows_in_use -= evicted.rows
             evictions += 1
         return evictions
 

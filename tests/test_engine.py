@@ -273,3 +273,36 @@ def test_batch_larger_than_the_limit_is_refused(engine):
     limited = Engine(engine.loaded, engine.store, dataclasses.replace(engine.config, max_batch_size=2))
     with pytest.raises(InvalidRequestError, match="batch of 3 requests exceeds engine.max_batch_size=2"):
         limited.run_batch([GenerationRequest(tenant="acme", text="x")] * 3)
+
+
+def test_a_cold_task_does_not_change_or_fail_its_hot_batch_mates(engine):
+    """Cold prompts are read at admission (into the host tier); an unreadable one fails its own
+    request, and the hot rows' outputs equal what they get without it."""
+    params = GenerationParams(max_new_tokens=6)
+    hot = [GenerationRequest(tenant="acme", text=f"hot row {i}", task=task, params=params)
+           for i, task in enumerate(["t3", "t9", "t17"])]
+    alone = [ok(engine.generate([r]))[0].token_ids for r in hot]
+    d_model = engine.loaded.d_model
+    engine.store.register("acme", "cold", 0.05 * torch.randn(7, d_model, generator=torch.Generator().manual_seed(5)))
+    broken = engine.store.register("acme", "cold-broken", torch.zeros(4, d_model))
+    engine.refresh_prompts()
+    (engine.store.root / "acme" / "cold-broken" / f"v{broken.version:08d}.safetensors").write_bytes(b"\x00" * 64)
+    cold = GenerationRequest(tenant="acme", text="cold row", task="cold", params=params)
+    unreadable = GenerationRequest(tenant="acme", text="cold row", task="cold-broken", params=params)
+
+    with pytest.raises(PromptmuxError, match="unreadable"):
+        engine.prepare(unreadable)  # fails at admission, before it joins any batch
+    prepared = [engine.prepare(r) for r in [hot[0], cold, hot[1], hot[2]]]
+    reads = []
+    real_get = engine.store.get
+    engine.store.get = lambda *args: reads.append(args) or real_get(*args)
+    try:
+        results = ok(engine.run_batch(prepared).results)
+    finally:
+        del engine.store.get
+    assert reads == []  # the batch read nothing from disk: the cold prompt came from host memory
+    assert [results[i].token_ids for i in (0, 2, 3)] == alone
+
+    mixed = engine.generate([hot[0], unreadable, hot[1], hot[2]])  # unprepared: it still fails alone
+    assert isinstance(mixed[1], PromptmuxError) and "unreadable" in str(mixed[1])
+    assert [ok([mixed[i]])[0].token_ids for i in (0, 2, 3)] == alone

@@ -101,3 +101,58 @@ def test_a_prompt_larger_than_the_cache_is_refused_clearly():
     bank, _ = make_bank(capacity_rows=8, page_rows=4)
     with pytest.raises(ResourceExhaustedError, match="needs 12 cache rows but the prompt cache holds 8"):
         bank.lease([meta("huge", 10)])
+
+
+# ---------------------------------------------------------------------- the host tier
+def make_tiered_bank(device_rows=8, host_rows=16, page_rows=4):
+    loads = []
+
+    def loader(m):
+        loads.append(m.task)
+        return value(m)
+
+    bank = PromptBank(capacity_rows=device_rows, page_rows=page_rows, d_model=D, dtype=torch.float32,
+                      device="cpu", loader=loader, host_capacity_rows=host_rows)
+    return bank, loads
+
+
+def test_device_misses_are_served_by_the_host_tier_and_each_tier_counts_its_own():
+    bank, loads = make_tiered_bank()
+    a, b, c = meta("a", 8), meta("b", 8), meta("c", 8)
+    for m in (a, b, a):  # the device holds one 8-row prompt: every lease evicts the other
+        lease = bank.lease([m])
+        assert torch.equal(gathered(bank, lease, m), value(m))
+        bank.release(lease)
+    assert loads == ["a", "b"]  # the third lease came from host memory, not the store
+    tiers = bank.tier_stats()
+    assert (tiers["device"].hits, tiers["device"].misses, tiers["device"].evictions) == (0, 3, 2)
+    assert (tiers["host"].hits, tiers["host"].misses, tiers["host"].evictions) == (1, 2, 0)
+    assert (tiers["device"].rows_in_use, tiers["host"].rows_in_use) == (8, 16)
+    bank.release(lease := bank.lease([c]))  # the host tier holds two: c evicts the least recent (b)
+    assert bank.tier_stats()["host"].evictions == 1 and bank.tier_stats()["host"].rows_in_use == 16
+    bank.lease([b])
+    assert loads == ["a", "b", "c", "b"]
+
+
+def test_prefetch_reads_the_store_at_admission_so_the_lease_does_not():
+    bank, loads = make_tiered_bank(device_rows=16, host_rows=64)
+    hot, cold = meta("hot", 4), meta("cold", 6)
+    bank.release(bank.lease([hot]))
+    bank.prefetch([hot, cold])  # hot is on the device already: not read again
+    assert loads == ["hot", "cold"]
+    lease = bank.lease([hot, cold])
+    assert loads == ["hot", "cold"] and torch.equal(gathered(bank, lease, cold), value(cold))
+
+
+def test_a_prompt_larger_than_the_host_tier_is_passed_through_uncached():
+    bank, loads = make_tiered_bank(device_rows=16, host_rows=4)
+    big = meta("big", 12)
+    bank.release(bank.lease([big]))
+    assert bank.tier_stats()["host"].rows_in_use == 0
+    assert torch.equal(gathered(bank, bank.lease([big]), big), value(big))
+
+
+def test_without_a_host_tier_prefetch_reads_nothing_and_only_the_device_tier_reports():
+    bank, loads = make_bank()
+    bank.prefetch([meta("a", 3)])
+    assert loads == [] and set(bank.tier_stats()) == {"device"}

@@ -53,6 +53,16 @@ def test_counters_move_and_batches_mix_tasks(serving):
         "ray_promptmux_queue_depth",
     ):
         assert re.search(rf"^{name}[{{ ]", text, re.MULTILINE), f"{name} is missing from the metrics endpoint"
+    # Each prompt cache tier reports its rows in use, lookups and capacity.
+    tiers = serving.wait_for_metrics(lambda t: all(
+        metric(t, "ray_promptmux_prompt_tier_rows_in_use", tier=tier) > 0
+        and metric(t, "ray_promptmux_prompt_tier_capacity_rows", tier=tier) > 0 for tier in ("device", "host")
+    ) and metric(t, "ray_promptmux_prompt_tier_misses_total", tier="device") > 0
+      # Read from disk at admission (a host miss), then copied to the device from host memory (a host hit).
+      and metric(t, "ray_promptmux_prompt_tier_misses_total", tier="host") > 0
+      and metric(t, "ray_promptmux_prompt_tier_hits_total", tier="host") > 0)
+    assert metric(tiers, "ray_promptmux_prompt_tier_rows_in_use", tier="device") <= metric(
+        tiers, "ray_promptmux_prompt_tier_capacity_rows", tier="device")
     # Unauthenticated calls carry no tenant or task label a caller could choose.
     unauth = [line for line in text.splitlines() if 'status="UNAUTHENTICATED"' in line]
     assert unauth and all('tenant=""' in line and 'task=""' in line for line in unauth)
