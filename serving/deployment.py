@@ -148,10 +148,11 @@ class PromptmuxServer:
     def _refresh_loop(self) -> None:
         """Pick up prompts other replicas registered or deleted."""
         interval = self._config.promptmux.store.refresh_interval_s
+        tiers_published: dict = {}
         while not self._stop.wait(interval):
             try:
                 self._engine.refresh_prompts()
-                self._metrics.prompt_tiers(self._engine.bank.tier_stats())
+                tiers_published = self._metrics.prompt_tiers(self._engine.bank.tier_stats(), tiers_published)
             except Exception:  # a transient store error must not end refreshing
                 log.exception("refreshing prompts failed; retrying in %.1fs", interval)
 

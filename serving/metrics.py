@@ -104,7 +104,6 @@ class ServingMetrics:
                                tag_keys=("tier",))
         self.tier_capacity = Gauge("promptmux_prompt_tier_capacity_rows", "Prompt rows a cache tier can hold",
                                    tag_keys=("tier",))
-        self._tier_counted: dict[str, tuple[int, int, int]] = {}
         self.depth = Gauge("promptmux_queue_depth", "Requests waiting for a batch on this replica")
         self.dropped = Counter(
             "promptmux_requests_dropped", "Requests dropped before compute: DEADLINE_EXCEEDED (waited too long), CANCELLED (the caller's deadline passed or it left), UNAVAILABLE (shutdown)", tag_keys=("status",),
@@ -176,19 +175,20 @@ class ServingMetrics:
         for reason, count in freed.items():
             self.slots_freed.inc(count, tags={"reason": reason})
 
-    def prompt_tiers(self, tiers: dict) -> None:
+    def prompt_tiers(self, tiers: dict, published: dict) -> dict:
         """Publish each tier's TierStats (serving/host_prompt_cache.py): counters by their growth
-        since the last call, gauges as they are."""
+        since `published` (what the previous call returned), gauges as they are. Returns `tiers`."""
         for tier, stats in tiers.items():
             tags = {"tier": tier}
-            last = self._tier_counted.get(tier, (0, 0, 0))
-            now = (stats.hits, stats.misses, stats.evictions)
-            for counter, new, old in zip((self.tier_hits, self.tier_misses, self.tier_evictions), now, last):
-                if new > old:
-                    counter.inc(new - old, tags=tags)
-            self._tier_counted[tier] = now
+            before = published.get(tier)
+            for counter, field in ((self.tier_hits, "hits"), (self.tier_misses, "misses"),
+                                   (self.tier_evictions, "evictions")):
+                grown = getattr(stats, field) - (getattr(before, field) if before is not None else 0)
+                if grown > 0:
+                    counter.inc(grown, tags=tags)
             self.tier_rows.set(stats.rows_in_use, tags=tags)
             self.tier_capacity.set(stats.capacity_rows, tags=tags)
+        return tiers
 
     def request_dropped(self, item: QueuedRequest, status: str) -> None:
         self.dropped.inc(1, tags={"status": status})
