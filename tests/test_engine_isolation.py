@@ -141,7 +141,10 @@ def test_text_that_is_not_unicode_or_too_large_fails_alone(engine):
     assert_equal_to_alone(engine, good, results[4:])
 
 
-def test_a_prompt_deleted_between_prepare_and_batch_fails_alone(engine, store):
+def test_a_prompt_deleted_between_prepare_and_batch_fails_alone(loaded, store):
+    # Without the host tier: with it, prepare reads the prompt at admission, and the batch serves
+    # the version the request was admitted with (tests/test_engine.py, the cold-task test).
+    engine = make_engine(loaded, store, prompt_host_cache_rows=0)
     store.register("acme", "doomed", 0.05 * torch.randn(5, D_MODEL))
     engine.refresh_prompts()
     good = good_requests()
@@ -175,7 +178,8 @@ def test_a_prompt_of_another_d_model_fails_alone(engine, store):
     assert_equal_to_alone(engine, good, results[1:])
 
 
-def test_an_unreadable_prompt_file_fails_alone(engine, store):
+def test_an_unreadable_prompt_file_fails_alone(loaded, store):
+    engine = make_engine(loaded, store, prompt_host_cache_rows=0)  # the batch, not prepare, reads it (see above)
     store.register("acme", "corrupt", 0.05 * torch.randn(5, D_MODEL))
     engine.refresh_prompts()
     ready = engine.prepare(GenerationRequest("acme", "hi", "corrupt"))

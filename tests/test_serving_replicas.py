@@ -153,10 +153,15 @@ def test_a_corrupt_file_at_start_up_and_during_refresh_stops_nothing(pair, pb):
     never_good = pair.store_root / "globex" / "never-good" / "v00000001.safetensors"
     never_good.parent.mkdir()
     never_good.write_bytes(b"\x08" + b"\x00" * 7 + b"not json")
-    # ...then a prompt written elsewhere must still reach both replicas: refresh keeps running.
+    # ...announced in the change log, as their writer did before writing them (replicas read
+    # only the tasks the log names)...
     from promptmux.prompts.store import PromptStore
 
-    PromptStore(pair.store_root, d_model=D_MODEL, max_length=64).register("globex", "after-corruption", prompt(4))
+    writer = PromptStore(pair.store_root, d_model=D_MODEL, max_length=64)
+    writer.changes.append("register", "globex", "soon-bad", 2)
+    writer.changes.append("register", "globex", "never-good", 1)
+    # ...then a prompt written elsewhere must still reach both replicas: refresh keeps running.
+    writer.register("globex", "after-corruption", prompt(4))
     request = pb.GenerateRequest(task="after-corruption", text="hi", params=pb.GenerationParams(max_new_tokens=4))
     pair.until_both_replicas("Generate", request, "globex", lambda o: code(o) == grpc.StatusCode.OK,
                              "a registration after a corrupt file")
