@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .durable_files import fsync_directory, write_durably
+
 log = logging.getLogger(__name__)
 
 CHANGES_DIR = ".changes"
@@ -76,7 +78,7 @@ class ChangeLog:
         self.dir.mkdir(exist_ok=True)
         temp = self.dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            _write_durably(temp, Change(0, op, tenant, task, version, time.time()).to_bytes())
+            write_durably(temp, Change(0, op, tenant, task, version, time.time()).to_bytes())
             with self._append_lock:
                 seq = max(self._head_hint, 0) or self.head()
                 while True:
@@ -87,12 +89,12 @@ class ChangeLog:
                         break
                     except FileNotFoundError:
                         segment.mkdir(exist_ok=True)
-                        _fsync_directory(self.dir)
+                        fsync_directory(self.dir)
                         seq -= 1  # retry the same number in the new segment
                     except FileExistsError:
                         continue
                 self._head_hint = seq
-            _fsync_directory(segment)  # durable before the change it announces is made
+            fsync_directory(segment)  # durable before the change it announces is made
             return seq
         finally:
             temp.unlink(missing_ok=True)
@@ -145,12 +147,12 @@ class ChangeLog:
         self.dir.mkdir(exist_ok=True)
         temp = self.dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            _write_durably(temp, json.dumps(payload, separators=(",", ":")).encode())
+            write_durably(temp, json.dumps(payload, separators=(",", ":")).encode())
             try:
                 os.link(temp, self.dir / f"{_SNAPSHOT_PREFIX}{seq:012d}.json")
             except FileExistsError:
                 return
-            _fsync_directory(self.dir)
+            fsync_directory(self.dir)
         finally:
             temp.unlink(missing_ok=True)
         for old in self._snapshot_paths()[:-_KEEP_SNAPSHOTS]:
@@ -188,22 +190,3 @@ class ChangeLog:
 
 def _entry_name(seq: int) -> str:
     return f"{seq:012d}.json"
-
-
-def _write_durably(path: Path, payload: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -61,6 +61,7 @@ from promptmux.prompts.errors import (
 )
 
 from .change_log import ChangeLog
+from .durable_files import fsync_directory, write_durably
 from .ids import ID_PATTERN, check_id, is_valid_id, parse_task_ref
 from .namespace import TaskNamespace, task_not_found
 from .quotas import StoreQuotas
@@ -394,7 +395,7 @@ class PromptStore:
     def _release_claim(self, task: str, tenant: str) -> bool:
         if self.claim_holder(task) == tenant:
             (self.root / _CLAIMS_DIR / task).unlink(missing_ok=True)
-            _fsync_directory(self.root / _CLAIMS_DIR)
+            fsync_directory(self.root / _CLAIMS_DIR)
             return True
         return False
 
@@ -524,12 +525,12 @@ def _publish(directory: Path, name: str, payload: bytes) -> bool:
     """Atomically create `directory/name` with `payload`. False if the name is taken."""
     temp = directory / f".tmp-{uuid.uuid4().hex}"
     try:
-        _write_durably(temp, payload)
+        write_durably(temp, payload)
         try:
             os.link(temp, directory / name)
         except FileExistsError:
             return False
-        _fsync_directory(directory)
+        fsync_directory(directory)
         return True
     finally:
         temp.unlink(missing_ok=True)
@@ -543,30 +544,11 @@ def _replace_with_marker(path: Path) -> bool:
     except FileNotFoundError:
         return False
     temp = path.parent / f".tmp-{uuid.uuid4().hex}"
-    _write_durably(temp, _DELETED)
+    write_durably(temp, _DELETED)
     os.replace(temp, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return True
 
-
-def _write_durably(path: Path, payload: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(payload)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
