@@ -550,7 +550,6 @@ def _replace_with_marker(path: Path) -> bool:
     return True
 
 
-
 def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
     """(number, path) of every version file and tombstone, by number."""
     try:
