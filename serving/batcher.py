@@ -51,6 +51,31 @@ class BatchObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
 
 
+def refuse_if_over_limits(config: ServingConfig, closing: bool, queued: int, in_flight: int, tenant: str) -> None:
+    """Admission bounds shared by the Batcher and the step scheduler: raises UNAVAILABLE or
+    RESOURCE_EXHAUSTED."""
+    if closing:
+        raise UnavailableError("this replica is shutting down and takes no new requests; retry, another replica will serve it")
+    if queued >= config.max_queue_size:
+        raise ResourceExhaustedError(
+            f"the request queue is full ({queued} waiting, serving.max_queue_size="
+            f"{config.max_queue_size}); retry with backoff, or add replicas"
+        )
+    if in_flight >= config.max_in_flight_per_tenant:
+        raise ResourceExhaustedError(
+            f"tenant {tenant!r} has {in_flight} requests in flight, the per-tenant limit "
+            f"(serving.max_in_flight_per_tenant={config.max_in_flight_per_tenant}); wait for some to "
+            "finish or send them with backoff"
+        )
+
+
+def expired_error(waited_s: float) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"the request waited {waited_s:.2f}s in the queue, past its deadline, and was dropped "
+        "before compute; the server is overloaded: retry later, or add replicas"
+    )
+
+
 @dataclass(eq=False)
 class QueuedRequest:
     request: Submittable
@@ -167,20 +192,8 @@ class Batcher:
 
     # ------------------------------------------------------------------ admission
     def _admit(self, tenant: str) -> None:
-        if self._closing:
-            raise UnavailableError("this replica is shutting down and takes no new requests; retry, another replica will serve it")
-        if self._queued >= self.config.max_queue_size:
-            raise ResourceExhaustedError(
-                f"the request queue is full ({self._queued} waiting, serving.max_queue_size="
-                f"{self.config.max_queue_size}); retry with backoff, or add replicas"
-            )
         in_flight = self._in_flight.get(tenant, 0)
-        if in_flight >= self.config.max_in_flight_per_tenant:
-            raise ResourceExhaustedError(
-                f"tenant {tenant!r} has {in_flight} requests in flight, the per-tenant limit "
-                f"(serving.max_in_flight_per_tenant={self.config.max_in_flight_per_tenant}); wait for some to "
-                "finish or send them with backoff"
-            )
+        refuse_if_over_limits(self.config, self._closing, self._queued, in_flight, tenant)
         self._in_flight[tenant] = in_flight + 1
 
     def _enqueue(self, item: QueuedRequest) -> None:
@@ -280,7 +293,7 @@ class Batcher:
                     self._queued -= 1
                 elif now > item.deadline:
                     self._queued -= 1
-                    self._fail(item, self._expired(item, now))
+                    self._fail(item, expired_error(now - item.enqueued_at))
                 elif item.group == first.group and len(batch) < self.config.max_batch_size:
                     self._queued -= 1
                     batch.append(item)
@@ -304,20 +317,13 @@ class Batcher:
             if item.future.done():
                 continue
             if now > item.deadline:
-                self._fail(item, self._expired(item, now))
+                self._fail(item, expired_error(now - item.enqueued_at))
                 continue
             picked = item
             break
         if not queue:
             self._drop_tenant(tenant)
         return picked
-
-    @staticmethod
-    def _expired(item: QueuedRequest, now: float) -> DeadlineExceededError:
-        return DeadlineExceededError(
-            f"the request waited {now - item.enqueued_at:.2f}s in the queue, past its deadline, and was dropped "
-            "before compute; the server is overloaded: retry later, or add replicas"
-        )
 
     async def _compute(self, batch: list[QueuedRequest]) -> None:
         loop = asyncio.get_running_loop()

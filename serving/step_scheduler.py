@@ -35,13 +35,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
-from .batcher import BatchObserver, QueuedRequest, RunBatch, TokenSink
-from .errors import (
-    DeadlineExceededError,
-    PromptmuxError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from .batcher import BatchObserver, QueuedRequest, RunBatch, TokenSink, expired_error, refuse_if_over_limits
+from .errors import PromptmuxError, UnavailableError
 from .requests import GenerationResult, PreparedRequest
 from .serving_config import ServingConfig
 
@@ -98,30 +93,6 @@ class ScheduledRequest(QueuedRequest):
 
     def __hash__(self) -> int:
         return id(self)
-
-
-def refuse_if_over_limits(config: ServingConfig, closing: bool, queued: int, in_flight: int, tenant: str) -> None:
-    """The Batcher's admission bounds, with its messages: raises UNAVAILABLE or RESOURCE_EXHAUSTED."""
-    if closing:
-        raise UnavailableError("this replica is shutting down and takes no new requests; retry, another replica will serve it")
-    if queued >= config.max_queue_size:
-        raise ResourceExhaustedError(
-            f"the request queue is full ({queued} waiting, serving.max_queue_size="
-            f"{config.max_queue_size}); retry with backoff, or add replicas"
-        )
-    if in_flight >= config.max_in_flight_per_tenant:
-        raise ResourceExhaustedError(
-            f"tenant {tenant!r} has {in_flight} requests in flight, the per-tenant limit "
-            f"(serving.max_in_flight_per_tenant={config.max_in_flight_per_tenant}); wait for some to "
-            "finish or send them with backoff"
-        )
-
-
-def expired_error(waited_s: float) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"the request waited {waited_s:.2f}s in the queue, past its deadline, and was dropped "
-        "before compute; the server is overloaded: retry later, or add replicas"
-    )
 
 
 # (item, new tokens, done) for one request, from one engine call
