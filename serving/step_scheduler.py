@@ -4,10 +4,13 @@ Where the Batcher (serving/batcher.py) runs a batch to completion, this schedule
 decoder step the unit of scheduling. One dedicated engine thread runs the loop:
 
 1. free the slots of requests whose callers went away (StepEngine.cancel);
-2. admit newcomers into free slots, round-robin across tenants (the rotation carries over
-   between steps), within `serving.max_encoder_tokens_per_step` encoder tokens (a single
-   bigger request is admitted alone), so a burst of long inputs spreads over several steps
-   and decoding never stalls for long;
+2. admit newcomers into free slots, the tenant holding the fewest slots first and
+   round-robin among equals (the rotation carries over between steps), within
+   `serving.max_encoder_tokens_per_step` encoder tokens (a single bigger request is admitted
+   alone), so a burst of long inputs spreads over several steps and decoding never stalls
+   for long. Fewest-slots-first is what keeps a light tenant's latency near its latency
+   alone: a flood's tenant holds most slots, so the next freed slot goes to the newcomer,
+   however many of the flood's requests queued before it;
 3. run beam-search requests, which the step loop does not run, on today's static path
    (Engine.run_batch) between steps;
 4. one StepEngine.step() for every active slot;
@@ -134,6 +137,7 @@ class StepScheduler:
         self._thread: threading.Thread | None = None
         # Engine thread only:
         self._active_tasks: Counter = Counter()  # (tenant, prompt ids) -> active rows
+        self._held: Counter = Counter()  # tenant -> slots it holds
         self._next_sweep = 0.0
         # Rows a step may hold: the engine's slots, capped by serving.max_batch_size.
         self._max_rows = config.max_batch_size
@@ -389,17 +393,19 @@ class StepScheduler:
     def _pick(
         self, now: float, expired: list[ScheduledRequest]
     ) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
-        """Round-robin over tenants: step requests into free slots within the encoder-token
-        budget (a lone bigger one still goes alone), beam requests into one static batch.
-        Heads past their deadline go to `expired` on the way. Picked step requests hold
-        their slots from here on, so a caller leaving now frees its slot at the next step."""
+        """Fewest slots first, round-robin among tenants holding as many: step requests into
+        free slots within the encoder-token budget (a lone bigger one still goes alone), beam
+        requests into one static batch. Heads past their deadline go to `expired` on the way.
+        Picked step requests hold their slots from here on, so a caller leaving now frees its
+        slot at the next step."""
         free = min(self._engine.free_slots, self._max_rows - len(self._active))
         budget = self.config.max_encoder_tokens_per_step
         admits: list[ScheduledRequest] = []
         beams: list[ScheduledRequest] = []
         spent = 0
         while self._rotation:
-            tenant = self._rotation[0]
+            # O(tenants queued) per pick; the rotation order breaks ties
+            tenant = min(self._rotation, key=self._held.__getitem__)
             item = self._queues[tenant][0]
             if now > item.deadline:
                 expired.append(item)
@@ -411,6 +417,7 @@ class StepScheduler:
                     break
                 spent += cost
                 admits.append(item)
+                self._held[tenant] += 1
             else:
                 if len(beams) >= self.config.max_batch_size:
                     break
@@ -427,8 +434,9 @@ class StepScheduler:
         item.started_at = now
         self._queued -= 1
         if queue:
-            if rotate:
-                self._rotation.rotate(-1)  # the next pick (and the next step) starts at the next tenant
+            if rotate:  # the tenant goes last among those holding as many slots
+                self._rotation.remove(tenant)
+                self._rotation.append(tenant)
         else:
             self._drop_tenant(tenant)
 
@@ -509,6 +517,9 @@ class StepScheduler:
         item.finished = True
         with self._lock:
             self._active.discard(item)
+            self._held[item.tenant] -= 1
+            if not self._held[item.tenant]:
+                del self._held[item.tenant]
         self._active_tasks[item.task_key] -= 1
         if not self._active_tasks[item.task_key]:
             del self._active_tasks[item.task_key]

@@ -292,6 +292,32 @@ def test_round_robin_admits_tenants_in_turn_into_free_slots():
     run(main())
 
 
+def test_a_freed_slot_goes_to_the_tenant_holding_fewest_slots_before_a_floods_queue():
+    async def main():
+        engine = FakeStepEngine(slots=4)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine)
+        blocker = asyncio.ensure_future(scheduler.submit(prep("blocker", "b" * 12)))
+        await until(engine.in_step.is_set)
+        flood = [asyncio.ensure_future(scheduler.submit(prep("flood", text)))
+                 for text in ("x" * 12, "y" * 12, "ab", "f3", "f4")]
+        await asyncio.sleep(0.01)
+        await one_step(engine)  # the blocker's first step; then f0, f1 and "ab" fill the free slots
+        await until(lambda: len(engine.admitted()) == 2)
+        quiet = asyncio.ensure_future(scheduler.submit(prep("quiet", "q0")))
+        await asyncio.sleep(0.01)  # queued behind the flood's f3 and f4, and after it in the rotation
+        await one_step(engine)
+        await one_step(engine)  # "ab" finishes: one slot is free
+        for _ in range(40):
+            engine.permits.release()
+        await asyncio.gather(blocker, quiet, *flood)
+        # The flood held three slots and quiet none: quiet takes the slot, ahead of f3.
+        assert engine.admitted()[:4] == [["b" * 12], ["x" * 12, "y" * 12, "ab"], ["q0"], ["f3"]]
+        await scheduler.close()
+
+    run(main())
+
+
 def test_encoder_token_budget_spreads_a_burst_over_several_steps():
     async def main():
         engine = FakeStepEngine(slots=16)
