@@ -19,118 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, Sequence
 
-from .errors import (
-    DeadlineExceededError,
-    PromptmuxError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
-from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
+from .errors import PromptmuxError, UnavailableError
 from .serving_config import ServingConfig
+from .tenant_queues import QueuedRequest, RunBatch, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)
 
-TokenSink = Callable[[int], None]  # called on the event loop with each new token id
-Submittable = GenerationRequest | PreparedRequest  # prepared ones are never tokenized again
-RunBatch = Callable[[list[Submittable], Callable[[int, int], None] | None], Any]  # -> BatchOutput
 
-
-class BatchObserver(Protocol):
-    """What the batcher reports, for metrics."""
-
-    def batch_finished(self, batch: Sequence["QueuedRequest"], stats: BatchStats, compute_seconds: float) -> None: ...
-
-    def request_dropped(self, item: "QueuedRequest", status: str) -> None: ...
-
-    def queue_depth(self, depth: int) -> None: ...
-
-
-def refuse_if_over_limits(config: ServingConfig, closing: bool, queued: int, in_flight: int, tenant: str) -> None:
-    """Admission bounds shared by the Batcher and the step scheduler: raises UNAVAILABLE or
-    RESOURCE_EXHAUSTED."""
-    if closing:
-        raise UnavailableError("this replica is shutting down and takes no new requests; retry, another replica will serve it")
-    if queued >= config.max_queue_size:
-        raise ResourceExhaustedError(
-            f"the request queue is full ({queued} waiting, serving.max_queue_size="
-            f"{config.max_queue_size}); retry with backoff, or add replicas"
-        )
-    if in_flight >= config.max_in_flight_per_tenant:
-        raise ResourceExhaustedError(
-            f"tenant {tenant!r} has {in_flight} requests in flight, the per-tenant limit "
-            f"(serving.max_in_flight_per_tenant={config.max_in_flight_per_tenant}); wait for some to "
-            "finish or send them with backoff"
-        )
-
-
-def expired_error(waited_s: float) -> DeadlineExceededError:
-    return DeadlineExceededError(
-        f"the request waited {waited_s:.2f}s in the queue, past its deadline, and was dropped "
-        "before compute; the server is overloaded: retry later, or add replicas"
-    )
-
-
-@dataclass(eq=False)
-class QueuedRequest:
-    request: Submittable
-    group: Hashable  # requests of one group may share a per_task batch
-    enqueued_at: float
-    deadline: float
-    future: asyncio.Future
-    on_token: TokenSink | None = None
-    started_at: float | None = None
-
-    @property
-    def tenant(self) -> str:
-        return self.request.tenant
-
-
-class Batcher:
-    def __init__(
-        self,
-        config: ServingConfig,
-        run_batch: RunBatch,
-        *,
-        observer: BatchObserver | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if config.max_batch_size is None:
-            raise ValueError("Batcher needs a resolved ServingConfig (call config.resolved(...) first)")
-        self.config = config
-        self._run_batch = run_batch
-        self._observer = observer
-        self._clock = clock
-        self._queues: dict[str, deque[QueuedRequest]] = {}
-        self._rotation: deque[str] = deque()  # tenants with queued requests, next to serve first
-        self._queued = 0
-        self._in_flight: dict[str, int] = {}
+class Batcher(TenantQueues):
+    def __init__(self, config: ServingConfig, run_batch: RunBatch, **kwargs) -> None:
+        super().__init__(config, run_batch, **kwargs)
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmux-engine")
         self._worker: asyncio.Task | None = None
-        self._closing = False
         self._running = False  # a batch is in the engine
-        # When the engine last made progress (started or finished a batch), or work arrived
-        # at an idle batcher: what the replica's health check measures a stall from.
-        self._progress_at = clock()
 
     # ------------------------------------------------------------------ public
-    @property
-    def queue_depth(self) -> int:
-        return self._queued
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    def in_flight(self, tenant: str) -> int:
-        return self._in_flight.get(tenant, 0)
-
     def stalled_for(self, now: float | None = None) -> float:
         """Seconds since the engine last made progress (started or finished a batch) while
         work is queued or running; 0.0 when idle. The replica's health check reads this."""
@@ -138,36 +45,6 @@ class Batcher:
             return 0.0
         now = self._clock() if now is None else now
         return max(0.0, now - self._progress_at)
-
-    async def submit(
-        self,
-        request: Submittable,
-        *,
-        on_token: TokenSink | None = None,
-        deadline: float | None = None,
-    ) -> GenerationResult:
-        """Queue one request and wait for its result. Raises the request's PromptmuxError."""
-        self._admit(request.tenant)
-        now = self._clock()
-        limit = now + self.config.max_queue_wait_s
-        item = QueuedRequest(
-            request=request,
-            group=(request.tenant, request.prompt_task_ids),
-            enqueued_at=now,
-            deadline=limit if deadline is None else min(deadline, limit),
-            future=asyncio.get_running_loop().create_future(),
-            on_token=on_token,
-        )
-        self._enqueue(item)
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._discard(item)  # the caller went away: never compute it
-            raise
-        finally:
-            self._in_flight[request.tenant] -= 1
-            if not self._in_flight[request.tenant]:
-                del self._in_flight[request.tenant]
 
     async def close(self, grace_s: float | None = None) -> None:
         """Refuse new requests; let queued and running ones finish for up to `grace_s`, then
@@ -191,43 +68,21 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
-    def _admit(self, tenant: str) -> None:
-        in_flight = self._in_flight.get(tenant, 0)
-        refuse_if_over_limits(self.config, self._closing, self._queued, in_flight, tenant)
-        self._in_flight[tenant] = in_flight + 1
-
     def _enqueue(self, item: QueuedRequest) -> None:
         if not (self._queued or self._running):
             self._progress_at = item.enqueued_at  # idle time is not a stall
-        queue = self._queues.get(item.tenant)
-        if queue is None:
-            queue = self._queues[item.tenant] = deque()
-            self._rotation.append(item.tenant)
-        queue.append(item)
-        self._queued += 1
+        self._push(item)
         self._report_depth()
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="promptmux-batcher")
 
-    def _discard(self, item: QueuedRequest) -> None:
-        queue = self._queues.get(item.tenant)
-        if queue is None or item.started_at is not None:
+    def _withdraw(self, item: QueuedRequest) -> None:
+        if item.started_at is not None or not self._remove_queued(item):
             return
-        try:
-            queue.remove(item)
-        except ValueError:
-            return
-        self._queued -= 1
-        if not queue:
-            self._drop_tenant(item.tenant)
         self._report_depth()
         if self._observer is not None:
             self._observer.request_dropped(item, "CANCELLED")
-
-    def _drop_tenant(self, tenant: str) -> None:
-        del self._queues[tenant]
-        self._rotation.remove(tenant)
 
     # ------------------------------------------------------------------ batching
     async def _work(self) -> None:
@@ -369,13 +224,3 @@ class Batcher:
                 item.future.set_result(result)
         if self._observer is not None:
             self._observer.batch_finished(batch, output.stats, compute_seconds)
-
-    def _fail(self, item: QueuedRequest, error: PromptmuxError, report: bool = True) -> None:
-        if not item.future.done():
-            item.future.set_exception(error)
-        if report and self._observer is not None:
-            self._observer.request_dropped(item, error.status)
-
-    def _report_depth(self) -> None:
-        if self._observer is not None:
-            self._observer.queue_depth(self._queued)

@@ -35,13 +35,14 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
-from .batcher import BatchObserver, QueuedRequest, RunBatch, TokenSink, expired_error, refuse_if_over_limits
+from .batcher import Batcher
 from .errors import PromptmuxError, UnavailableError
 from .requests import GenerationResult, PreparedRequest
 from .serving_config import ServingConfig
+from .tenant_queues import BatchObserver, QueuedRequest, RunBatch, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)
 
@@ -92,47 +93,30 @@ class ScheduledRequest(QueuedRequest):
     first_token_at: float | None = None
     withdrawn: bool = False  # the caller went away; never start it, free its slot
     finished: bool = False  # its last event was handled (engine thread)
-    task_key: tuple = field(default=())
 
     def __hash__(self) -> int:
         return id(self)
 
 
 # (item, new tokens, done) for one request, from one engine call
-_Delivery = tuple[ScheduledRequest, list[int], "GenerationResult | PromptmuxError | None"]
+_Delivery = tuple[ScheduledRequest, list[int], GenerationResult | PromptmuxError | None]
 
 
-class StepScheduler:
-    def __init__(
-        self,
-        config: ServingConfig,
-        step_engine: StepEngineLike,
-        run_batch: RunBatch,
-        *,
-        observer: StepObserver | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if config.max_batch_size is None:
-            raise ValueError("StepScheduler needs a resolved ServingConfig (call config.resolved(...) first)")
-        self.config = config
+class StepScheduler(TenantQueues):
+    item_type = ScheduledRequest
+
+    def __init__(self, config: ServingConfig, step_engine: StepEngineLike, run_batch: RunBatch, **kwargs) -> None:
+        super().__init__(config, run_batch, **kwargs)
         self._engine = step_engine
-        self._run_batch = run_batch
-        self._observer = observer
-        self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        # Shared with the engine thread, under _lock:
-        self._queues: dict[str, deque[ScheduledRequest]] = {}
-        self._rotation: deque[str] = deque()  # tenants with queued requests, next to serve first
-        self._queued = 0
+        # Shared with the engine thread, under _lock: the tenant queues, the rotation, the
+        # queued count and the progress time of TenantQueues, and:
         self._active: set[ScheduledRequest] = set()
         self._to_cancel: list[ScheduledRequest] = []
         self._running = False  # the engine thread is inside an engine call
         self._stopping = False
-        self._progress_at = clock()
         # Event loop only:
-        self._in_flight: dict[str, int] = {}
-        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Engine thread only:
@@ -144,20 +128,9 @@ class StepScheduler:
 
     # ------------------------------------------------------------------ public
     @property
-    def queue_depth(self) -> int:
-        return self._queued
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    @property
     def active(self) -> int:
         """Requests holding a slot now."""
         return len(self._active)
-
-    def in_flight(self, tenant: str) -> int:
-        return self._in_flight.get(tenant, 0)
 
     def stalled_for(self, now: float | None = None) -> float:
         """Seconds since the engine thread last made progress while work is queued or
@@ -168,43 +141,12 @@ class StepScheduler:
             since = self._progress_at
         return max(0.0, (self._clock() if now is None else now) - since)
 
-    async def submit(
-        self,
-        request: PreparedRequest,
-        *,
-        on_token: TokenSink | None = None,
-        deadline: float | None = None,
-    ) -> GenerationResult:
-        """Queue one prepared request and wait for its result. Raises the request's PromptmuxError."""
+    def _check_submittable(self, request) -> None:
         if not isinstance(request, PreparedRequest):
             raise TypeError(
                 f"StepScheduler.submit takes a PreparedRequest (Engine.prepare), got {type(request).__name__}; "
                 "requests are prepared once, off the event loop, before they are queued"
             )
-        tenant = request.tenant
-        refuse_if_over_limits(self.config, self._closing, self._queued, self._in_flight.get(tenant, 0), tenant)
-        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
-        now = self._clock()
-        limit = now + self.config.max_queue_wait_s
-        item = ScheduledRequest(
-            request=request,
-            group=(tenant, request.prompt_task_ids),
-            enqueued_at=now,
-            deadline=limit if deadline is None else min(deadline, limit),
-            future=asyncio.get_running_loop().create_future(),
-            on_token=on_token,
-        )
-        item.task_key = item.group
-        self._enqueue(item)
-        try:
-            return await item.future
-        except asyncio.CancelledError:
-            self._withdraw(item)  # the caller went away: never start it, or free its slot
-            raise
-        finally:
-            self._in_flight[tenant] -= 1
-            if not self._in_flight[tenant]:
-                del self._in_flight[tenant]
 
     async def close(self, grace_s: float | None = None) -> None:
         """Refuse new requests; let queued and running ones finish for up to `grace_s`, then
@@ -242,12 +184,7 @@ class StepScheduler:
         with self._lock:
             if not (self._queued or self._active or self._running):
                 self._progress_at = item.enqueued_at  # idle time is not a stall
-            queue = self._queues.get(item.tenant)
-            if queue is None:
-                queue = self._queues[item.tenant] = deque()
-                self._rotation.append(item.tenant)
-            queue.append(item)
-            self._queued += 1
+            self._push(item)
         self._report_depth()
         if self._thread is None:
             self._thread = threading.Thread(target=self._engine_loop, name="promptmux-step-engine", daemon=True)
@@ -257,33 +194,15 @@ class StepScheduler:
     def _withdraw(self, item: ScheduledRequest) -> None:
         with self._lock:
             item.withdrawn = True
-            queue = self._queues.get(item.tenant)
-            if queue is not None and item in queue:
-                queue.remove(item)
-                self._queued -= 1
-                if not queue:
-                    self._drop_tenant(item.tenant)
-                dropped = True
-            else:
-                dropped = False
-                if item in self._active:
-                    self._to_cancel.append(item)
+            dropped = self._remove_queued(item)
+            if not dropped and item in self._active:
+                self._to_cancel.append(item)
         if dropped:
             self._report_depth()
             if self._observer is not None:
                 self._observer.request_dropped(item, "CANCELLED")
         else:
             self._wake.set()
-
-    def _fail(self, item: ScheduledRequest, error: PromptmuxError, report: bool = True) -> None:
-        if not item.future.done():
-            item.future.set_exception(error)
-        if report and self._observer is not None:
-            self._observer.request_dropped(item, error.status)
-
-    def _report_depth(self) -> None:
-        if self._observer is not None:
-            self._observer.queue_depth(self._queued)
 
     def _deliver(self, deliveries: list[_Delivery], report: Callable[[], None] | None = None) -> None:
         """On the event loop: tokens to their sinks, results to their futures, then metrics."""
@@ -440,16 +359,12 @@ class StepScheduler:
         else:
             self._drop_tenant(tenant)
 
-    def _drop_tenant(self, tenant: str) -> None:
-        del self._queues[tenant]
-        self._rotation.remove(tenant)
-
     # -- engine calls (outside _lock)
     def _admit(self, items: list[ScheduledRequest]) -> None:
         with self._lock:
             self._running = True
         for item in items:
-            self._active_tasks[item.task_key] += 1
+            self._active_tasks[item.group] += 1
         try:
             events = self._engine.admit([(item, item.request) for item in items])
         except Exception as error:  # the whole admission failed: each request learns why
@@ -520,9 +435,9 @@ class StepScheduler:
             self._held[item.tenant] -= 1
             if not self._held[item.tenant]:
                 del self._held[item.tenant]
-        self._active_tasks[item.task_key] -= 1
-        if not self._active_tasks[item.task_key]:
-            del self._active_tasks[item.task_key]
+        self._active_tasks[item.group] -= 1
+        if not self._active_tasks[item.group]:
+            del self._active_tasks[item.group]
 
     def _free_withdrawn(self) -> None:
         """Callers that went away leave their slots before the next step."""
@@ -603,6 +518,4 @@ def build_scheduler(config: ServingConfig, engine, observer=None):
         from .step_engine import StepEngine
 
         return StepScheduler(config, StepEngine(engine), engine.run_batch, observer=observer)
-    from .batcher import Batcher
-
     return Batcher(config, engine.run_batch, observer=observer)
