@@ -46,6 +46,14 @@ class ServingConfig:
     # halved a steady tenant's p99 under a flood at equal throughput; too small for the
     # traffic leaves freed slots empty for a step or more.
     max_encoder_tokens_per_step: int = 256
+    # Continuous: the rows a step runs while a light tenant (holding at most a quarter of
+    # this many slots) decodes next to a heavier one. The light tenants' rows all run, the
+    # heavier tenants' fill the rest (at least a quarter); their other rows keep their slots
+    # and wait a step. On a CPU a step costs in proportion to its rows, so this keeps a light
+    # tenant's latency near its latency alone under a flood, for some of the flood's
+    # throughput while the light tenant decodes; alone, or among equals, every row runs.
+    # "auto": 16 on CPU; 0 (off) on CUDA, where a step costs about the same for 1 row as for 64.
+    shared_step_rows: int | Literal["auto"] = "auto"
     # Requests waiting for a batch, beyond which new ones get RESOURCE_EXHAUSTED at once.
     max_queue_size: int = 1024
     # Requests one tenant may have queued or running on a replica (RESOURCE_EXHAUSTED past it),
@@ -87,6 +95,14 @@ class ServingConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"serving.{name}={value} is invalid; expected a value > 0")
+        if self.shared_step_rows != "auto" and not (
+            isinstance(self.shared_step_rows, int) and not isinstance(self.shared_step_rows, bool)
+            and self.shared_step_rows >= 0
+        ):
+            raise ValueError(
+                f"serving.shared_step_rows={self.shared_step_rows!r} is invalid; expected \"auto\", 0 (off) "
+                "or a number of rows > 0"
+            )
         for name in ("batch_wait_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"serving.{name}={getattr(self, name)} is invalid; expected a value >= 0")

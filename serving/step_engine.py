@@ -262,12 +262,16 @@ class StepEngine:
 
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
-    def step(self) -> list[StepEvent]:
-        """One decoder forward for every active slot; each row samples with its own
-        parameters and its own generator; rows that hit EOS or their own max_new_tokens are
-        freed at once. One event per active request."""
+    def step(self, limit: int | None = None) -> list[StepEvent]:
+        """One decoder forward for every active slot, or for the first `limit` of them (the
+        rest keep their slots and state and wait: see `put_first`); each row samples with
+        its own parameters and its own generator; rows that hit EOS or their own
+        max_new_tokens are freed at once. One event per request that stepped."""
         started = time.perf_counter()
-        rows = self._rows
+        # A waiting row inside a padded CUDA-graph shape computes too: its output is ignored,
+        # and its one write, K/V at its own current position, is rewritten by its next real
+        # step before anything reads it.
+        rows = self._rows if limit is None else self._rows[:limit]
         n = len(rows)
         if n == 0:
             self._last = StepStats(active_slots=0, admitted=0, encoder_tokens=0, seconds=0.0, tokens=0)
@@ -302,6 +306,26 @@ class StepEngine:
             seconds=time.perf_counter() - started, tokens=n,
         )
         return events
+
+    @torch.inference_mode()
+    def put_first(self, handles: Sequence[Hashable]) -> None:
+        """Move these requests into the lowest slots, [0, len(handles)), so a `step(limit)`
+        with limit >= len(handles) advances them: each one outside swaps with a row inside
+        that is not among them (one batched copy per buffer, of the swapped rows only)."""
+        wanted = {self._row_of[handle] for handle in handles}
+        count = len(wanted)
+        outside = sorted(i for i in wanted if i >= count)
+        if not outside:
+            return
+        inside = [i for i in range(count) if i not in wanted][: len(outside)]
+        columns = max(len(r.tokens) for r in self._rows) + 1
+        width = max(r.encoder_length for r in self._rows)
+        # The source rows are gathered before any is written, so this swaps.
+        self.cache.move_rows(outside + inside, inside + outside, positions=columns, width=width)
+        for a, b in zip(outside, inside):
+            self._rows[a], self._rows[b] = self._rows[b], self._rows[a]
+            self._row_of[self._rows[a].handle] = a
+            self._row_of[self._rows[b].handle] = b
 
     @torch.inference_mode()
     def cancel(self, handle: Hashable) -> bool:

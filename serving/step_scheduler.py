@@ -31,6 +31,7 @@ Futures, token sinks and the observer are touched on the event loop only.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -68,7 +69,9 @@ class StepEngineLike(Protocol):
 
     def admit(self, items: Sequence[tuple[Hashable, PreparedRequest]]) -> list: ...  # [StepEvent]
 
-    def step(self) -> list: ...  # [StepEvent]
+    def step(self, limit: int | None = None) -> list: ...  # [StepEvent]
+
+    def put_first(self, handles: Sequence[Hashable]) -> None: ...
 
     def cancel(self, handle: Hashable) -> bool: ...
 
@@ -107,6 +110,9 @@ class StepScheduler(TenantQueues):
 
     def __init__(self, config: ServingConfig, step_engine: StepEngineLike, run_batch: RunBatch, **kwargs) -> None:
         super().__init__(config, run_batch, **kwargs)
+        if config.shared_step_rows == "auto":
+            raise ValueError("StepScheduler needs serving.shared_step_rows as a number of rows: build_scheduler "
+                             "resolves \"auto\" for the engine's device")
         self._engine = step_engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -122,6 +128,8 @@ class StepScheduler(TenantQueues):
         # Engine thread only:
         self._active_tasks: Counter = Counter()  # (tenant, prompt ids) -> active rows
         self._held: Counter = Counter()  # tenant -> slots it holds
+        # Rows the last step was limited to while a light tenant decoded (None: every row).
+        self._limit: int | None = None
         self._next_sweep = 0.0
         # Rows a step may hold: the engine's slots, capped by serving.max_batch_size.
         self._max_rows = config.max_batch_size
@@ -322,9 +330,18 @@ class StepScheduler(TenantQueues):
         admits: list[ScheduledRequest] = []
         beams: list[ScheduledRequest] = []
         spent = 0
+        # While steps are limited for a light tenant, heavier tenants only refill the rows a
+        # step runs: a request admitted beyond them would wait in its slot, its encoder pass
+        # spent early on the light tenant's time.
+        heavy_room = None if self._limit is None else self._limit - len(self._active)
+        light_max = self._light_max()
         while self._rotation:
             # O(tenants queued) per pick; the rotation order breaks ties
             tenant = min(self._rotation, key=self._held.__getitem__)
+            if heavy_room is not None and self._held[tenant] > light_max:
+                if heavy_room <= 0:
+                    break  # fewest slots first: every other queued tenant holds as many or more
+                heavy_room -= 1
             item = self._queues[tenant][0]
             if now > item.deadline:
                 expired.append(item)
@@ -384,12 +401,38 @@ class StepScheduler(TenantQueues):
 
         self._post(self._deliver, deliveries, report)
 
+    def _light_max(self) -> int:
+        """The most slots a light tenant holds: a quarter of serving.shared_step_rows."""
+        return max(1, self.config.shared_step_rows // 4)
+
+    def _step_limit(self) -> tuple[int | None, list[ScheduledRequest]]:
+        """(rows this step runs, the light tenants' requests) while a light tenant decodes
+        next to a heavier one and more than serving.shared_step_rows rows are active; (None,
+        []) otherwise. Light rows all run; heavier tenants' rows fill the rest, at least a
+        quarter of the limit, so a stream of light tenants cannot stop them."""
+        cap = self.config.shared_step_rows
+        if not cap or len(self._active) <= cap:
+            return None, []
+        light_max = self._light_max()
+        light = [item for item in self._active if self._held[item.tenant] <= light_max]
+        if not light or len(light) == len(self._active):
+            return None, []
+        limit = max(cap, len(light) + cap // 4)
+        return (limit, light) if limit < len(self._active) else (None, [])
+
     def _step(self) -> None:
-        rows, tasks = len(self._active), len(self._active_tasks)
+        limit, light = self._step_limit()
+        self._limit = limit
+        rows = len(self._active) if limit is None else limit
+        tasks = len(self._active_tasks)
         with self._lock:
             self._running = True
         try:
-            events = self._engine.step()
+            if limit is None:
+                events = self._engine.step()
+            else:
+                self._engine.put_first(light)
+                events = self._engine.step(limit)
         except Exception as error:
             self._engine_failed(list(self._active), error, "decoding")
             return
@@ -517,5 +560,7 @@ def build_scheduler(config: ServingConfig, engine, observer=None):
     if config.batching == "continuous":
         from .step_engine import StepEngine
 
+        if config.shared_step_rows == "auto":
+            config = dataclasses.replace(config, shared_step_rows=0 if engine.device.type == "cuda" else 16)
         return StepScheduler(config, StepEngine(engine), engine.run_batch, observer=observer)
     return Batcher(config, engine.run_batch, observer=observer)

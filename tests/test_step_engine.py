@@ -64,13 +64,18 @@ def alone(engine: Engine, prepared: PreparedRequest) -> GenerationResult:
 
 
 def drive(step_engine: StepEngine, arrivals: dict[int, list[tuple[object, PreparedRequest]]],
-          cancel_at: dict[int, list[object]] | None = None) -> dict[object, GenerationResult | PromptmuxError]:
+          cancel_at: dict[int, list[object]] | None = None,
+          partial=None) -> dict[object, GenerationResult | PromptmuxError]:
     """Run the engine until all work is done. `arrivals[k]` join the queue before step k and
-    are admitted as slots free up; `cancel_at[k]` are cancelled before step k. Checks that
-    every request's streamed tokens add up to its result and that it ends exactly once."""
+    are admitted as slots free up; `cancel_at[k]` are cancelled before step k;
+    `partial(k, active handles in admission order)` may return (limit, handles): step k then
+    puts those handles first and runs `limit` rows only. Checks that every request's streamed
+    tokens add up to its result, that it ends exactly once, and that a partial step advances
+    exactly `limit` rows, the named ones among them."""
     queue: list[tuple[object, PreparedRequest]] = []
     done: dict[object, GenerationResult | PromptmuxError] = {}
     streamed: dict[object, list[int]] = {}
+    active: list[object] = []
     step = 0
     while step <= max(arrivals, default=0) or queue or step_engine.active_slots:
         queue.extend(arrivals.get(step, []))
@@ -86,7 +91,17 @@ def drive(step_engine: StepEngine, arrivals: dict[int, list[tuple[object, Prepar
             for event in step_engine.admit(batch):
                 assert event.new_tokens == [] and event.handle not in done
                 done[event.handle] = event.done
-        for event in step_engine.step():
+            active.extend(handle for handle, _ in batch if handle not in done)
+        active = [handle for handle in active if handle not in done]
+        chosen = partial(step, list(active)) if partial is not None else None
+        if chosen is None:
+            events = step_engine.step()
+        else:
+            limit, first = chosen
+            step_engine.put_first(first)
+            events = step_engine.step(limit)
+            assert len(events) == min(limit, len(active)) and set(first) <= {e.handle for e in events}
+        for event in events:
             assert event.handle not in done, f"{event.handle} produced after it ended"
             assert len(event.new_tokens) == 1
             streamed.setdefault(event.handle, []).extend(event.new_tokens)
@@ -138,6 +153,25 @@ def test_greedy_rows_equal_generate_alone_with_staggered_admission(model, reques
             greedy += 1
     assert greedy >= count * 2 // 3
     assert len({tuple(r.token_ids) for r in results.values()}) > count // 2  # outputs really differ
+
+
+def test_rows_that_wait_a_step_resume_exactly_where_they_were(embedded):
+    """Partial steps (put_first + step(limit)) as the scheduler runs them next to a light
+    tenant: rows are swapped across slots and wait for steps, and every request still ends
+    with the same tokens, greedy (equal to generate alone) and seeded sampling alike."""
+    requests, arrivals = mixed_arrivals(embedded, seed=5, count=12, longest=40)
+    reference = drive(StepEngine(embedded), arrivals)
+
+    def partial(step, active):
+        if step % 3 == 0 or len(active) < 4:
+            return None
+        return 3, active[-2:]  # the two newest rows to the front, and one more: the rest wait
+
+    results = drive(StepEngine(embedded), arrivals, partial=partial)
+    for name, prepared in requests.items():
+        assert results[name].token_ids == reference[name].token_ids, name
+        if prepared.params.strategy == "greedy":
+            assert results[name].token_ids == alone(embedded, prepared).token_ids, name
 
 
 def test_demo_tasks_stop_at_eos_and_match_generate(embedded):

@@ -106,7 +106,11 @@ class FakeStepEngine:
         self.last_stats = Stats(len(self.rows), len(items), sum(len(p.token_ids) for _, p in items), 0.001, 0)
         return events
 
-    def step(self):
+    def put_first(self, handles) -> None:
+        first = {handle: self.rows[handle] for handle in handles}
+        self.rows = {**first, **{h: row for h, row in self.rows.items() if h not in first}}
+
+    def step(self, limit=None):
         self.in_step.set()
         if self.permits is not None:
             assert self.permits.acquire(timeout=10), "the test never let this step run"
@@ -115,9 +119,10 @@ class FakeStepEngine:
         self.steps += 1
         if self.crash_on_step == self.steps:
             raise RuntimeError("device fell over")
-        self.log.append(("step", [row.text for row in self.rows.values()]))
+        stepping = list(self.rows.items())[:limit]
+        self.log.append(("step", [row.text for _, row in stepping]))
         events = []
-        for handle, row in list(self.rows.items()):
+        for handle, row in stepping:
             token = ord(row.text[len(row.produced)])
             row.produced.append(token)
             done = None
@@ -203,7 +208,7 @@ def prep(tenant: str, text: str, task: str = "t", **params) -> PreparedRequest:
 
 
 def make(engine: FakeStepEngine, observer: Recorder | None = None, **overrides) -> StepScheduler:
-    settings = dict(max_encoder_tokens_per_step=1000)
+    settings = dict(max_encoder_tokens_per_step=1000, shared_step_rows=0)
     settings.update(overrides)
     config = ServingConfig(**settings).resolved(engine.slots)
     return StepScheduler(config, engine, engine.run_batch, observer=observer)
@@ -316,6 +321,65 @@ def test_a_freed_slot_goes_to_the_tenant_holding_fewest_slots_before_a_floods_qu
         await scheduler.close()
 
     run(main())
+
+
+def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
+    async def main():
+        engine = FakeStepEngine(slots=8)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine, shared_step_rows=4)  # a light tenant holds at most 1 slot
+        flood = [asyncio.ensure_future(scheduler.submit(prep("flood", f"{i}" * (6 + i)))) for i in range(8)]
+        await until(lambda: len(engine.admitted()) == 1)  # the flood fills every slot
+        await one_step(engine)
+        await one_step(engine)
+        light = asyncio.ensure_future(scheduler.submit(prep("light", "xyz")))
+        await asyncio.sleep(0.01)
+        for _ in range(30):
+            await one_step(engine)  # a free slot appears when a flood row ends...
+            if light.done():
+                break
+        for _ in range(200):
+            engine.permits.release()
+        results = await asyncio.gather(*flood, light)
+        # ...and every row decoded to its own end, whether it waited or not.
+        assert [r.text for r in results] == [f"{i}" * (6 + i) for i in range(8)] + ["xyz"]
+        with_light = [rows for rows in engine.stepped() if "xyz" in rows]
+        assert len(with_light) == 3  # "xyz": three steps, one token each
+        # While it decoded, a step ran 4 rows (the light row first), not the 8 slots.
+        assert all(len(rows) == 4 and rows[0] == "xyz" for rows in with_light)
+        assert max(len(rows) for rows in engine.stepped()) == 8  # the flood alone ran every row
+        await scheduler.close()
+
+    run(main())
+
+
+def test_equal_tenants_and_a_lone_flood_run_every_row():
+    async def main():
+        engine = FakeStepEngine(slots=8)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine, shared_step_rows=4)
+        jobs = [asyncio.ensure_future(scheduler.submit(prep(tenant, f"{tenant}{i}" * 3)))
+                for i in range(4) for tenant in ("a", "b")]
+        await until(engine.in_step.is_set)  # the first arrival's step waits; the rest queue
+        await asyncio.sleep(0.01)
+        for _ in range(20):
+            engine.permits.release()
+        await asyncio.gather(*jobs)
+        # From the second step on, each tenant held 4 slots: neither is light, every row ran.
+        assert [len(rows) for rows in engine.stepped()[1:6]] == [8] * 5
+        await scheduler.close()
+
+    run(main())
+
+
+def test_shared_step_rows_is_auto_a_count_or_off():
+    assert ServingConfig().shared_step_rows == "auto"
+    assert ServingConfig(shared_step_rows=0).shared_step_rows == 0
+    for bad in (-1, "16", 2.5, True):
+        with pytest.raises(ValueError, match="serving.shared_step_rows=.* expected \"auto\", 0 \(off\) or a number"):
+            ServingConfig(shared_step_rows=bad)
+    with pytest.raises(ValueError, match="build_scheduler resolves"):
+        StepScheduler(ServingConfig().resolved(4), FakeStepEngine(), FakeStepEngine().run_batch)
 
 
 def test_encoder_token_budget_spreads_a_burst_over_several_steps():
@@ -607,7 +671,8 @@ def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(
 
     async def main():
         seen = Recorder()
-        config = ServingConfig(max_encoder_tokens_per_step=80).resolved(real_engine.config.max_batch_size)
+        config = ServingConfig(max_encoder_tokens_per_step=80, shared_step_rows=0).resolved(
+            real_engine.config.max_batch_size)
         scheduler = StepScheduler(config, StepEngine(real_engine), real_engine.run_batch, observer=seen)
         streams: list[list[int]] = [[] for _ in range(len(requests) + 1)]
         jobs = []
@@ -645,7 +710,7 @@ def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_e
     async def main():
         seen = Recorder()
         step_engine = Gated(real_engine)
-        config = ServingConfig().resolved(real_engine.config.max_batch_size)
+        config = ServingConfig(shared_step_rows=0).resolved(real_engine.config.max_batch_size)
         scheduler = StepScheduler(config, step_engine, real_engine.run_batch, observer=seen)
         tokens: list[int] = []
         request = real_request(real_engine, "mid", "a stream that goes away", max_new_tokens=64)
