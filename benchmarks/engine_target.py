@@ -45,7 +45,7 @@ class _BatchLog:
     def admitted(self, items, stats, padding_fraction: float) -> None:
         self._admitted.extend((item.tenant, item.started_at - item.enqueued_at) for item in items)
 
-    def step_finished(self, stats, rows: int, distinct_tasks: int) -> None:
+    def step_finished(self, stats, rows: int, distinct_tasks: int, waiting: int = 0) -> None:
         if rows:
             waits, self._admitted = tuple(self._admitted), []
             self.batches.append(_Batch(time.monotonic(), rows, distinct_tasks, stats.seconds, waits))

@@ -62,6 +62,11 @@ class ServingMetrics:
         )
         # Continuous batching (serving/step_scheduler.py)
         self.active_slots = Gauge("promptmux_active_slots", "Engine slots decoding a request now")
+        self.rows_waiting = Counter(
+            "promptmux_step_rows_waiting",
+            "Row-steps a request held its slot but waited, so a light tenant's step ran fewer rows "
+            "(serving.shared_step_rows)",
+        )
         self.step_time = Histogram(
             "promptmux_step_seconds",
             "Engine time per step: phase=encode for an admission's encoder forward, phase=decode for one decoder "
@@ -159,8 +164,10 @@ class ServingMetrics:
         self.step_time.observe(stats.seconds, tags={"phase": "encode"})
         self.padding.observe(padding_fraction)
 
-    def step_finished(self, stats, rows: int, distinct_tasks: int) -> None:
+    def step_finished(self, stats, rows: int, distinct_tasks: int, waiting: int = 0) -> None:
         self.step_time.observe(stats.seconds, tags={"phase": "decode"})
+        if waiting:
+            self.rows_waiting.inc(waiting)
         if rows:
             self.batch_size.observe(rows)
             self.batch_tasks.observe(distinct_tasks)

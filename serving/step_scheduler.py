@@ -82,7 +82,7 @@ class StepObserver(BatchObserver, Protocol):
 
     def admitted(self, items: Sequence["ScheduledRequest"], stats: Any, padding_fraction: float) -> None: ...
 
-    def step_finished(self, stats: Any, rows: int, distinct_tasks: int) -> None: ...
+    def step_finished(self, stats: Any, rows: int, distinct_tasks: int, waiting: int = 0) -> None: ...
 
     def first_token(self, item: "ScheduledRequest", seconds: float) -> None: ...
 
@@ -424,6 +424,7 @@ class StepScheduler(TenantQueues):
         limit, light = self._step_limit()
         self._limit = limit
         rows = len(self._active) if limit is None else limit
+        waiting = len(self._active) - rows  # rows that keep their slots and wait this step
         tasks = len(self._active_tasks)
         with self._lock:
             self._running = True
@@ -450,7 +451,7 @@ class StepScheduler(TenantQueues):
         observer, active = self._observer, len(self._active)
 
         def report() -> None:
-            observer.step_finished(stats, rows, tasks)
+            observer.step_finished(stats, rows, tasks, waiting)
             for item in firsts:
                 observer.first_token(item, item.first_token_at - item.enqueued_at)
             observer.slots(active, freed)

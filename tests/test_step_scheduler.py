@@ -173,6 +173,7 @@ class Recorder:
         self.first_tokens: list[str] = []
         self.admissions: list[int] = []
         self.steps: list[tuple[int, int]] = []
+        self.waiting: list[int] = []
         self.batches: list[int] = []
 
     def batch_finished(self, batch, stats, compute_seconds) -> None:
@@ -188,8 +189,9 @@ class Recorder:
         assert all(item.started_at >= item.enqueued_at for item in items)
         self.admissions.append(len(items))
 
-    def step_finished(self, stats, rows, distinct_tasks) -> None:
+    def step_finished(self, stats, rows, distinct_tasks, waiting=0) -> None:
         self.steps.append((rows, distinct_tasks))
+        self.waiting.append(waiting)
 
     def first_token(self, item, seconds) -> None:
         assert seconds >= 0
@@ -325,9 +327,9 @@ def test_a_freed_slot_goes_to_the_tenant_holding_fewest_slots_before_a_floods_qu
 
 def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
     async def main():
-        engine = FakeStepEngine(slots=8)
+        engine, seen = FakeStepEngine(slots=8), Recorder()
         engine.permits = threading.Semaphore(0)
-        scheduler = make(engine, shared_step_rows=4)  # a light tenant holds at most 1 slot
+        scheduler = make(engine, seen, shared_step_rows=4)  # a light tenant holds at most 1 slot
         flood = [asyncio.ensure_future(scheduler.submit(prep("flood", f"{i}" * (6 + i)))) for i in range(8)]
         await until(lambda: len(engine.admitted()) == 1)  # the flood fills every slot
         await one_step(engine)
@@ -348,6 +350,9 @@ def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
         # While it decoded, a step ran 4 rows (the light row first), not the 8 slots.
         assert all(len(rows) == 4 and rows[0] == "xyz" for rows in with_light)
         assert max(len(rows) for rows in engine.stepped()) == 8  # the flood alone ran every row
+        await until(lambda: len(seen.waiting) == len(engine.stepped()))
+        # Metrics: rows waited exactly in the light tenant's steps.
+        assert [waited > 0 for waited in seen.waiting] == ["xyz" in rows for rows in engine.stepped()]
         await scheduler.close()
 
     run(main())
