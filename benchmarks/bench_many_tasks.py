@@ -32,6 +32,7 @@ from .local_server import ADMIN_TENANT, LocalServer
 
 RESULTS = Path(__file__).parent / "results"
 D_MODEL = 256  # the embedded model's width
+TENANTS = 100
 
 
 def app_args(tasks: int, tenants: int) -> dict:
@@ -44,8 +45,23 @@ def app_args(tasks: int, tenants: int) -> dict:
     }
 
 
-def register_all(server: LocalServer, tasks: int, tenants: int, in_flight: int) -> list[tuple[int, float]]:
-    """(tasks registered, seconds since start) after each completion."""
+def prompt_tensors(tasks: int, seed: int = 0):
+    """The benchmark's prompts: 20-100 rows each (uniform), small random values."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(tasks):
+        rows = int(torch.randint(20, 101, (1,), generator=gen))
+        yield 0.05 * torch.randn(rows, D_MODEL, generator=gen)
+
+
+def task_name(i: int) -> tuple[str, str]:
+    """(tenant, task) of the benchmark's i-th task."""
+    return f"tenant{i % TENANTS:04d}", f"task{i:07d}"
+
+
+def register_all(server: LocalServer, tasks: int, in_flight: int, batch: int) -> list[tuple[int, float]]:
+    """Register `tasks` prompts through gRPC: RegisterPrompt per prompt (batch 1) or RegisterPrompts
+    with `batch` prompts per call, `in_flight` calls outstanding. Returns (tasks registered,
+    seconds since start) after each completed call."""
     import grpc
 
     from promptmux.serving.grpc_convert import tensor_to_pb
@@ -56,31 +72,38 @@ def register_all(server: LocalServer, tasks: int, tenants: int, in_flight: int) 
     grpc.channel_ready_future(channel).result(timeout=60)
     stub = promptmux_pb2_grpc.PromptmuxStub(channel)
     metadata = [("application", "promptmux"), ("authorization", f"Bearer {server.keys[ADMIN_TENANT]}")]
-    gen = torch.Generator().manual_seed(0)
     slots = threading.Semaphore(in_flight)
     done: list[tuple[int, float]] = []
     failures: list[str] = []
     lock = threading.Lock()
-    bar = tqdm(total=tasks, desc="registering", unit="task")
+    bar = tqdm(total=tasks, desc=f"registering ({'1 per call' if batch == 1 else f'{batch} per call'})", unit="task")
     started = time.perf_counter()
 
-    def finished(future):
+    def finished(future, count: int):
         slots.release()
         error = future.exception()
         with lock:
             if error is not None:
                 failures.append(str(error))
-            done.append((len(done) + 1, time.perf_counter() - started))
-        bar.update(1)
+            elif batch > 1:
+                failures.extend(f"{i.error.code}: {i.error.message}" for i in future.result().items if i.HasField("error"))
+            done.append(((done[-1][0] if done else 0) + count, time.perf_counter() - started))
+        bar.update(count)
 
-    for i in range(tasks):
-        rows = int(torch.randint(20, 101, (1,), generator=gen))
-        request = pb.RegisterPromptRequest(
-            tenant=f"tenant{i % tenants:04d}", task=f"task{i:07d}",
-            tensor=tensor_to_pb(0.05 * torch.randn(rows, D_MODEL, generator=gen)),
-        )
+    group: list = []
+    for i, tensor in enumerate(prompt_tensors(tasks)):
+        tenant, task = task_name(i)
+        group.append(pb.RegisterPromptRequest(tenant=tenant, task=task, tensor=tensor_to_pb(tensor)))
+        if len(group) < batch and i + 1 < tasks:
+            continue
         slots.acquire()
-        stub.RegisterPrompt.future(request, metadata=metadata, timeout=120).add_done_callback(finished)
+        count = len(group)
+        if batch == 1:
+            call = stub.RegisterPrompt.future(group[0], metadata=metadata, timeout=300)
+        else:
+            call = stub.RegisterPrompts.future(pb.RegisterPromptsRequest(prompts=group), metadata=metadata, timeout=300)
+        call.add_done_callback(lambda future, count=count: finished(future, count))
+        group = []
     for _ in range(in_flight):
         slots.acquire()
     bar.close()

@@ -19,6 +19,10 @@ nothing newer, and keep checking it for a while (see task_table.py). A crash aft
 cannot lose it: its entry is already durable. Entries only name the task that changed; readers
 re-read the task's directory, so an entry is idempotent and never disagrees with the files.
 
+A batch registration (`PromptStore.register_many`) announces all its tasks in ONE entry
+(`{"changes": [...], "time": ...}`): one fsynced file for the whole group instead of one per
+task. A reader applies each change it names, in order, under the entry's number.
+
 Entries are grouped in directories of `SEGMENT` so no directory grows past that. Snapshots
 are written by readers now and then (task_table.py) so a starting replica reads one file
 plus the entries after it instead of listing every task.
@@ -75,10 +79,24 @@ class ChangeLog:
     # ---------------------------------------------------------------- writing
     def append(self, op: str, tenant: str, task: str, version: int) -> int:
         """Durably add one entry; returns its sequence number."""
+        return self.append_many([(op, tenant, task, version)])
+
+    def append_many(self, changes: list[tuple[str, str, str, int]]) -> int:
+        """Durably add ONE entry announcing every (op, tenant, task, version) in `changes`;
+        returns its sequence number. A single change is written in the one-change format."""
+        if not changes:
+            raise ValueError("append_many needs at least one change")
+        now = time.time()
+        if len(changes) == 1:
+            payload = Change(0, *changes[0], now).to_bytes()
+        else:
+            payload = json.dumps({"changes": [{"op": op, "tenant": tenant, "task": task, "version": version}
+                                              for op, tenant, task, version in changes], "time": now},
+                                 sort_keys=True).encode()
         self.dir.mkdir(exist_ok=True)
         temp = self.dir / f".tmp-{uuid.uuid4().hex}"
         try:
-            write_durably(temp, Change(0, op, tenant, task, version, time.time()).to_bytes())
+            write_durably(temp, payload)
             with self._append_lock:
                 seq = max(self._head_hint, 0) or self.head()
                 while True:
@@ -100,29 +118,29 @@ class ChangeLog:
             temp.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- reading
-    def read(self, seq: int) -> Change | None:
-        """Entry `seq`, or None if it does not exist (yet)."""
+    def read(self, seq: int) -> list[Change] | None:
+        """The changes entry `seq` announces (one, or a batch's), or None if it does not exist (yet)."""
         try:
             data = (self._segment_dir(seq) / _entry_name(seq)).read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return Change.from_bytes(seq, data)
+            return _parse_entry(seq, data)
         except (ValueError, KeyError, TypeError) as error:
             # Cannot happen for a linked entry (written whole, fsynced); a disk fault or a hand edit.
-            log.warning("change log: entry %d is unreadable (%s); rereading every task it could name is "
-                        "not possible, so restart replicas if prompts look stale", seq, error)
-            return Change(seq, "unreadable", "", "", 0, time.time())
+            log.warning("change log: entry %d is unreadable (%s); the task table rescans the store to recover",
+                        seq, error)
+            return [Change(seq, "unreadable", "", "", 0, time.time())]
 
     def read_after(self, seq: int) -> Iterator[Change]:
-        """Entries seq+1, seq+2, ... up to the first that does not exist yet."""
+        """The changes of entries seq+1, seq+2, ... up to the first entry that does not exist yet."""
         while True:
-            change = self.read(seq + 1)
-            if change is None:
+            changes = self.read(seq + 1)
+            if changes is None:
                 return
             seq += 1
             self._head_hint = max(self._head_hint, seq)
-            yield change
+            yield from changes
 
     def head(self) -> int:
         """The highest sequence number written so far (0 if none): two directory listings."""
@@ -186,6 +204,15 @@ class ChangeLog:
 
     def _segment_dir(self, seq: int) -> Path:
         return self.dir / f"s{seq // SEGMENT:08d}"
+
+
+def _parse_entry(seq: int, data: bytes) -> list[Change]:
+    record = json.loads(data)
+    if "changes" not in record:
+        return [Change.from_bytes(seq, data)]
+    when = float(record["time"])
+    return [Change(seq=seq, op=str(c["op"]), tenant=str(c["tenant"]), task=str(c["task"]),
+                   version=int(c["version"]), time=when) for c in record["changes"]]
 
 
 def _entry_name(seq: int) -> str:

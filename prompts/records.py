@@ -41,6 +41,20 @@ class PromptMeta:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """One new version to store (PromptStore.register_many); the arguments of PromptStore.register."""
+
+    tenant: str
+    task: str
+    tensor: torch.Tensor  # [L, d_model]
+    shared: bool = False
+    publish: bool = False
+    description: str = ""
+    extra: dict[str, Any] | None = None
+    task_embedding: torch.Tensor | None = None  # [L', d_model]
+
+
+@dataclass(frozen=True)
 class StoredPrompt:
     meta: PromptMeta
     tensor: torch.Tensor  # [L, D] on CPU, dtype as registered

@@ -43,9 +43,9 @@ import re
 import struct
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,8 +56,10 @@ from promptmux.prompts.errors import (
     AlreadyExistsError,
     InvalidPromptError,
     PermissionDeniedError,
+    PromptmuxError,
     StoredPromptUnreadableError,
     TaskNotFoundError,
+    UnavailableError,
 )
 
 from .change_log import ChangeLog
@@ -65,7 +67,7 @@ from .durable_files import fsync_directory, write_durably
 from .ids import ID_PATTERN, check_id, is_valid_id, parse_task_ref
 from .namespace import TaskNamespace, task_not_found
 from .quotas import StoreQuotas
-from .records import SUPPORTED_DTYPES, PromptMeta, StoredPrompt, content_hash
+from .records import SUPPORTED_DTYPES, PromptMeta, Registration, StoredPrompt, content_hash
 from .task_table import PENDING_GRACE_S, TaskTable
 
 __all__ = ["ID_PATTERN", "PromptStore", "StoreQuotas"]
@@ -138,46 +140,123 @@ class PromptStore:
         `check_quotas=False` is for the server's own seeding (demo prompts), never a tenant's call.
         `task_embedding` (an `[L, d_model]` early checkpoint, prompts/task_embedding.py) is kept
         in the same file as a second tensor, so it is as atomic and immutable as the prompt."""
-        self._check_ids(tenant, task)
-        self._check_tenant_allowed(tenant)
+        outcome = self.register_many(
+            [Registration(tenant, task, tensor, shared=shared, publish=publish, description=description,
+                          extra=extra, task_embedding=task_embedding)],
+            check_quotas=check_quotas,
+        )[0]
+        if isinstance(outcome, PromptmuxError):
+            raise outcome
+        return outcome
+
+    def register_many(
+        self, items: Sequence[Registration], *, check_quotas: bool = True
+    ) -> list[PromptMeta | PromptmuxError]:
+        """Store many new versions as one group; each item succeeds or fails alone (the error
+        it would raise from `register`, in item order).
+
+        The group shares the costs that do not depend on its size: ONE change-log entry
+        announces every valid item, each owner's lock is taken and its quotas caught up once,
+        and the call returns when every stored version is durable. Quotas count the group's
+        earlier items of the same owner. A (tenant, task) named twice in one call fails its
+        second item (INVALID_ARGUMENT): one version per task per call."""
+        outcomes: list[PromptMeta | PromptmuxError | None] = [None] * len(items)
+        prepared: dict[int, dict[str, torch.Tensor]] = {}
+        seen: set[tuple[str, str]] = set()
+        for i, item in enumerate(items):
+            try:
+                prepared[i] = self._prepare(item, check_quotas, seen)
+            except PromptmuxError as error:
+                outcomes[i] = error
+        by_tenant: dict[str, list[int]] = {}
+        for i in prepared:
+            by_tenant.setdefault(items[i].tenant, []).append(i)
+        with ExitStack() as locks:
+            for tenant in sorted(by_tenant):  # one order for every writer: no deadlock between groups
+                locks.enter_context(self._tenant_lock(tenant))
+            announced: list[int] = []
+            for tenant, indices in by_tenant.items():
+                if check_quotas:
+                    self.tasks.catch_up(tenant)
+                    own, rows = self.tasks.usage(tenant)
+                    own_rows = {task: meta.length for task, meta in own.items()}
+                for i in indices:
+                    item = items[i]
+                    try:
+                        if check_quotas:
+                            rows = self._check_usage(tenant, own_rows, rows, item.task, int(item.tensor.shape[0]))
+                        if item.publish:
+                            self._claim(item.task, tenant)  # no namespace change until a published version exists
+                    except PromptmuxError as error:
+                        outcomes[i] = error
+                        continue
+                    announced.append(i)
+            if announced:
+                announced.sort()  # item order
+                started = time.monotonic()
+                versions = {i: self._next_version(self._task_dir(items[i].tenant, items[i].task)) for i in announced}
+                self.changes.append_many([("register", items[i].tenant, items[i].task, versions[i]) for i in announced])
+                for i in announced:
+                    outcomes[i] = self._write_version(items[i], prepared[i], versions[i])
+                if time.monotonic() - started > PENDING_GRACE_S / 2:  # readers may have stopped waiting
+                    stored = [outcomes[i] for i in announced if isinstance(outcomes[i], PromptMeta)]
+                    if stored:
+                        self.changes.append_many([("register", m.tenant, m.task, m.version) for m in stored])
+        return outcomes  # type: ignore[return-value]  (every slot is filled above)
+
+    def _prepare(self, item: Registration, check_quotas: bool, seen: set) -> dict[str, torch.Tensor]:
+        """The item's checks that need no lock; returns the tensors to store."""
+        self._check_ids(item.tenant, item.task)
+        self._check_tenant_allowed(item.tenant)
         if check_quotas:
-            self.quotas.check_description(tenant, description)
-        tensor = self.validate_tensor(tensor)
-        tensors = {_TENSOR_KEY: tensor}
-        if task_embedding is not None:
-            tensors[_EMBEDDING_KEY] = self.validate_tensor(task_embedding)
-        shared = shared or publish
-        task_dir = self._task_dir(tenant, task)
-        task_dir.mkdir(parents=True, exist_ok=True)
-        with self._tenant_lock(tenant):
-            if check_quotas:
-                self._check_usage(tenant, task, int(tensor.shape[0]))
-            if publish:
-                self._claim(task, tenant)  # no change to the namespace until a published version exists
-            announced = time.monotonic()
-            self.changes.append("register", tenant, task, self._next_version(task_dir))
+            self.quotas.check_description(item.tenant, item.description)
+        if (item.tenant, item.task) in seen:
+            raise InvalidPromptError(
+                f"task {item.task!r} of tenant {item.tenant!r} appears more than once in this call; register one "
+                "version per task per call (send the later one in another call)"
+            )
+        tensors = {_TENSOR_KEY: self.validate_tensor(item.tensor)}
+        if item.task_embedding is not None:
+            tensors[_EMBEDDING_KEY] = self.validate_tensor(item.task_embedding)
+        seen.add((item.tenant, item.task))
+        return tensors
+
+    def _write_version(self, item: Registration, tensors: dict, version: int) -> PromptMeta | PromptmuxError:
+        """Write the item's version file at `version` or, if another writer took it, the next free number."""
+        task_dir = self._task_dir(item.tenant, item.task)
+        tensor = tensors[_TENSOR_KEY]
+        try:
+            task_dir.mkdir(parents=True, exist_ok=True)
             while True:
-                version = self._next_version(task_dir)
                 meta = PromptMeta(
-                    tenant=tenant,
-                    task=task,
+                    tenant=item.tenant,
+                    task=item.task,
                     version=version,
                     content_hash=content_hash(tensor),
                     d_model=int(tensor.shape[1]),
                     length=int(tensor.shape[0]),
                     dtype=_dtype_name(tensor.dtype),
                     created_at=time.time(),
-                    shared=shared,
-                    description=description,
-                    extra=dict(extra or {}),
-                    published=publish,
+                    shared=item.shared or item.publish,
+                    description=item.description,
+                    extra=dict(item.extra or {}),
+                    published=item.publish,
                 )
                 payload = st_save(tensors, metadata={_META_KEY: meta.to_json()})
-                if _publish(task_dir, f"v{version:08d}.safetensors", payload):
-                    if time.monotonic() - announced > PENDING_GRACE_S / 2:
-                        self.changes.append("register", tenant, task, version)  # readers may have stopped waiting
+                name = f"v{version:08d}.safetensors"
+                if _publish(task_dir, name, payload):
+                    # Readers re-read this task after its entry: spare them opening the file again.
+                    self._meta_cache[task_dir / name] = meta
+                    self._is_marker[task_dir / name] = False
                     return meta
-                # Another writer took this version number first: take the next one.
+                version = self._next_version(task_dir)  # another writer took this number first
+        except OSError as error:
+            log.error("prompt store: writing version %d of %s/%s failed: %s", version, item.tenant, item.task, error)
+            reason = error.strerror or type(error).__name__
+            return UnavailableError(
+                f"the prompt store could not write task {item.task!r} of tenant {item.tenant!r} ({reason}); nothing "
+                "was stored for it: retry later, or ask the operator to check the store's volume"
+            )
 
     def delete(self, tenant: str, task: str) -> int:
         """Delete a task: every version older than the tombstone this writes, and the task's
@@ -364,17 +443,19 @@ class PromptStore:
                 f"configured by the operator"
             )
 
-    def _check_usage(self, tenant: str, task: str, new_rows: int) -> None:
+    def _check_usage(self, tenant: str, own_rows: dict[str, int], rows: int, task: str, new_rows: int) -> int:
         """Quotas, with the tenant's lock held: usage as it would be after this registration.
-        Every earlier registration of this tenant finished under the same lock and announced
-        itself in the change log first, so catching up the table sees all of them."""
-        self.tasks.catch_up(tenant)
-        own, rows = self.tasks.usage(tenant)
-        previous = own.get(task)  # a new version replaces the task's latest
-        prompts = len(own) + (previous is None)
-        rows += new_rows - (previous.length if previous is not None else 0)
-        if previous is None or new_rows > previous.length:  # a version that grows nothing always fits
+        `own_rows` (task -> rows of its latest version) and `rows` come from the table caught up
+        under the same lock (every earlier registration of the tenant finished under it and
+        announced itself in the change log first, so the table sees all of them); this call's
+        earlier items are added as they pass. Returns the tenant's rows after this one."""
+        previous = own_rows.get(task)  # a new version replaces the task's latest
+        prompts = len(own_rows) + (previous is None)
+        rows += new_rows - (previous or 0)
+        if previous is None or new_rows > previous:  # a version that grows nothing always fits
             self.quotas.check_usage(tenant, prompts=prompts, rows=rows)
+        own_rows[task] = new_rows
+        return rows
 
     # ---------------------------------------------------------------- the global namespace
     def _claim(self, task: str, tenant: str) -> None:

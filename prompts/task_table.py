@@ -194,11 +194,12 @@ class TaskTable:
         # Entries announced shortly before the scan may name files the scan read too early.
         seq = head
         while seq > 0:
-            change = self._log.read(seq)
-            if change is None or change.time < started - _BOOTSTRAP_REPLAY_S:
+            changes = self._log.read(seq)
+            if changes is None or changes[0].time < started - _BOOTSTRAP_REPLAY_S:
                 break
-            if change.op != "unreadable":
-                self._apply(change)
+            for change in changes:
+                if change.op != "unreadable":
+                    self._apply(change)
             seq -= 1
         self.applied = max(self.applied, head)
         if head - self._snapshot_seq >= 1 or not self._log.latest_snapshot():

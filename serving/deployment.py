@@ -21,6 +21,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import grpc
 import torch
 
+from promptmux.prompts.records import Registration
+
 from .auth import KeyRing, Principal, require_owner_or_admin
 from .demo_prompts import seed_demo_prompts_if_embedded
 from .engine import Engine
@@ -31,6 +33,7 @@ from .grpc_convert import (
     prompt_info_to_pb,
     prompt_owner_from_pb,
     prompt_task_from_pb,
+    register_item_to_pb,
     reply_to_pb,
     request_from_pb,
     request_message,
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 # Trailing metadata on every unary reply: which replica answered.
 REPLICA_METADATA = "promptmux-replica"
 _REPLICA_ID = f"{socket.gethostname()}:{os.getpid()}"
+MAX_PROMPTS_PER_REGISTER_CALL = 1000  # serving/promptmux.proto, RegisterPromptsRequest.prompts
 
 
 class _Call:
@@ -278,8 +282,36 @@ class PromptmuxServer:
     @unary_rpc(pb.PromptInfo)
     async def RegisterPrompt(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
+        call.task = prompt_task_from_pb(request)
+        # Shape, dtype and d_model are checked from the declared shape before any byte is
+        # copied; the copy, the store's checks and the index update run off the event loop.
+        outcome = (await asyncio.to_thread(self._register, [self._registration(principal, request)]))[0]
+        if isinstance(outcome, PromptmuxError):
+            raise outcome
+        return prompt_info_to_pb(outcome)
+
+    @unary_rpc(pb.RegisterPromptsReply)
+    async def RegisterPrompts(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        if len(request.prompts) > MAX_PROMPTS_PER_REGISTER_CALL:
+            raise InvalidRequestError(
+                f"RegisterPrompts got {len(request.prompts)} prompts, more than {MAX_PROMPTS_PER_REGISTER_CALL} in one "
+                f"call; split it into calls of at most {MAX_PROMPTS_PER_REGISTER_CALL}"
+            )
+        items: list = []
+        for item in request.prompts:
+            try:
+                items.append(self._registration(principal, item))
+            except PromptmuxError as error:
+                items.append(error)
+        outcomes = await asyncio.to_thread(self._register, items)
+        for item, outcome in zip(request.prompts, outcomes):
+            self._metrics.count(call.method, principal.tenant, item.task, getattr(outcome, "status", "OK"))
+        return pb.RegisterPromptsReply(items=[register_item_to_pb(o) for o in outcomes])
+
+    def _registration(self, principal: Principal, request) -> Callable[[], Registration]:
+        """The checks of one registration that need no copy of its tensor; returns what builds it."""
         owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
-        call.task = task
         require_owner_or_admin(principal, owner, "register")
         if request.publish and not principal.admin:
             raise PermissionDeniedError(
@@ -287,19 +319,31 @@ class PromptmuxServer:
                 "needs an admin key); set shared=true instead and other tenants call it as "
                 f"'{owner}/{task}'"
             )
-        self._engine.store.quotas.check_description(owner, request.description)  # before copying the tensor
-        # Shape, dtype and d_model are checked from the declared shape before any byte is
-        # copied; the copy and the store's checks run off the event loop.
         store = self._engine.store
-        tensor = await asyncio.to_thread(
-            tensor_from_pb, request.tensor, d_model=store.d_model, max_length=store.max_length
-        )
-        meta = await asyncio.to_thread(
-            self._engine.store.register, owner, task, tensor,
+        store.quotas.check_description(owner, request.description)  # before copying the tensor
+        return lambda: Registration(
+            owner, task, tensor_from_pb(request.tensor, d_model=store.d_model, max_length=store.max_length),
             shared=request.shared, publish=request.publish, description=request.description,
         )
-        await asyncio.to_thread(self._engine.index.refresh, owner)  # usable here at once, elsewhere within a refresh
-        return prompt_info_to_pb(meta)
+
+    def _register(self, items: list) -> list:
+        """Copy each tensor, store the group, and make it usable on this replica at once (other
+        replicas within a refresh). `items`: builders from _registration, or an item's error."""
+        outcomes: list = list(items)
+        built: list[tuple[int, Registration]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, PromptmuxError):
+                continue
+            try:
+                built.append((i, item()))
+            except PromptmuxError as error:
+                outcomes[i] = error
+        stored = self._engine.store.register_many([registration for _, registration in built])
+        for (i, _), outcome in zip(built, stored):
+            outcomes[i] = outcome
+        for owner in dict.fromkeys(registration.tenant for _, registration in built):
+            self._engine.index.refresh(owner)
+        return outcomes
 
     @unary_rpc(pb.ListPromptsReply)
     async def ListPrompts(self, request, grpc_context, call: _Call):

@@ -187,6 +187,12 @@ def prompt_info_to_pb(meta: PromptMeta) -> "pb.PromptInfo":
     )
 
 
+def register_item_to_pb(outcome: PromptMeta | PromptmuxError) -> "pb.RegisterPromptsItem":
+    if isinstance(outcome, PromptmuxError):
+        return pb.RegisterPromptsItem(error=pb.ItemError(code=outcome.status, message=str(outcome)))
+    return pb.RegisterPromptsItem(info=prompt_info_to_pb(outcome))
+
+
 def task_info_to_pb(name: str, meta: PromptMeta) -> "pb.TaskInfo":
     return pb.TaskInfo(
         task=meta.task,

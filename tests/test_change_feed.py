@@ -138,11 +138,11 @@ def test_a_writer_killed_between_entry_and_version_loses_nothing_and_is_not_wait
         import os, torch
         from promptmux.prompts import store as store_module
         from promptmux.prompts.store import PromptStore
-        real_append = store_module.ChangeLog.append
+        real_append = store_module.ChangeLog.append_many
         def append_then_die(self, *args):
             real_append(self, *args)
             os._exit(17)  # after the entry, before the version
-        store_module.ChangeLog.append = append_then_die
+        store_module.ChangeLog.append_many = append_then_die
         PromptStore({str(tmp_path)!r}, d_model={D}, max_length=8).register("acme", "a", torch.ones(2, {D}))
         """
     )
@@ -219,3 +219,43 @@ def test_an_idle_catch_up_lists_no_directory(tmp_path, monkeypatch):
     for _ in range(20):
         assert store.tasks.catch_up() == 0
     assert calls == []
+
+
+def test_register_many_stores_a_group_under_one_entry_and_fails_items_alone(tmp_path):
+    from promptmux.prompts.errors import AlreadyExistsError, InvalidPromptError, QuotaExceededError
+    from promptmux.prompts.quotas import StoreQuotas
+    from promptmux.prompts.records import Registration
+
+    store = open_store(tmp_path, quotas=StoreQuotas(max_prompts_per_tenant=3, max_rows_per_tenant=100))
+    replica = open_store(tmp_path)
+    store.register("admin", "taken", prompt(), publish=True, check_quotas=False)
+    replica.tasks.catch_up()
+    head = store.changes.head()
+    nan = prompt()
+    nan[1, 2] = float("nan")
+    outcomes = store.register_many([
+        Registration("acme", "a", prompt(seed=1)),
+        Registration("acme", "bad", nan),                            # not finite
+        Registration("globex", "b", prompt(rows=3, seed=2), shared=True),
+        Registration("acme", "a", prompt(seed=3)),                   # the same task twice in one call
+        Registration("acme", "c", prompt(seed=4)),
+        Registration("acme", "d", prompt(seed=5)),
+        Registration("acme", "e", prompt(seed=6)),                   # acme's 4th prompt: over its quota of 3
+        Registration("globex", "taken", prompt(seed=7), publish=True),  # another tenant holds the id
+    ])
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == ["PromptMeta", "InvalidPromptError", "PromptMeta", "InvalidPromptError", "PromptMeta",
+                     "PromptMeta", "QuotaExceededError", "AlreadyExistsError"]
+    assert isinstance(outcomes[1], InvalidPromptError) and "row 1, column 2" in str(outcomes[1])
+    assert isinstance(outcomes[3], InvalidPromptError) and "more than once" in str(outcomes[3])
+    assert isinstance(outcomes[6], QuotaExceededError) and "4 prompts" in str(outcomes[6])
+    assert isinstance(outcomes[7], AlreadyExistsError)
+    assert store.changes.head() == head + 1  # one entry for the whole group
+    assert [c.task for c in store.changes.read(head + 1)] == ["a", "b", "c", "d"]
+    assert replica.tasks.catch_up() == 4
+    assert_equals_scan(replica.tasks, replica)
+    assert torch.equal(replica.get("acme", "a").tensor, prompt(seed=1))
+    assert replica.latest_or_none("globex", "b").shared
+    restarted = open_store(tmp_path)  # durable: a new process sees the same
+    restarted.tasks.catch_up()
+    assert_equals_scan(restarted.tasks, restarted)

@@ -109,3 +109,41 @@ def test_restart_keeps_registered_prompts(serving, pb):
     after = generate(serving, pb, "acme", "durable", text="same input")
     assert after.text == before.text
     assert [(v.tenant, v.task, v.version) for v in after.prompt_versions] == [("acme", "durable", 1)]
+
+
+def test_register_prompts_stores_a_group_and_each_item_succeeds_or_fails_alone(serving, pb):
+    from promptmux.serving.grpc_convert import tensor_to_pb
+
+    stub, acme = serving.stub(), serving.metadata("acme")
+    nan = prompt(12)
+    nan[0, 0] = float("nan")
+    items = [
+        pb.RegisterPromptRequest(task="group-a", tensor=tensor_to_pb(prompt(10))),
+        pb.RegisterPromptRequest(tenant="globex", task="group-x", tensor=tensor_to_pb(prompt(11))),  # not acme's
+        pb.RegisterPromptRequest(task="group-nan", tensor=tensor_to_pb(nan)),
+        pb.RegisterPromptRequest(task="group-pub", tensor=tensor_to_pb(prompt(13)), publish=True),  # needs admin
+        pb.RegisterPromptRequest(task="group-b", tensor=tensor_to_pb(prompt(14, rows=9)), shared=True),
+        pb.RegisterPromptRequest(task="group-b", tensor=tensor_to_pb(prompt(15))),  # the same task twice
+        pb.RegisterPromptRequest(task="group-wide", tensor=tensor_to_pb(torch.zeros(3, 128))),  # wrong d_model
+    ]
+    reply = stub.RegisterPrompts(pb.RegisterPromptsRequest(prompts=items), metadata=acme, timeout=60)
+    outcomes = [item.WhichOneof("outcome") for item in reply.items]
+    assert outcomes == ["info", "error", "error", "error", "info", "error", "error"]
+    assert [item.error.code for item in reply.items if item.HasField("error")] == [
+        "PERMISSION_DENIED", "INVALID_ARGUMENT", "PERMISSION_DENIED", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert "more than once" in reply.items[5].error.message
+    a, b = reply.items[0].info, reply.items[4].info
+    assert (a.tenant, a.task, a.version, a.length) == ("acme", "group-a", 1, 5)
+    assert (b.task, b.length, b.shared) == ("group-b", 9, True)
+    # Usable at once on the replica that stored them, and durable in the shared store.
+    assert generate(serving, pb, "acme", "group-b").prompt_tokens == 9
+    assert generate(serving, pb, "globex", "acme/group-b").prompt_versions[0].version == 1
+    assert serving.open_store().meta("acme", "group-a").content_hash == a.content_hash
+    small = pb.RegisterPromptRequest(task="group-small", tensor=tensor_to_pb(prompt(16, rows=1)))
+    with pytest.raises(grpc.RpcError) as too_many:
+        stub.RegisterPrompts(pb.RegisterPromptsRequest(prompts=[small] * 1001), metadata=acme, timeout=60)
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 1000" in too_many.value.details()
+    admin = stub.RegisterPrompts(pb.RegisterPromptsRequest(prompts=[items[1]]), metadata=serving.metadata("ops"),
+                                 timeout=60)
+    assert admin.items[0].info.tenant == "globex"  # an admin key registers for another tenant
