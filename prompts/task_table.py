@@ -59,6 +59,7 @@ class TaskTable:
         self._pending: dict[TaskKey, tuple[int, float]] = {}  # key -> (version awaited, since monotonic)
         self.applied = 0  # every entry up to this sequence number is applied
         self._snapshot_seq = 0
+        self._changes_since_snapshot = 0  # changes applied since `_snapshot_seq` (as far as this process saw)
         self._last_recheck = 0.0
         self._loaded = False
         self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0}
@@ -84,7 +85,10 @@ class TaskTable:
                 elif tenant is not None:
                     self._recheck_pending(tenant)
             self.stats["changes_applied"] += applied
-            if self.snapshot_every and self.applied - self._snapshot_seq >= self.snapshot_every:
+            self._changes_since_snapshot += applied
+            # Entries or changes: a RegisterPrompts group is one entry naming many tasks.
+            if self.snapshot_every and max(self.applied - self._snapshot_seq,
+                                           self._changes_since_snapshot) >= self.snapshot_every:
                 self.write_snapshot()
             return applied
 
@@ -226,6 +230,7 @@ class TaskTable:
             seq = self.applied
         self._log.write_snapshot(seq, payload)
         self._snapshot_seq = seq
+        self._changes_since_snapshot = 0
         self.stats["snapshots_written"] += 1
 
     # ---------------------------------------------------------------- reads

@@ -259,3 +259,18 @@ def test_register_many_stores_a_group_under_one_entry_and_fails_items_alone(tmp_
     restarted = open_store(tmp_path)  # durable: a new process sees the same
     restarted.tasks.catch_up()
     assert_equals_scan(restarted.tasks, restarted)
+
+
+def test_a_group_entry_counts_each_change_toward_the_next_snapshot(tmp_path):
+    from promptmux.prompts.records import Registration
+
+    store = open_store(tmp_path, snapshot_every=5)
+    store.tasks.catch_up()
+    written = store.tasks.stats["snapshots_written"]
+    store.register_many([Registration("acme", f"t{i}", prompt(seed=i)) for i in range(6)])  # one entry, 6 changes
+    store.tasks.catch_up()
+    assert store.tasks.stats["snapshots_written"] == written + 1
+    restarted = open_store(tmp_path)
+    restarted.tasks.catch_up()
+    assert restarted.tasks.stats["snapshot_loaded"] == store.changes.head()  # nothing left to replay
+    assert_equals_scan(restarted.tasks, restarted)
