@@ -4,7 +4,9 @@ Ray exports them on its metrics export port (8080 in this project), prefixed `ra
 Serve's own tags (application, deployment, replica) added. Tenant and task tags appear
 only where the set is bounded by registered prompts: requests that fail authentication or
 name an unknown task are counted with empty tags, so a caller cannot grow the series count
-by sending made-up ids.
+by sending made-up ids. The task tag takes at most MAX_TASK_LABELS distinct values per replica
+(the first seen); later tasks share the value "_other", so a deployment of 100,000 tasks does
+not export 100,000 series per metric (Ray exports every series every report interval).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ _STEP_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 _LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 _BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _FRACTIONS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+MAX_TASK_LABELS = 1000
+OTHER_TASKS_LABEL = "_other"
 # Failures that happen before the request's ids are known to be real.
 _UNTRUSTED_IDS = {"UNAUTHENTICATED", "NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"}
 
@@ -33,6 +37,7 @@ class ServingMetrics:
     distinct prompts), and queue wait is the wait for admission into a slot."""
 
     def __init__(self) -> None:
+        self._tagged_tasks: set[str] = set()  # the task tag's values so far (at most MAX_TASK_LABELS)
         self.requests = Counter(
             "promptmux_requests", "RPCs handled, by method and final status code",
             tag_keys=("method", "tenant", "task", "status"),
@@ -128,13 +133,23 @@ class ServingMetrics:
             task = ""
             if status == "UNAUTHENTICATED":
                 tenant = ""
-        self.requests.inc(1, tags={"method": method, "tenant": tenant, "task": task, "status": status})
+        self.requests.inc(1, tags={"method": method, "tenant": tenant, "task": self._task_tag(task), "status": status})
 
     def tokens(self, request: GenerationRequest, result: GenerationResult) -> None:
-        tags = {"tenant": request.tenant, "task": task_label(request)}
+        tags = {"tenant": request.tenant, "task": self._task_tag(task_label(request))}
         self.input_tokens.inc(result.input_tokens, tags=tags)
         if result.output_tokens:
             self.output_tokens.inc(result.output_tokens, tags=tags)
+
+    def _task_tag(self, task: str) -> str:
+        """`task`, while fewer than MAX_TASK_LABELS distinct tasks were tagged; then "_other"."""
+        seen = self._tagged_tasks
+        if task in seen or not task:
+            return task
+        if len(seen) < MAX_TASK_LABELS:
+            seen.add(task)
+            return task
+        return OTHER_TASKS_LABEL
 
     # ------------------------------------------------------------------ BatchObserver
     def batch_finished(self, batch: Sequence[QueuedRequest], stats: BatchStats, compute_seconds: float) -> None:

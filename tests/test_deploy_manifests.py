@@ -1127,7 +1127,7 @@ def exported_promptmux_series() -> set[str]:
     from promptmux.serving.metrics import ServingMetrics
 
     series = set()
-    for metric in vars(ServingMetrics()).values():
+    for metric in replica_metrics(ServingMetrics()):
         name = "ray_" + metric._name
         if isinstance(metric, Counter):
             series.add(name + "_total")
@@ -1150,7 +1150,13 @@ SERVE_METRIC_TAGS = {"application", "deployment"}
 def promptmux_tags() -> set[str]:
     from promptmux.serving.metrics import ServingMetrics
 
-    return {tag for metric in vars(ServingMetrics()).values() for tag in metric._tag_keys}
+    return {tag for metric in replica_metrics(ServingMetrics()) for tag in metric._tag_keys}
+
+
+def replica_metrics(metrics) -> list:
+    from ray.util.metrics import Metric
+
+    return [value for value in vars(metrics).values() if isinstance(value, Metric)]
 
 
 def unknown_labels(expr: str) -> set[str]:
