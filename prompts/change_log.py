@@ -26,6 +26,13 @@ task. A reader applies each change it names, in order, under the entry's number.
 Entries are grouped in directories of `SEGMENT` so no directory grows past that. Snapshots
 are written by readers now and then (task_table.py) so a starting replica reads one file
 plus the entries after it instead of listing every task.
+
+Compaction: after a snapshot, the log keeps the two newest snapshots and drops every whole
+segment of entries at or below the older one (`compact`), so the log's size stays bounded by
+`snapshot_every_changes` entries, not by the store's history. First the number it drops
+through is recorded (`compacted`, replaced atomically), then the segments go. A reader whose
+next entry is gone and at or below that number has fallen behind: it reloads the newest
+snapshot instead (task_table.py). A writer never takes a number at or below it.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ CHANGES_DIR = ".changes"
 SEGMENT = 10_000
 _SNAPSHOT_PREFIX = "snapshot-"
 _KEEP_SNAPSHOTS = 2
+_COMPACTED = "compacted"  # holds the number through which entries were removed
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,10 @@ class ChangeLog:
                         os.link(temp, segment / _entry_name(seq))
                         break
                     except FileNotFoundError:
+                        floor = self.compacted_through()
+                        if seq <= floor:  # a stale hint into compacted entries: never reuse their numbers
+                            seq = max(floor, self.head())
+                            continue
                         segment.mkdir(exist_ok=True)
                         fsync_directory(self.dir)
                         seq -= 1  # retry the same number in the new segment
@@ -144,11 +156,7 @@ class ChangeLog:
 
     def head(self) -> int:
         """The highest sequence number written so far (0 if none): two directory listings."""
-        try:
-            segments = sorted(n for n in os.listdir(self.dir) if n.startswith("s") and n[1:].isdigit())
-        except FileNotFoundError:
-            return 0
-        for segment in reversed(segments):
+        for segment in reversed(self._segment_names()):
             numbers = [int(n[:-5]) for n in os.listdir(self.dir / segment) if n.endswith(".json") and n[:-5].isdigit()]
             if numbers:
                 head = max(numbers)
@@ -173,8 +181,75 @@ class ChangeLog:
             fsync_directory(self.dir)
         finally:
             temp.unlink(missing_ok=True)
-        for old in self._snapshot_paths()[:-_KEEP_SNAPSHOTS]:
+        kept = self._snapshot_paths()
+        for old in kept[:-_KEEP_SNAPSHOTS]:
             old.unlink(missing_ok=True)
+        kept = kept[-_KEEP_SNAPSHOTS:]
+        if len(kept) == _KEEP_SNAPSHOTS:
+            self.compact(int(kept[0].name[len(_SNAPSHOT_PREFIX):-5]))
+
+    # ---------------------------------------------------------------- compaction
+    def compact(self, through: int) -> int:
+        """Remove every whole segment whose entries are all at or below `through` (a snapshot's
+        number: every reader that loads it or a later one needs only entries after it). Returns
+        how many entries were removed."""
+        last_full_segment = (through + 1) // SEGMENT - 1  # the highest segment ending at or below `through`
+        doomed = []
+        for name in self._segment_names():
+            number = int(name[1:])
+            if number <= last_full_segment:
+                doomed.append(name)
+        if not doomed:
+            return 0
+        floor = (int(doomed[-1][1:]) + 1) * SEGMENT - 1
+        if floor > self.compacted_through():
+            temp = self.dir / f".tmp-{uuid.uuid4().hex}"
+            write_durably(temp, str(floor).encode())
+            os.replace(temp, self.dir / _COMPACTED)
+            fsync_directory(self.dir)
+        removed = 0
+        for name in doomed:
+            segment = self.dir / name
+            try:
+                entries = os.listdir(segment)
+            except FileNotFoundError:
+                continue  # another reader compacted it meanwhile
+            for entry in entries:
+                try:
+                    (segment / entry).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            try:
+                segment.rmdir()
+            except OSError:
+                pass  # another compactor's removal in progress; it finishes the job
+        fsync_directory(self.dir)
+        return removed
+
+    def compacted_through(self) -> int:
+        """Every entry at or below this number was removed by compaction (0: none)."""
+        try:
+            return int((self.dir / _COMPACTED).read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as error:
+            log.warning("change log: %s is unreadable (%s); assuming nothing was compacted", self.dir / _COMPACTED,
+                        error)
+            return 0
+
+    def fell_behind(self, applied: int) -> bool:
+        """Whether entry `applied`+1 is gone to compaction (the reader must reload a snapshot).
+        Cheap when it is not: one directory lookup, and the marker read only at a segment's start."""
+        if self._segment_dir(applied + 1).is_dir():
+            return False
+        return applied + 1 <= self.compacted_through()
+
+    def _segment_names(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.dir) if n.startswith("s") and n[1:].isdigit())
+        except FileNotFoundError:
+            return []
 
     def latest_snapshot(self) -> tuple[int, dict] | None:
         """(seq, payload) of the newest readable snapshot, or None."""

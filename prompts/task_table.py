@@ -62,7 +62,8 @@ class TaskTable:
         self._changes_since_snapshot = 0  # changes applied since `_snapshot_seq` (as far as this process saw)
         self._last_recheck = 0.0
         self._loaded = False
-        self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0}
+        self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0,
+                      "reloads": 0}
 
     # ---------------------------------------------------------------- keeping current
     def catch_up(self, tenant: str | None = None) -> int:
@@ -77,6 +78,16 @@ class TaskTable:
                 self._apply(change)
                 self.applied = change.seq
                 applied += 1
+            if self._log.fell_behind(self.applied):
+                # Entries this table still needed were compacted away: start over from the newest snapshot.
+                log.info("change log: entries after %d were compacted; reloading the newest snapshot", self.applied)
+                self.stats["reloads"] += 1
+                self._loaded = False
+                self._load()
+                for change in self._log.read_after(self.applied):
+                    self._apply(change)
+                    self.applied = change.seq
+                    applied += 1
             if self._pending:
                 now = time.monotonic()
                 if now - self._last_recheck >= PENDING_RECHECK_S:

@@ -274,3 +274,44 @@ def test_a_group_entry_counts_each_change_toward_the_next_snapshot(tmp_path):
     restarted.tasks.catch_up()
     assert restarted.tasks.stats["snapshot_loaded"] == store.changes.head()  # nothing left to replay
     assert_equals_scan(restarted.tasks, restarted)
+
+
+def test_compaction_drops_entries_below_the_older_snapshot_and_a_replica_behind_it_reloads(tmp_path, monkeypatch):
+    from promptmux.prompts import change_log as change_log_module
+
+    monkeypatch.setattr(change_log_module, "SEGMENT", 4)
+    writer = open_store(tmp_path, snapshot_every=6)
+    lagging = open_store(tmp_path, snapshot_every=0)  # never snapshots itself
+    writer.register("acme", "first", prompt(seed=1))
+    lagging.tasks.catch_up()
+    assert lagging.tasks.applied == 1
+    for i in range(30):
+        writer.register(f"t{i % 3}", f"task{i % 11}", prompt(seed=i))
+        if i == 20:
+            writer.delete("t1", "task1")
+        writer.tasks.catch_up()  # the writer's table snapshots every 6 changes and compacts
+    changes_dir = tmp_path / CHANGES_DIR
+    floor = writer.changes.compacted_through()
+    assert floor >= 8 and (floor + 1) % 4 == 0  # whole segments only
+    assert not (changes_dir / "s00000000").exists()
+    assert len(list(changes_dir.glob("snapshot-*.json"))) == 2
+    kept = sorted(int(p.name[9:-5]) for p in changes_dir.glob("snapshot-*.json"))
+    assert floor <= kept[0]  # nothing a reader of either snapshot needs is gone
+    assert all(writer.changes.read(seq) is not None for seq in range(floor + 1, writer.changes.head() + 1))
+    # The lagging replica's next entry is gone: it reloads the newest snapshot and ends current.
+    lagging.tasks.catch_up()
+    assert lagging.tasks.stats["reloads"] == 1
+    assert lagging.tasks.applied == writer.changes.head()
+    assert_equals_scan(lagging.tasks, lagging)
+    # A writer whose idea of the head points into the removed entries takes a fresh number.
+    stale = open_store(tmp_path)
+    stale.changes._head_hint = 1
+    head = writer.changes.head()
+    stale.register("acme", "late", prompt(seed=99))
+    assert stale.changes.head() == head + 1
+    assert not (changes_dir / "s00000000").exists()  # no removed number was taken again
+    lagging.tasks.catch_up()
+    assert lagging.tasks.latest[("acme", "late")].version == 1
+    restarted = open_store(tmp_path)
+    restarted.tasks.catch_up()
+    assert_equals_scan(restarted.tasks, restarted)
