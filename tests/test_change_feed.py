@@ -315,3 +315,39 @@ def test_compaction_drops_entries_below_the_older_snapshot_and_a_replica_behind_
     restarted = open_store(tmp_path)
     restarted.tasks.catch_up()
     assert_equals_scan(restarted.tasks, restarted)
+
+
+def test_groups_from_two_processes_over_the_same_tenants_interleave_without_deadlock(tmp_path):
+    """Two processes register groups spanning the same tenants (each takes the owners' locks in
+    one order), singles and deletes, while a replica catches up in between."""
+    worker = textwrap.dedent(
+        f"""
+        import sys, torch
+        from promptmux.prompts.records import Registration
+        from promptmux.prompts.store import PromptStore
+        torch.set_num_threads(1)
+        name = sys.argv[1]
+        tenants = ["acme", "globex", "initech"] if name == "p" else ["initech", "globex", "acme"]
+        store = PromptStore({str(tmp_path)!r}, d_model={D}, max_length=8)
+        for i in range(15):
+            group = [Registration(t, f"{{name}}-{{i % 6}}-{{t}}", torch.full((2, {D}), float(i))) for t in tenants]
+            group.append(Registration("acme", "both", torch.full((1, {D}), float(i))))
+            assert all(not isinstance(o, Exception) for o in store.register_many(group))
+            if i % 5 == 4:
+                store.delete("globex", f"{{name}}-{{i % 6}}-globex")
+        """
+    )
+    replica = open_store(tmp_path)
+    replica.tasks.catch_up()
+    children = [subprocess.Popen([sys.executable, "-c", worker, name]) for name in ("p", "q")]
+    while any(c.poll() is None for c in children):
+        replica.tasks.catch_up()
+    assert all(c.wait(120) == 0 for c in children)
+    replica.tasks.catch_up("acme")
+    replica.tasks.catch_up("globex")
+    assert replica.changes.head() == 2 * (15 + 3)  # one entry per group, one per delete: dense
+    assert replica.tasks.latest[("acme", "both")].version == 30  # every group's version of it, none lost
+    assert_equals_scan(replica.tasks, replica)
+    fresh = open_store(tmp_path)
+    fresh.tasks.catch_up()
+    assert_equals_scan(fresh.tasks, fresh)
