@@ -165,8 +165,8 @@ def test_generate_batch_over_its_limit_is_refused_whole(serving, pb):
 
 # ---------------------------------------------------------------------- fuzz
 
-METHODS = ["Generate", "GenerateStream", "GenerateBatch", "RegisterPrompt", "ListPrompts", "GetPrompt",
-           "DeletePrompt", "ListTasks", "Health"]
+METHODS = ["Generate", "GenerateStream", "GenerateBatch", "RegisterPrompt", "RegisterPrompts", "ListPrompts",
+           "GetPrompt", "DeletePrompt", "ListTasks", "Health"]
 EXTREME_FLOATS = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-300, 5e-324, 1e308, -1.0, 1e39, 1e-39, 0.5]
 EXTREME_UINTS = [0, 1, 2**31 - 1, 2**32 - 1]
 
@@ -217,6 +217,9 @@ def random_message(pb, method: str, rng: random.Random):
         return random_generate(pb, rng)
     if method == "GenerateBatch":
         return pb.GenerateBatchRequest(requests=[random_generate(pb, rng) for _ in range(rng.randrange(0, 14))])
+    if method == "RegisterPrompts":
+        return pb.RegisterPromptsRequest(prompts=[random_message(pb, "RegisterPrompt", rng)
+                                                  for _ in range(rng.choice([0, 1, 3]))])
     if method == "RegisterPrompt":
         shape = rng.choice([[], [1], [1, 256], [0, 256], [2**32 - 1, 2**32 - 1], [65, 256], [2, 128], [1, 256, 1]])
         data = rng.choice([b"", b"\0" * 1024, bytes(rng.randrange(256) for _ in range(1024)), b"\xff" * 2048])
