@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import fields
 from typing import TYPE_CHECKING, Iterable
 
 from .change_log import Change, ChangeLog
@@ -40,7 +40,10 @@ PENDING_RECHECK_S = 0.05
 # How far back a start-up without a snapshot replays entries, for changes announced before its
 # scan whose files landed after the scan read them.
 _BOOTSTRAP_REPLAY_S = PENDING_GRACE_S
-_SNAPSHOT_FORMAT = 1
+# 2: metadata stored by column (one list per PromptMeta field), which parses several times faster
+# than one JSON object per task; 1 (one object per task) is still read.
+_SNAPSHOT_FORMAT = 2
+_META_FIELDS = [f.name for f in fields(PromptMeta)]
 
 
 class TaskTable:
@@ -180,10 +183,10 @@ class TaskTable:
     # ---------------------------------------------------------------- start-up
     def _load(self) -> None:
         snapshot = self._log.latest_snapshot()
-        if snapshot is not None and snapshot[1].get("format") == _SNAPSHOT_FORMAT:
+        if snapshot is not None and snapshot[1].get("format") in (1, _SNAPSHOT_FORMAT):
             seq, payload = snapshot
             try:
-                metas = [PromptMeta(**record) for record in payload["metas"]]
+                metas = _metas_from_snapshot(payload)
                 claims = {str(task): str(owner) for task, owner in payload["claims"].items()}
                 pending = [(str(t), str(k), int(v)) for t, k, v in payload["pending"]]
             except (KeyError, TypeError, ValueError) as error:
@@ -234,7 +237,8 @@ class TaskTable:
         with self.lock:
             payload = {
                 "format": _SNAPSHOT_FORMAT,
-                "metas": [asdict(m) for m in self.latest.values()],
+                "fields": _META_FIELDS,
+                "columns": [[getattr(m, name) for m in self.latest.values()] for name in _META_FIELDS],
                 "claims": dict(self._claims),
                 "pending": [[t, k, v] for (t, k), (v, _) in self._pending.items()],
             }
@@ -276,3 +280,13 @@ class TaskTable:
 
     def __len__(self) -> int:
         return len(self.latest)
+
+
+def _metas_from_snapshot(payload: dict) -> list[PromptMeta]:
+    if payload["format"] == 1:
+        return [PromptMeta(**record) for record in payload["metas"]]
+    names, columns = payload["fields"], payload["columns"]
+    if names == _META_FIELDS:
+        return [PromptMeta(*row) for row in zip(*columns)]
+    known = [i for i, name in enumerate(names) if name in _META_FIELDS]  # a snapshot from another release
+    return [PromptMeta(**{names[i]: row[i] for i in known}) for row in zip(*columns)]

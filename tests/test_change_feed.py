@@ -351,3 +351,20 @@ def test_groups_from_two_processes_over_the_same_tenants_interleave_without_dead
     fresh = open_store(tmp_path)
     fresh.tasks.catch_up()
     assert_equals_scan(fresh.tasks, fresh)
+
+
+def test_a_snapshot_of_the_earlier_format_one_object_per_task_still_loads(tmp_path):
+    from dataclasses import asdict
+
+    writer = open_store(tmp_path)
+    churn(writer)
+    writer.tasks.catch_up()
+    old_format = {"format": 1, "metas": [asdict(m) for m in writer.tasks.latest.values()],
+                  "claims": writer.published_claims(), "pending": []}
+    for snapshot in (tmp_path / CHANGES_DIR).glob("snapshot-*.json"):
+        snapshot.unlink()
+    writer.changes.write_snapshot(writer.changes.head(), old_format)  # as an earlier release wrote it
+    replica = open_store(tmp_path)
+    replica.tasks.catch_up()
+    assert replica.tasks.stats["full_scans"] == 0 and replica.tasks.stats["snapshot_loaded"] == writer.changes.head()
+    assert_equals_scan(replica.tasks, replica)
