@@ -99,6 +99,7 @@ class PromptStore:
         allowed_tenants: Iterable[str] | None = None,
         quotas: StoreQuotas | None = None,
         snapshot_every: int = 10_000,
+        reconcile_interval_s: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.d_model = d_model
@@ -114,7 +115,8 @@ class PromptStore:
         self._is_marker: dict[Path, bool] = {}
         self.changes = ChangeLog(self.root)
         # Every task's latest version, current as of its last `catch_up` (loaded on first use).
-        self.tasks = TaskTable(self, self.changes, snapshot_every=snapshot_every)
+        self.tasks = TaskTable(self, self.changes, snapshot_every=snapshot_every,
+                               reconcile_interval_s=reconcile_interval_s)
         self._remove_stale_temp_files()
 
     # ---------------------------------------------------------------- writes

@@ -47,10 +47,13 @@ _META_FIELDS = [f.name for f in fields(PromptMeta)]
 
 
 class TaskTable:
-    def __init__(self, store: "PromptStore", changes: ChangeLog, *, snapshot_every: int = 10_000) -> None:
+    def __init__(self, store: "PromptStore", changes: ChangeLog, *, snapshot_every: int = 10_000,
+                 reconcile_interval_s: float = 0.0) -> None:
         self._store = store
         self._log = changes
         self.snapshot_every = snapshot_every
+        self.reconcile_interval_s = reconcile_interval_s
+        self._last_reconcile = time.monotonic()  # the first reconciliation comes one interval after start
         self.lock = threading.RLock()
         self.latest: dict[TaskKey, PromptMeta] = {}
         self.published: dict[str, PromptMeta] = {}  # task id -> its published version
@@ -66,7 +69,7 @@ class TaskTable:
         self._last_recheck = 0.0
         self._loaded = False
         self.stats = {"changes_applied": 0, "full_scans": 0, "snapshots_written": 0, "snapshot_loaded": 0,
-                      "reloads": 0}
+                      "reloads": 0, "reconciliations": 0, "reconciled_tasks": 0}
 
     # ---------------------------------------------------------------- keeping current
     def catch_up(self, tenant: str | None = None) -> int:
@@ -119,6 +122,37 @@ class TaskTable:
         if not landed:
             awaited, since = self._pending.get(key, (0, time.monotonic()))
             self._pending[key] = (max(awaited, change.version), since)  # wait for the newest announced
+
+    def reconcile_if_due(self) -> int:
+        """`reconcile` when `reconcile_interval_s` (0: never) has passed since the last one."""
+        if not self.reconcile_interval_s or time.monotonic() - self._last_reconcile < self.reconcile_interval_s:
+            return 0
+        self._last_reconcile = time.monotonic()
+        return self.reconcile()
+
+    def reconcile(self) -> int:
+        """List the whole store and re-read every task (and published id) the table disagrees
+        with: picks up writers that log nothing. Re-reading a task is what applying an entry
+        does, so a registration racing the listing is never undone. Returns how many it fixed."""
+        scan = self._store.snapshot()  # outside the lock: a full listing is slow
+        claims = self._store.published_claims()
+        with self.lock:
+            # Entries come before their files: whatever logged change the listing saw is applied now,
+            # so a task still newer in the listing than in the table was changed without an entry.
+            self.catch_up()
+            keys = {k for k in scan.keys() | self.latest.keys() if scan.get(k) != self.latest.get(k)}
+            for key in keys:
+                self._reread(key)
+            tasks = {t for t in claims.keys() | self._claims.keys() if claims.get(t) != self._claims.get(t)}
+            for task in tasks | {task for _, task in keys}:
+                self._reread_claim(task)
+            fixed = sum(1 for k in keys if scan.get(k) == self.latest.get(k)) + len(tasks)
+        if fixed:
+            log.warning("prompt store: %d tasks changed without a change-log entry (a writer that logs nothing: "
+                        "upgrade it); the periodic reconciliation picked them up", fixed)
+        self.stats["reconciliations"] += 1
+        self.stats["reconciled_tasks"] += fixed
+        return fixed
 
     def _recheck_pending(self, tenant: str | None = None) -> None:
         now = time.monotonic()

@@ -44,6 +44,10 @@ class StoreConfig:
     # A replica writes a snapshot of every task's latest version after this many new change-log
     # entries, so a starting replica reads one file plus the entries after it (0: never).
     snapshot_every_changes: int = 10_000
+    # Every this many seconds a replica also lists the whole store and re-reads any task its
+    # table disagrees with: for writers that log nothing (an older promptmux, a hand edit). It
+    # costs a full listing (tens of µs per task) each time. 0: off; the change log alone.
+    reconcile_interval_s: float = 0.0
     # Per-tenant quotas (prompts/quotas.py); a registration past one is RESOURCE_EXHAUSTED.
     # Prompts and rows count each task's latest version.
     max_prompts_per_tenant: int = 10_000

@@ -96,6 +96,7 @@ class Engine:
         loaded = load_model(config.model)
         store = PromptStore(config.store.root, d_model=loaded.d_model, max_length=config.store.max_prompt_length,
                             snapshot_every=config.store.snapshot_every_changes,
+                            reconcile_interval_s=config.store.reconcile_interval_s,
                             quotas=config.store.quotas())
         return cls(loaded, store, config.engine)
 

@@ -24,8 +24,12 @@ class PromptIndex:
 
     def refresh(self, tenant: str | None = None) -> int:
         """Apply the store's new changes; returns how many. `tenant`: also settle that tenant's
-        changes still in flight now (after its own registration or delete)."""
-        return self.table.catch_up(tenant)
+        changes still in flight now (after its own registration or delete). The periodic
+        refresh (no `tenant`) also reconciles with a full listing when that is configured and due."""
+        applied = self.table.catch_up(tenant)
+        if tenant is None:
+            applied += self.table.reconcile_if_due()
+        return applied
 
     def resolve(self, tenant: str, ref: str) -> PromptMeta:
         return self.table.resolve(tenant, ref)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -368,3 +369,27 @@ def test_a_snapshot_of_the_earlier_format_one_object_per_task_still_loads(tmp_pa
     replica.tasks.catch_up()
     assert replica.tasks.stats["full_scans"] == 0 and replica.tasks.stats["snapshot_loaded"] == writer.changes.head()
     assert_equals_scan(replica.tasks, replica)
+
+
+def test_reconciliation_picks_up_a_writer_that_logs_nothing_and_is_off_by_default(tmp_path, monkeypatch):
+    watched = open_store(tmp_path, reconcile_interval_s=0.01)
+    default = open_store(tmp_path)
+    old_writer = open_store(tmp_path)
+    old_writer.register("acme", "logged", prompt(seed=1))
+    watched_index, default_index = PromptIndex.from_store(watched), PromptIndex.from_store(default)
+    assert watched.tasks.latest[("acme", "logged")].version == 1
+    monkeypatch.setattr(old_writer.changes, "append_many", lambda changes: 0)  # a writer that logs nothing
+    old_writer.register("acme", "silent", prompt(seed=2))
+    old_writer.register("acme", "logged", prompt(seed=3))  # a new version, unlogged
+    old_writer.register("admin", "silent-pub", prompt(seed=4), publish=True, check_quotas=False)
+    time.sleep(0.02)
+    watched_index.refresh()
+    default_index.refresh()
+    assert ("acme", "silent") not in default.tasks.latest  # the change log alone does not see it
+    assert default.tasks.latest[("acme", "logged")].version == 1
+    assert watched.tasks.stats["reconciled_tasks"] == 4  # silent, logged v2, silent-pub and its published id
+    assert watched.tasks.latest[("acme", "logged")].version == 2
+    assert_equals_scan(watched.tasks, watched)
+    time.sleep(0.02)
+    watched_index.refresh()
+    assert watched.tasks.stats["reconciliations"] == 2 and watched.tasks.stats["reconciled_tasks"] == 4
