@@ -544,7 +544,9 @@ class PromptStore:
         return path
 
     def _next_version(self, task_dir: Path) -> int:
-        entries = _version_entries(task_dir)
+        """The number a new version or tombstone of the task takes. Writers only: it also removes
+        the task's temporary files left by a writer that crashed (an hour or more ago)."""
+        entries = _version_entries(task_dir, on_temp=_remove_if_stale)
         return entries[-1][0] + 1 if entries else 1
 
     def _read_meta(self, path: Path) -> PromptMeta | None:
@@ -594,9 +596,11 @@ class PromptStore:
         return sorted(path / name for name in names if is_valid_id(name) and (path / name).is_dir())
 
     def _remove_stale_temp_files(self) -> None:
+        """At start-up: the change log's and the claims' leftovers. A task directory's are removed
+        when the task is next written (`_next_version`), so start-up lists no task directory."""
         cutoff = time.time() - _STALE_TEMP_SECONDS
         self.changes.remove_stale_temp_files(cutoff)
-        for temp in [*self.root.glob("*/*/.tmp-*"), *self.root.glob(f"{_CLAIMS_DIR}/.tmp-*")]:
+        for temp in self.root.glob(f"{_CLAIMS_DIR}/.tmp-*"):
             try:
                 if temp.stat().st_mtime < cutoff:
                     temp.unlink()
@@ -633,8 +637,17 @@ def _replace_with_marker(path: Path) -> bool:
     return True
 
 
-def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
-    """(number, path) of every version file and tombstone, by number."""
+def _remove_if_stale(temp: Path) -> None:
+    try:
+        if temp.stat().st_mtime < time.time() - _STALE_TEMP_SECONDS:
+            temp.unlink()
+    except OSError:
+        pass  # gone meanwhile, or not ours to remove: the next write tries again
+
+
+def _version_entries(task_dir: Path, on_error=None, on_temp=None) -> list[tuple[int, Path]]:
+    """(number, path) of every version file and tombstone, by number. `on_temp` is called with
+    each temporary file's path."""
     try:
         names = os.listdir(task_dir)
     except FileNotFoundError:
@@ -649,6 +662,8 @@ def _version_entries(task_dir: Path, on_error=None) -> list[tuple[int, Path]]:
         match = _VERSION_FILE.match(name)
         if match:
             entries.append((int(match.group(1)), task_dir / name))
+        elif on_temp is not None and name.startswith(".tmp-"):
+            on_temp(task_dir / name)
     entries.sort()
     return entries
 

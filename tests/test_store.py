@@ -172,10 +172,21 @@ def test_concurrent_writers_never_overwrite_each_other(store):
     assert len({m.content_hash for m in versions}) == 20
 
 
-def test_stale_temp_files_are_cleaned_on_open(store):
+def test_stale_temp_files_are_cleaned_when_their_task_is_next_written_not_at_open(store):
+    """Opening the store lists no task directory (start-up would grow with the task count)."""
     store.register("acme", "a", prompt())
     temp = store.root / "acme" / "a" / ".tmp-dead"
     temp.write_bytes(b"torn")
     os.utime(temp, (0, 0))
+    fresh = store.root / "acme" / "a" / ".tmp-in-flight"  # another writer's, still being written
+    fresh.write_bytes(b"half")
+    reopened = PromptStore(store.root, d_model=D, max_length=8)
+    assert temp.exists()
+    reopened.register("acme", "a", prompt())
+    assert not temp.exists() and fresh.exists()
+    claim_temp = store.root / ".published" / ".tmp-dead"
+    claim_temp.parent.mkdir(exist_ok=True)
+    claim_temp.write_bytes(b"torn")
+    os.utime(claim_temp, (0, 0))
     PromptStore(store.root, d_model=D, max_length=8)
-    assert not temp.exists()
+    assert not claim_temp.exists()  # the claims' and the change log's leftovers still go at open
