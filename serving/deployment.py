@@ -101,7 +101,8 @@ def unary_rpc(reply_type: Callable[[], Any]):
             except Exception as error:
                 _reject(call, grpc_context, _internal(call.method, error))
             finally:
-                # A GenerateBatch or RegisterPrompts that ran counted each item already; one that failed whole did not.
+                # A GenerateBatch or RegisterPrompts that ran counted each item already; one that
+                # failed whole did not.
                 itemized = call.method in ("GenerateBatch", "RegisterPrompts") and call.status == "OK"
                 self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
                                            time.perf_counter() - call.started, count=not itemized)
