@@ -4,7 +4,8 @@ Run from the repository root (no project import needed, it reads the files):
 
     python benchmarks/house_figures.py            # Markdown on stdout
 
-Every import counts, function-local ones included (`ast.walk` over the whole module).
+Every import counts, function-local ones included; imports under `if TYPE_CHECKING:` are
+left out (they run only in a type checker, so they make no import-time dependency).
 An edge is one (importing module, imported module) pair; "kernels -> prompts" counts the
 modules of `kernels/` that import a module of `prompts/`.
 """
@@ -50,7 +51,7 @@ def imported_modules(tree: ast.AST, this_module: str, is_package: bool, known: s
         if name and name != this_module:
             found.add(name)
 
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith(NAMESPACE + "."):
@@ -69,6 +70,23 @@ def imported_modules(tree: ast.AST, this_module: str, is_package: bool, known: s
                 candidate = f"{target}.{alias.name}"
                 add(candidate if candidate in known else target)
     return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of the module, function bodies included, except `if TYPE_CHECKING:` blocks."""
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:

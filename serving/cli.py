@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Sequence
 
-import yaml
-
-from .config import PromptmuxConfig
+from .cli_common import DEFAULT_TENANT, add_model_arguments, config_from_args, open_store
 from .errors import PromptmuxError
 
-DEFAULT_TENANT = "demo"
-
+# Entry point group of commands other folders add (`promptmux bench`); see pyproject.toml.
+COMMANDS_ENTRY_POINTS = "promptmux.commands"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -103,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(commands, prompt_commands) -> None:
-    """`prompts train`, and the commands whose modules need optional extras (Ray, gRPC, matplotlib)."""
-    from promptmux.prompts.train_cli import add_train_parser
+    """`prompts train`, and the commands whose modules need optional extras (Ray, gRPC, matplotlib).
 
+    Commands of folders to the right of serving/ (the load-test harness, `promptmux bench`)
+    register through the `promptmux.commands` entry point group (pyproject.toml), so serving/
+    never imports them."""
     from .prompt_science_cli import add_prompt_science_parsers, visible_tasks
+    from .train_cli import add_train_parser
 
     add_train_parser(prompt_commands).set_defaults(visible_tasks=visible_tasks)
     add_prompt_science_parsers(prompt_commands)
@@ -116,50 +116,12 @@ def _add_optional_commands(commands, prompt_commands) -> None:
         pass
     else:
         add_serve_parser(commands)
-    try:
-        from promptmux.benchmarks.bench_cli import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(commands)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and store")
-    group.add_argument("--config", type=Path, help="YAML with model/store/engine sections")
-    group.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
-    group.add_argument("--dtype", choices=["float32", "bfloat16"])
-    group.add_argument("--device", help="cpu, cuda or cuda:N")
-    group.add_argument("--store", type=Path, help="prompt store directory (default $PROMPTMUX_STORE or var/prompts)")
-
-
-def config_from_args(args: argparse.Namespace) -> PromptmuxConfig:
-    """Build the one config object: YAML file first, then command-line overrides."""
-    raw: dict = {}
-    if getattr(args, "config", None):
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw = {k: dict(v or {}) for k, v in raw.items()}
-    model = raw.setdefault("model", {})
-    for flag, key in (("model", "source"), ("dtype", "dtype"), ("device", "device")):
-        if getattr(args, flag, None):
-            model[key] = getattr(args, flag)
-    store = raw.setdefault("store", {})
-    if getattr(args, "store", None):
-        store["root"] = str(args.store)
-    else:
-        store.setdefault("root", os.environ.get("PROMPTMUX_STORE", "var/prompts"))
-    return PromptmuxConfig.from_dict(raw)
-
-
-def open_store(config: PromptmuxConfig):
-    from promptmux.prompts.store import PromptStore
-
-    from .model_loading import model_d_model
-
-    return PromptStore(
-        config.store.root, d_model=model_d_model(config.model), max_length=config.store.max_prompt_length,
-        quotas=config.store.quotas(),
-    )
+    for entry in entry_points(group=COMMANDS_ENTRY_POINTS):
+        try:
+            add_parser = entry.load()
+        except ImportError:  # the command's extra is not installed
+            continue
+        add_parser(commands)
 
 
 def parse_requests(args: argparse.Namespace):

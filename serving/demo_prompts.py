@@ -2,7 +2,7 @@
 
 Each `assets/demo_prompts/<task>.safetensors` holds one float32 prompt under the key
 `prompt`, with `description` and the JSON `training` metadata in its header. They were
-trained by `python -m promptmux.prompts.build_demo_model` for the shipped embedded weights
+trained by `python -m promptmux.serving.build_demo_model` for the shipped embedded weights
 only: other models must not receive them.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def load_demo_prompts(directory: Path = DEMO_PROMPTS_DIR) -> list[DemoPrompt]:
     if not files:
         raise ModelLoadError(
             f"no demo prompts in {str(directory)!r}; restore serving/assets from the repository or rebuild them "
-            "with `python -m promptmux.prompts.build_demo_model`"
+            "with `python -m promptmux.serving.build_demo_model`"
         )
     return [_read(path) for path in files]
 

@@ -1,7 +1,7 @@
 """The embedded default model: a 4.8M-parameter byte-level T5 shipped with the project.
 
 Its weights (`assets/embedded-t5.safetensors`, bfloat16) were pretrained on synthetic
-string tasks by `python -m promptmux.prompts.build_demo_model`, and load with no download.
+string tasks by `python -m promptmux.serving.build_demo_model`, and load with no download.
 The file's sha256 is checked against `assets/embedded-t5.sha256` first: a corrupted or
 mismatched file fails with ModelLoadError and is never silently regenerated.
 `build_random_model("embedded")` still gives random weights of the same shape.
@@ -25,7 +25,7 @@ EMBEDDED_CHECKSUM = ASSETS_DIR / "embedded-t5.sha256"
 DEMO_PROMPTS_DIR = ASSETS_DIR / "demo_prompts"
 _REBUILD_HINT = (
     "restore the file from the repository (git checkout -- serving/assets) or rebuild both with "
-    "`python -m promptmux.prompts.build_demo_model`"
+    "`python -m promptmux.serving.build_demo_model`"
 )
 
 

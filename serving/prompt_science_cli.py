@@ -5,7 +5,7 @@ factorized prompts on the frozen model.
     promptmux prompts similar --tenant acme --data new-task.jsonl --top-k 3 [--json]
     promptmux prompts train-factorized --tenant acme --data pairs.jsonl --dev pairs-dev.jsonl
 
-`prompts train --init retrieved|best-of-k` (prompts/train_cli.py) ranks sources the same way;
+`prompts train --init retrieved|best-of-k` (serving/train_cli.py) ranks sources the same way;
 serving/cli.py hands it `visible_tasks` so visibility is decided by the PromptIndex alone.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY, compute_task_embedding
 
-from .cli import DEFAULT_TENANT, add_model_arguments, config_from_args
+from .cli_common import DEFAULT_TENANT, add_model_arguments, config_from_args
 
 
 def visible_tasks(store, tenant: str):

@@ -109,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
-    from .cli import open_store
+    from .cli_common import open_store
     from .demo_prompts import seed_demo_prompts_if_embedded
     from .message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from .model_loading import model_d_model

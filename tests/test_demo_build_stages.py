@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from promptmux.prompts.build_demo_model import PRETRAINING, REFINEMENT, BuildConfig, parse_args, run_stages
+from promptmux.serving.build_demo_model import PRETRAINING, REFINEMENT, BuildConfig, parse_args, run_stages
 from promptmux.serving.embedded_model import embedded_state_dict
 
 

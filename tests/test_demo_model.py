@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from promptmux.prompts.build_demo_model import BUILD_RECORD
-from promptmux.prompts.demo_scoring import DEMO_EVAL_EXAMPLES, score_mixed_batch
+from promptmux.serving.build_demo_model import BUILD_RECORD
+from promptmux.serving.demo_scoring import DEMO_EVAL_EXAMPLES, score_mixed_batch
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.demo_prompts import load_demo_prompts, seed_demo_prompts

@@ -13,7 +13,7 @@ from promptmux.serving.engine import BatchOutput, Engine
 from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.requests import GenerationParams, GenerationRequest
 
-from .synthetic_tasks import Example, task_examples
+from promptmux.prompts.synthetic_tasks import Example, task_examples
 
 DEMO_EVAL_SEED = 20_250
 DEMO_EVAL_EXAMPLES = 200

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from promptmux.prompts.errors import InvalidRequestError
 
-from .retrieval import EmbeddingCache, rank_tasks
-from .store import PromptStore
-from .task_embedding import TASK_EMBEDDING_EXTRA_KEY, EmbeddingRecipe, compute_task_embedding, shared_init
-from .transfer import TransferInit, best_of_k, source_prompts, weighted_average
-from .tuning import (
+from promptmux.prompts.retrieval import EmbeddingCache, rank_tasks
+from promptmux.prompts.store import PromptStore
+from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY, EmbeddingRecipe, compute_task_embedding, shared_init
+from promptmux.prompts.transfer import TransferInit, best_of_k, source_prompts, weighted_average
+from promptmux.prompts.tuning import (
     DEFAULT_LR,
     INITS,
     OPTIMIZERS,
@@ -72,7 +72,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     optim.add_argument("--eval-every", type=int, default=100, help="dev evaluation interval in steps")
     optim.add_argument("--early-step", type=int, default=100, help="step of the early (task embedding) checkpoint")
     optim.add_argument("--seed", type=int, default=0)
-    from promptmux.serving.cli import add_model_arguments
+    from .cli_common import add_model_arguments
 
     add_model_arguments(parser)  # --config, --model, --dtype, --device, --store, as every command
     outputs = parser.add_argument_group("outputs")
@@ -97,8 +97,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def handle_train(args: argparse.Namespace) -> int:
     """Train, save checkpoints, register. Errors propagate as PromptmuxError (the CLI prints them)."""
-    from promptmux.serving.cli import config_from_args
-    from promptmux.serving.model_loading import load_model
+    from .cli_common import config_from_args
+    from .model_loading import load_model
 
     settings = config_from_args(args)
     config = train_config_from_args(args)

@@ -1,6 +1,6 @@
 """Build the embedded demo model and its demo prompts, reproducibly, with no download.
 
-    python -m promptmux.prompts.build_demo_model --threads 2   # ~100 min on a shared 2-core CPU
+    python -m promptmux.serving.build_demo_model --threads 2   # ~100 min on a shared 2-core CPU
 
 1. Train the `embedded` T5 shape (random init, ALiBi-style position bias) on the prefixed
    synthetic string tasks of `synthetic_tasks` ("reverse: abc" -> "cba") in two stages:
@@ -59,8 +59,8 @@ from promptmux.serving.embedded_model import (
 from promptmux.serving.model_shapes import build_random_model
 
 from .demo_scoring import DEMO_EVAL_EXAMPLES, DEMO_EVAL_SEED, score_mixed_batch
-from .synthetic_tasks import PRETRAINING_TASKS, get_task, pretraining_batches, task_examples
-from .tuning import TrainConfig, TuningResult, encode_batch, evaluate, tune_prompt
+from promptmux.prompts.synthetic_tasks import PRETRAINING_TASKS, get_task, pretraining_batches, task_examples
+from promptmux.prompts.tuning import TrainConfig, TuningResult, encode_batch, evaluate, tune_prompt
 
 BUILD_RECORD = "build.json"  # timings and scores of the build that wrote the assets
 
@@ -386,7 +386,7 @@ def write_demo_table(assets_dir: Path, record: dict) -> None:
         "",
         f"All {len(scores)} tasks' strings (3–16 characters over a–z and 0–9, seed {DEMO_EVAL_SEED}) were shuffled "
         "into one batch and served by the engine on the shipped weights (bf16 values, float32 compute), greedy.",
-        f"Built by `python -m promptmux.prompts.build_demo_model --threads {record.get('threads', 1)}` "
+        f"Built by `python -m promptmux.serving.build_demo_model --threads {record.get('threads', 1)}` "
         f"on a shared 2-core CPU in {timings['total'] / 60:.0f} min: "
         + ", ".join(f"{stage['name']} {stage['seconds'] / 60:.0f} min ({stage['steps']} steps, "
                     f"{stage['threads']} thread(s), mean exact match over the pretraining tasks "
