@@ -42,16 +42,14 @@ def request_message(method: str, raw):
 
 # ---------------------------------------------------------------------- generation
 def params_from_pb(msg: "pb.GenerationParams") -> GenerationParams:
-    if msg.strategy not in _STRATEGIES:
-        raise InvalidRequestError(
-            f"unknown strategy value {msg.strategy}; expected GREEDY (1), BEAM (2) or SAMPLE (3)"
-        )
     for name in ("length_penalty", "temperature", "top_p"):
         if msg.HasField(name) and not math.isfinite(getattr(msg, name)):
             raise InvalidRequestError(f"params.{name} is {getattr(msg, name)}; expected a finite number")
     return GenerationParams(
         max_new_tokens=msg.max_new_tokens if msg.HasField("max_new_tokens") else _DEFAULTS.max_new_tokens,
-        strategy=_STRATEGIES[msg.strategy],
+        # An unknown enum value passes through as its number: GenerationParams.validate, the one
+        # strategy check, refuses it when the engine prepares the request.
+        strategy=_STRATEGIES.get(msg.strategy, msg.strategy),
         num_beams=msg.num_beams if msg.HasField("num_beams") else _DEFAULTS.num_beams,
         length_penalty=msg.length_penalty if msg.HasField("length_penalty") else _DEFAULTS.length_penalty,
         temperature=msg.temperature if msg.HasField("temperature") else _DEFAULTS.temperature,

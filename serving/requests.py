@@ -12,6 +12,7 @@ from promptmux.prompts.records import PromptMeta
 from .errors import InvalidRequestError
 
 Strategy = Literal["greedy", "beam", "sample"]
+STRATEGIES: tuple[Strategy, ...] = ("greedy", "beam", "sample")
 FinishReason = Literal["eos", "length"]
 
 
@@ -41,9 +42,10 @@ class GenerationParams:
         here, so they can never reach a batch shared with other requests."""
         _check_int("max_new_tokens", self.max_new_tokens, 1, max_new_tokens_limit,
                    "(the server's max_new_tokens_limit)")
-        if self.strategy not in ("greedy", "beam", "sample"):
+        if self.strategy not in STRATEGIES:  # the one strategy check, for every edge (gRPC, CLI, engine callers)
             raise InvalidRequestError(
-                f"unknown decoding strategy {self.strategy!r}; expected 'greedy', 'beam' or 'sample'"
+                f"unknown decoding strategy {self.strategy!r}; expected 'greedy', 'beam' or 'sample' "
+                "(gRPC: GREEDY, BEAM or SAMPLE)"
             )
         if self.strategy == "beam":
             _check_int("num_beams", self.num_beams, 1, MAX_BEAMS, "")

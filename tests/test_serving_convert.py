@@ -45,8 +45,9 @@ def test_set_params_and_language_composition_carry_over():
 def test_malformed_generation_requests_are_invalid_arguments():
     with pytest.raises(InvalidRequestError, match="without a task"):
         request_from_pb(pb.GenerateRequest(language="fr", text="x"), tenant="a")
-    with pytest.raises(InvalidRequestError, match="unknown strategy value 9"):
-        request_from_pb(pb.GenerateRequest(task="t", text="x", params=pb.GenerationParams(strategy=9)), tenant="a")
+    unknown = request_from_pb(pb.GenerateRequest(task="t", text="x", params=pb.GenerationParams(strategy=9)), tenant="a")
+    with pytest.raises(InvalidRequestError, match="unknown decoding strategy 9"):
+        unknown.params.validate(max_new_tokens_limit=256)  # the one strategy check, which Engine.prepare runs
     with pytest.raises(InvalidRequestError, match="finite"):
         request_from_pb(pb.GenerateRequest(task="t", text="x", params=pb.GenerationParams(top_p=float("nan"))), tenant="a")
 
