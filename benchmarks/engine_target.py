@@ -17,7 +17,7 @@ import torch
 from promptmux.prompts.records import content_hash
 from promptmux.serving.engine import Engine
 from promptmux.serving.errors import PromptmuxError
-from promptmux.serving.serving_config import ServingConfig
+from promptmux.serving.config import ServingConfig
 from promptmux.serving.step_scheduler import build_scheduler
 
 from .records import BatchSample, ServerStats

@@ -191,7 +191,7 @@ class Environment:
         return self._grpc[app]
 
     async def _engine_target(self, scenario: Scenario, variant: str):
-        from promptmux.serving.serving_config import ServingConfig
+        from promptmux.serving.config import ServingConfig
 
         from .engine_target import EngineTarget
 

@@ -34,7 +34,7 @@ def main() -> int:
 
     from promptmux.serving.app import GRPC_SERVICER, build_deployment
     from promptmux.serving.proto_build import ensure_built
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     ensure_built()
     ray.init(

@@ -1,7 +1,7 @@
 """The Ray Serve application: `import_path: promptmux.serving.app:build_app`.
 
 `args` is one dict with optional sections `model`, `store`, `engine` (serving/config.py) and
-`serving` (serving/serving_config.py). It is parsed here, once, so a bad key fails the deploy
+`serving` (serving/config.py). It is parsed here, once, so a bad key fails the deploy
 with a message instead of failing every replica.
 
 Replica options not set in the Serve config get defaults that keep batches full: Serve must
@@ -17,9 +17,8 @@ from ray import serve
 from ray.serve import Application
 
 from .proto_build import ensure_built
-from .serving_config import AppConfig
+from .config import APP_NAME, AppConfig
 
-APP_NAME = "promptmux"
 ROUTE_PREFIX = "/promptmux"
 DEPLOYMENT_NAME = "PromptmuxServer"
 GRPC_SERVICER = "promptmux.serving.proxy_status.add_PromptmuxServicer_to_server"

@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import PromptmuxError, UnavailableError
-from .serving_config import ServingConfig
+from .config import ServingConfig
 from .tenant_queues import QueuedRequest, RunBatch, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)

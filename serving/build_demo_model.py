@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import ByT5Tokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
+from promptmux.serving.config import DEMO_TENANT
 from promptmux.serving.embedded_model import (
     ASSETS_DIR,
     DEMO_PROMPTS_DIR,
@@ -284,7 +285,7 @@ def train_demo_prompts(model: T5ForConditionalGeneration, tokenizer: PreTrainedT
         dev = task_examples(plan.task, config.prompt_dev_examples, seed=200 + index,
                             exclude=(e.input for e in train))
         train_config = TrainConfig(
-            tenant="demo", task=plan.task,
+            tenant=DEMO_TENANT, task=plan.task,
             prompt_length=len(tokenizer(plan.init_text, add_special_tokens=False)["input_ids"])
             if plan.init_text else config.random_prompt_length,
             init="text" if plan.init_text else "random-uniform", init_text=plan.init_text,
@@ -351,7 +352,7 @@ def score_assets(assets_dir: Path) -> dict[str, float]:
     ONE mixed batch (`demo_scoring`): the figures the tests check and the README quotes."""
     from promptmux.prompts.store import PromptStore
     from promptmux.serving.config import EngineConfig
-    from promptmux.serving.demo_prompts import DEMO_TENANT, seed_demo_prompts
+    from promptmux.serving.demo_prompts import seed_demo_prompts
     from promptmux.serving.engine import Engine
     from promptmux.serving.model_loading import LoadedModel
 

@@ -3,41 +3,31 @@ build, and the prompt store opened from it. Subcommand modules import this, neve
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import yaml
+from .config import DEFAULT_STORE_ROOT, DEMO_TENANT, STORE_ENV, AppConfig, PromptmuxConfig, apply_overrides, read_config_file
 
-from .config import PromptmuxConfig
-
-DEFAULT_TENANT = "demo"
+# Commands act for the demo prompts' tenant unless told otherwise.
+DEFAULT_TENANT = DEMO_TENANT
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and store")
-    group.add_argument("--config", type=Path, help="YAML with model/store/engine sections")
+    group.add_argument("--config", type=Path,
+                       help="YAML with model/store/engine/task_embedding sections, or a whole Serve config")
     group.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
     group.add_argument("--dtype", choices=["float32", "bfloat16"])
     group.add_argument("--device", help="cpu, cuda or cuda:N")
-    group.add_argument("--store", type=Path, help="prompt store directory (default $PROMPTMUX_STORE or var/prompts)")
+    group.add_argument("--store", type=Path, help=f"prompt store directory (default ${STORE_ENV} or {DEFAULT_STORE_ROOT})")
 
 
 def config_from_args(args: argparse.Namespace) -> PromptmuxConfig:
-    """Build the one config object: YAML file first, then command-line overrides."""
-    raw: dict = {}
-    if getattr(args, "config", None):
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    raw = {k: dict(v or {}) for k, v in raw.items()}
-    model = raw.setdefault("model", {})
-    for flag, key in (("model", "source"), ("dtype", "dtype"), ("device", "device")):
-        if getattr(args, flag, None):
-            model[key] = getattr(args, flag)
-    store = raw.setdefault("store", {})
-    if getattr(args, "store", None):
-        store["root"] = str(args.store)
-    else:
-        store.setdefault("root", os.environ.get("PROMPTMUX_STORE", "var/prompts"))
-    return PromptmuxConfig.from_dict(raw)
+    """Build the one config object: the file first (serving/config.py's one loader), then the
+    command line and $PROMPTMUX_STORE, through the override path `promptmux serve` takes too."""
+    app_args, _, _ = read_config_file(getattr(args, "config", None))
+    app_args = apply_overrides(app_args, model=getattr(args, "model", None), dtype=getattr(args, "dtype", None),
+                               device=getattr(args, "device", None), store=getattr(args, "store", None))
+    return AppConfig.from_args(app_args).promptmux
 
 
 def open_store(config: PromptmuxConfig):

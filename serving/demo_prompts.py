@@ -18,13 +18,11 @@ from safetensors import SafetensorError, safe_open
 from promptmux.prompts.records import PromptMeta, content_hash
 from promptmux.prompts.store import PromptStore
 
-from .config import ModelConfig
+from .config import DEMO_TENANT, ModelConfig
 from .embedded_model import DEMO_PROMPTS_DIR
 from .errors import AlreadyExistsError, ModelLoadError, TaskNotFoundError
 
 log = logging.getLogger(__name__)
-
-DEMO_TENANT = "demo"
 
 
 @dataclass(frozen=True)

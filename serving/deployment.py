@@ -47,7 +47,7 @@ from .grpc_convert import (
 from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from .pagination import page
-from .serving_config import API_KEYS_ENV, AppConfig
+from .config import API_KEYS_ENV, AppConfig
 from .step_scheduler import build_scheduler
 from .streaming import TextDeltas
 from .task_similarity import TaskSimilarity

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .serving_config import ServingConfig
+from .config import ServingConfig
 
 
 class ReplicaUnhealthyError(RuntimeError):

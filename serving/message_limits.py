@@ -9,7 +9,7 @@ value bounds replies, see `grpc_max_message_bytes`).
 """
 from __future__ import annotations
 
-from .serving_config import AppConfig
+from .config import AppConfig
 
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 # gRPC's own default: every client accepts replies this large unless told otherwise, so a

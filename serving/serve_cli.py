@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-DEV_TENANT = "demo"
+from .config import DEFAULT_STORE_ROOT, DEMO_TENANT, STORE_ENV, apply_overrides, read_config_file
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -48,7 +46,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "machine only) or 0.0.0.0 (every interface)",
     )
     parser.add_argument("--model", help="'embedded' (default), 'random:<shape>' or a local checkpoint directory")
-    parser.add_argument("--store", type=Path, help="prompt store directory (default var/prompts)")
+    parser.add_argument("--store", type=Path, help=f"prompt store directory (default ${STORE_ENV} or {DEFAULT_STORE_ROOT})")
     parser.add_argument("--api-keys-file", type=Path, help="hashed API key file (see serving/auth.py)")
     parser.add_argument("--replicas", type=int, help="replicas of the model (default 1)")
     parser.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
@@ -56,35 +54,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def load_serve_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(application args, deployment options, Serve-level options) from a --config file."""
-    if path is None:
-        return {}, {}, {}
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if "applications" not in raw:
-        return raw, {}, {}
-    from .app import APP_NAME
-
-    apps = [a for a in raw["applications"] if a.get("name") == APP_NAME]
-    if not apps:
-        raise SystemExit(f"promptmux serve: {path} has no application named {APP_NAME!r}")
-    app = apps[0]
-    deployments = app.get("deployments") or [{}]
-    options = {k: v for k, v in deployments[0].items() if k != "name"}
-    return app.get("args") or {}, options, raw
-
-
 def resolve_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    app_args, options, serve_config = load_serve_settings(args.config)
-    app_args = {k: dict(v or {}) for k, v in app_args.items()}
-    if args.model:
-        app_args.setdefault("model", {})["source"] = args.model
-    store = app_args.setdefault("store", {})
-    if args.store:
-        store["root"] = str(args.store)
-    store.setdefault("root", "var/prompts")
-    if args.api_keys_file:
-        app_args.setdefault("serving", {})["api_keys_file"] = str(args.api_keys_file)
+    """(application args, deployment options, Serve-level options): the --config file read by
+    the one loader, then the command line through the one override path (serving/config.py)."""
+    try:
+        app_args, options, serve_config = read_config_file(args.config)
+    except ValueError as error:
+        raise SystemExit(f"promptmux serve: {error}") from None
+    app_args = apply_overrides(app_args, model=args.model, store=args.store, api_keys_file=args.api_keys_file)
+    options = dict(options)
     if args.replicas:
         options.pop("autoscaling_config", None)
         options["num_replicas"] = args.replicas
@@ -96,7 +74,7 @@ def make_dev_key_file(store_root: Path) -> tuple[Path, str]:
     from .auth import generate_key, write_key_file
 
     key = generate_key()
-    path = write_key_file(Path(store_root).parent / "dev-api-keys.yaml", [(DEV_TENANT, key, False)])
+    path = write_key_file(Path(store_root).parent / "dev-api-keys.yaml", [(DEMO_TENANT, key, False)])
     return path, key
 
 
@@ -115,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .model_loading import model_d_model
     from .serve_bind import HOOK as BIND_HOOK
     from .proto_build import ensure_built
-    from .serving_config import AppConfig
+    from .config import AppConfig
 
     app_args, options, serve_config = resolve_args(args)
     config = AppConfig.from_args(app_args)
@@ -259,7 +237,7 @@ def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespa
     ]
     if dev_key:
         lines += [
-            f"  demo key (tenant {DEV_TENANT!r}, shown once, stored only hashed): {dev_key}",
+            f"  demo key (tenant {DEMO_TENANT!r}, shown once, stored only hashed): {dev_key}",
             "",
             f"  try: {client_command(f'{reach}:{grpc_port}', dev_key)} --task reverse --text hello",
         ]

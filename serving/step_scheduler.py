@@ -42,7 +42,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 from .batcher import Batcher
 from .errors import PromptmuxError, UnavailableError
 from .requests import GenerationResult, PreparedRequest
-from .serving_config import ServingConfig
+from .config import ServingConfig
 from .tenant_queues import BatchObserver, QueuedRequest, RunBatch, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Hashable, Protocol, Sequence
 
 from .errors import DeadlineExceededError, PromptmuxError, ResourceExhaustedError, UnavailableError
 from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
-from .serving_config import ServingConfig
+from .config import ServingConfig
 
 TokenSink = Callable[[int], None]  # called on the event loop with each new token id
 Submittable = GenerationRequest | PreparedRequest  # prepared ones are never tokenized again

@@ -139,7 +139,7 @@ class Serving:
         from ray import serve
 
         from promptmux.serving.app import APP_NAME, ROUTE_PREFIX, build_deployment
-        from promptmux.serving.serving_config import AppConfig
+        from promptmux.serving.config import AppConfig
 
         app = build_deployment(AppConfig.from_args(self.args), ray_actor_options={"num_cpus": 0.5})
         serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
@@ -210,7 +210,7 @@ def serving(ray_cluster, tmp_path_factory):
     from promptmux.serving.auth import write_key_file
     from promptmux.serving.message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from promptmux.serving.proto_build import ensure_built
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     ensure_built()
     root = tmp_path_factory.mktemp("serving")

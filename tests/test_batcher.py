@@ -17,7 +17,7 @@ from promptmux.serving.errors import (
     UnavailableError,
 )
 from promptmux.serving.requests import BatchStats, GenerationRequest, GenerationResult
-from promptmux.serving.serving_config import ServingConfig
+from promptmux.serving.config import ServingConfig
 
 
 @dataclass

@@ -9,7 +9,7 @@ from promptmux.benchmarks.bench_cli import apply_overrides, scenario_from_flags
 from promptmux.benchmarks.scenario import SCENARIO_DIR, load_scenario, parse_scenario
 from promptmux.benchmarks.suite import SUITE, estimated_seconds, scale_scenario
 from promptmux.serving.cli import build_parser, main
-from promptmux.serving.serving_config import AppConfig
+from promptmux.serving.config import AppConfig
 
 SHIPPED = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
 

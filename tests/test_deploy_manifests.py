@@ -461,7 +461,7 @@ def test_serve_config_follows_the_serving_contract(kustomization):
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_serve_args_build_a_valid_promptmux_config(kustomization):
     args = the_app(serve_config(kustomization))["args"]
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     # The same parse build_app does: a typo here fails the deploy.
     config = AppConfig.from_args(args)
@@ -730,7 +730,7 @@ def test_autoscaling_fits_the_worker_group(kustomization):
 def effective_deployment_options(args: dict, deployment: dict) -> dict:
     """The Serve config's options over the application's own defaults (serving/app.py)."""
     from promptmux.serving.app import deployment_defaults
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     options = dict(deployment_defaults(AppConfig.from_args(args)))
     options.update(deployment)
@@ -1055,7 +1055,7 @@ def test_upgrades_keep_serving(kustomization):
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_health_check_limits_fit_serves_timeout(kustomization):
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     app = the_app(serve_config(kustomization))
     serving = AppConfig.from_args(app["args"]).serving

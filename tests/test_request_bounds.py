@@ -11,7 +11,6 @@ import grpc
 import pytest
 import yaml
 
-from promptmux.serving.config import EngineConfig
 from promptmux.serving.errors import InvalidPromptError, InvalidRequestError
 from promptmux.serving.grpc_convert import pb, request_from_pb, request_message, tensor_from_pb
 from promptmux.serving.message_limits import (
@@ -21,7 +20,7 @@ from promptmux.serving.message_limits import (
     grpc_max_message_bytes,
     register_request_bytes,
 )
-from promptmux.serving.serving_config import AppConfig
+from promptmux.serving.config import AppConfig, EngineConfig
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "serving" / "configs" / "serve.yaml"
 MIB = 1024 * 1024

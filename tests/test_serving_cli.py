@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import yaml
 
 from promptmux.serving.auth import KeyRing
-from promptmux.serving.serve_cli import add_serve_parser, load_serve_settings, make_dev_key_file, resolve_args
-from promptmux.serving.serving_config import AppConfig
+from promptmux.serving.serve_cli import add_serve_parser, make_dev_key_file, resolve_args
+from promptmux.serving.config import AppConfig, read_config_file
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "serving" / "configs" / "serve.yaml"
 
@@ -21,7 +22,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_the_projects_serve_config_feeds_promptmux_serve():
-    app_args, options, serve_config = load_serve_settings(SERVE_YAML)
+    app_args, options, serve_config = read_config_file(SERVE_YAML)
     assert serve_config["grpc_options"]["port"] == 9000 and serve_config["http_options"]["port"] == 8000
     assert options["autoscaling_config"]["min_replicas"] == 1 and "name" not in options
     config = AppConfig.from_args(app_args)
@@ -63,3 +64,31 @@ def test_promptmux_cli_offers_serve():
 
     args = build_parser().parse_args(["serve", "--grpc-port", "9100"])
     assert args.grpc_port == 9100 and args.handler.__name__ == "run_serve"
+
+
+def test_every_command_takes_the_store_from_the_same_override_path(tmp_path, monkeypatch):
+    """`promptmux serve` and the offline commands read $PROMPTMUX_STORE alike; --store beats it."""
+    from promptmux.serving.cli import build_parser
+    from promptmux.serving.cli_common import config_from_args
+
+    monkeypatch.setenv("PROMPTMUX_STORE", str(tmp_path / "from-env"))
+    app_args, _, _ = resolve_args(parse())
+    assert app_args["store"]["root"] == str(tmp_path / "from-env")
+    generate = build_parser().parse_args(["generate", "--task", "reverse", "hello"])
+    assert config_from_args(generate).store.root == tmp_path / "from-env"
+    app_args, _, _ = resolve_args(parse("--store", str(tmp_path / "flag")))
+    assert app_args["store"]["root"] == str(tmp_path / "flag")
+
+
+def test_offline_commands_read_a_whole_serve_config_and_refuse_unknown_keys(tmp_path):
+    from promptmux.serving.cli import build_parser
+    from promptmux.serving.cli_common import config_from_args
+
+    generate = build_parser().parse_args(["generate", "--config", str(SERVE_YAML), "--task", "reverse", "x"])
+    assert config_from_args(generate).model.source == "embedded"
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"serving": {"max_batch_sise": 8}}))
+    bad = build_parser().parse_args(["generate", "--config", str(path), "--task", "reverse", "x"])
+    with pytest.raises(ValueError, match=r"unknown serving key\(s\) \['max_batch_sise'\]; valid keys are .*max_batch_size"):
+        config_from_args(bad)
+

@@ -156,7 +156,7 @@ def gated(serving, tmp_path_factory):
     from ray import serve
 
     from promptmux.serving.app import deployment_defaults
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     gate = tmp_path_factory.mktemp("gate")
     args = {**serving.args, "store": {**serving.args["store"], "root": str(tmp_path_factory.mktemp("gated-store"))}}

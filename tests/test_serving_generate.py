@@ -20,7 +20,7 @@ def pb():
 def engine(serving):
     """The same model and store, in this process, to compute what each request gives alone."""
     from promptmux.serving.engine import Engine
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     engine = Engine.from_config(AppConfig.from_args(serving.args).promptmux)
     engine.refresh_prompts()

@@ -24,7 +24,7 @@ import pytest
 from promptmux.serving.batcher import Batcher
 from promptmux.serving.health import ReplicaHealth, ReplicaUnhealthyError
 from promptmux.serving.requests import BatchStats, GenerationRequest, GenerationResult
-from promptmux.serving.serving_config import AppConfig, ServingConfig
+from promptmux.serving.config import AppConfig, ServingConfig
 
 # ---------------------------------------------------------------------- without Ray
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from promptmux.serving.auth import write_key_file
-from promptmux.serving.serving_config import AppConfig
+from promptmux.serving.config import AppConfig
 
 
 class FakeContext:

@@ -90,7 +90,7 @@ def pair(serving, tmp_path_factory):
     from promptmux.prompts.store import PromptStore
     from promptmux.serving.app import build_deployment
     from promptmux.serving.auth import write_key_file
-    from promptmux.serving.serving_config import AppConfig
+    from promptmux.serving.config import AppConfig
 
     root = tmp_path_factory.mktemp("pair")
     store_root = root / "prompts"

@@ -26,7 +26,7 @@ from promptmux.serving.requests import (
     GenerationResult,
     PreparedRequest,
 )
-from promptmux.serving.serving_config import ServingConfig
+from promptmux.serving.config import ServingConfig
 from promptmux.serving.step_scheduler import StepScheduler, build_scheduler
 
 
