@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .proto_build import ensure_built
+from .proto_build import require_built
 from .config import APP_NAME, AppConfig
 
 ROUTE_PREFIX = "/promptmux"
@@ -41,8 +41,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def build_deployment(config: AppConfig, **options: Any) -> Application:
     """The bound deployment; `options` override the defaults (e.g. ray_actor_options)."""
-    ensure_built()  # the gRPC proxy imports the generated servicer on this machine
-    from .deployment import PromptmuxServer
+    require_built()  # the gRPC proxy imports the generated servicer on this machine
+    from .replica import PromptmuxReplica
 
-    deployment = serve.deployment(PromptmuxServer, name=DEPLOYMENT_NAME)
+    deployment = serve.deployment(PromptmuxReplica, name=DEPLOYMENT_NAME)
     return deployment.options(**{**deployment_defaults(config), **options}).bind(config)

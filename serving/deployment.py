@@ -1,30 +1,32 @@
 """One replica of the service: a frozen model, its engine, the fair batcher, and the RPCs.
 
-The class is plain Python; serving/app.py wraps it with `serve.deployment` at build time.
-Its methods carry the RPC names of serving/promptmux.proto, so Ray Serve's gRPC proxy routes
+The class is plain Python and receives its parts (engine, prompt administration, task
+similarity, API keys); serving/replica.py builds them from the config inside each replica, and
+serving/app.py wraps that with `serve.deployment` at build time. Its methods carry the RPC names of serving/promptmux.proto, so Ray Serve's gRPC proxy routes
 each call here with the caller's metadata in `grpc_context`.
 
 Errors: each PromptmuxError becomes its gRPC status code with its message as details, set on
 `grpc_context` (the proxy copies both to the client). Unary methods then return an empty
-reply; the streaming method raises, which Serve turns into the same status.
+reply; the streaming method raises, which Serve turns into the same status. One wrapper
+(`rpc`, `_Observed`) does this, and the metrics, for every RPC.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import socket
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
-import torch
 
 from promptmux.prompts.records import Registration
 
 from .auth import KeyRing, Principal, require_owner_or_admin
-from .demo_prompts import seed_demo_prompts_if_embedded
+from .config import AppConfig
 from .engine import Engine
 from .errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
 from .grpc_convert import (
@@ -47,7 +49,7 @@ from .grpc_convert import (
 from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from .pagination import page
-from .config import API_KEYS_ENV, AppConfig
+from .prompt_admin import PromptAdmin
 from .step_scheduler import build_scheduler
 from .streaming import TextDeltas
 from .task_similarity import TaskSimilarity
@@ -84,29 +86,63 @@ def _internal(method: str, error: Exception) -> PromptmuxError:
     )
 
 
-def unary_rpc(reply_type: Callable[[], Any]):
-    """Turn `method(self, request, grpc_context, call)` into a Serve gRPC handler."""
+class _Observed:
+    """The one error and metrics handling of every RPC, unary or streaming.
 
-    def wrap(method: Callable[..., Awaitable[Any]]):
-        async def handler(self: "PromptmuxServer", request, grpc_context):
-            call = _Call(method.__name__)
-            grpc_context.set_trailing_metadata([(REPLICA_METADATA, _REPLICA_ID)])
-            try:
-                return await method(self, request_message(call.method, request), grpc_context, call)
-            except PromptmuxError as error:
-                _reject(call, grpc_context, error)
-            except asyncio.CancelledError:  # the caller's deadline passed or it went away
+    A PromptmuxError becomes the call's status and details, any other exception INTERNAL with
+    the traceback logged; a cancelled call is CANCELLED. A unary call then returns its empty
+    reply (the error suppressed here); a streaming one raises, which Serve turns into the same
+    status. Either way the call's metrics are recorded once, on the way out."""
+
+    def __init__(self, server: "PromptmuxServer", call: _Call, grpc_context, *, streaming: bool) -> None:
+        self._server, self._call, self._context, self._streaming = server, call, grpc_context, streaming
+
+    def __enter__(self) -> _Call:
+        return self._call
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        call = self._call
+        try:
+            if error is None or not isinstance(error, (Exception, asyncio.CancelledError)):
+                return False  # finished, or a generator closed early (GeneratorExit): no status to set
+            if isinstance(error, asyncio.CancelledError):  # the caller's deadline passed or it went away
                 call.status = "CANCELLED"
-                raise
-            except Exception as error:
-                _reject(call, grpc_context, _internal(call.method, error))
-            finally:
-                # A GenerateBatch or RegisterPrompts that ran counted each item already; one that
-                # failed whole did not.
-                itemized = call.method in ("GenerateBatch", "RegisterPrompts") and call.status == "OK"
-                self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
-                                           time.perf_counter() - call.started, count=not itemized)
-            return reply_type()
+                return False
+            if isinstance(error, PromptmuxError):
+                _reject(call, self._context, error)
+                return not self._streaming
+            failure = _internal(call.method, error)
+            _reject(call, self._context, failure)
+            if self._streaming:
+                raise failure from error
+            return True
+        finally:
+            # A GenerateBatch or RegisterPrompts that ran counted each item already; one that
+            # failed whole did not.
+            itemized = call.method in ("GenerateBatch", "RegisterPrompts") and call.status == "OK"
+            self._server._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
+                                               time.perf_counter() - call.started, count=not itemized)
+
+
+def rpc(reply_type: Callable[[], Any] | None = None):
+    """Turn `method(self, request, grpc_context, call)` into a Serve gRPC handler: a coroutine
+    for a unary RPC (returns `reply_type()` after an error), or an async generator for a
+    server-streaming one. Both decode the request bytes and go through `_Observed`."""
+
+    def wrap(method: Callable[..., Any]):
+        if inspect.isasyncgenfunction(method):
+            async def handler(self: "PromptmuxServer", request, grpc_context):
+                call = _Call(method.__name__)
+                with _Observed(self, call, grpc_context, streaming=True):
+                    async for reply in method(self, request_message(call.method, request), grpc_context, call):
+                        yield reply
+        else:
+            async def handler(self: "PromptmuxServer", request, grpc_context):
+                call = _Call(method.__name__)
+                grpc_context.set_trailing_metadata([(REPLICA_METADATA, _REPLICA_ID)])
+                with _Observed(self, call, grpc_context, streaming=False):
+                    return await method(self, request_message(call.method, request), grpc_context, call)
+                return reply_type()
 
         handler.__name__ = method.__name__
         handler.__doc__ = method.__doc__
@@ -116,31 +152,23 @@ def unary_rpc(reply_type: Callable[[], Any]):
 
 
 class PromptmuxServer:
-    """A replica: one frozen model shared by every tenant and task."""
+    """A replica: one frozen model shared by every tenant and task.
 
-    def __init__(self, config: AppConfig) -> None:
+    It receives its parts (serving/replica.py builds them from the config for Serve): the
+    engine, prompt administration, task similarity and the API key ring."""
+
+    def __init__(self, config: AppConfig, *, engine: Engine, prompts: PromptAdmin, similarity: TaskSimilarity,
+                 keys: KeyRing) -> None:
         serving = config.serving
-        # The path was resolved where the app was built; a replica's own environment may name it too.
-        keys_file = serving.api_keys_file or os.environ.get(API_KEYS_ENV)
-        if not keys_file:
-            raise ValueError(
-                f"no API key file: set serving.api_keys_file or ${API_KEYS_ENV} (the service never runs "
-                "without authentication; `promptmux serve` makes a demo key file for local use)"
-            )
-        if serving.torch_threads:
-            torch.set_num_threads(serving.torch_threads)
         self._config = config
-        self._keys = KeyRing.from_file(keys_file)
-        self._engine = Engine.from_config(config.promptmux)
-        # Replicas seed too (KubeRay starts no `promptmux serve`); two replicas racing at most
-        # register the same content twice.
-        seed_demo_prompts_if_embedded(config.promptmux.model, self._engine.store)
-        self._engine.refresh_prompts()
+        self._keys = keys
+        self._engine = engine
+        self._prompts = prompts
+        self._similarity = similarity
         self._metrics = ServingMetrics()
         # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
         self._batcher = build_scheduler(serving, self._engine, observer=self._metrics)
         self._health = ReplicaHealth(serving, self._batcher, config.promptmux.store.root)
-        self._similarity = TaskSimilarity(self._engine.loaded, self._engine.store, config.promptmux.task_embedding)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
         self._refresher.start()
@@ -200,6 +228,16 @@ class PromptmuxServer:
         call.tenant = principal.tenant
         return principal
 
+    def _authorize_owner(self, request, grpc_context, call: _Call, action: str, *, with_task: bool = True):
+        """The preamble of every prompt RPC: who calls, whose prompts (the request's tenant, or the
+        caller's own), which task; the caller must be that owner or an admin."""
+        principal = self._authenticate(grpc_context, call)
+        owner = prompt_owner_from_pb(request, principal.tenant)
+        task = prompt_task_from_pb(request) if with_task else ""
+        call.task = task
+        require_owner_or_admin(principal, owner, action)
+        return principal, owner, task
+
     async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
         request = request_from_pb(request_pb, principal.tenant)
         if call is not None:
@@ -211,53 +249,39 @@ class PromptmuxServer:
         return result
 
     # ------------------------------------------------------------------ generation RPCs
-    @unary_rpc(pb.GenerateReply)
+    @rpc(pb.GenerateReply)
     async def Generate(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
         return reply_to_pb(await self._generate_one(request, principal, call))
 
-    async def GenerateStream(self, request, grpc_context) -> AsyncIterator[Any]:
-        call = _Call("GenerateStream")
+    @rpc()
+    async def GenerateStream(self, request, grpc_context, call: _Call) -> AsyncIterator[Any]:
+        principal = self._authenticate(grpc_context, call)
+        generation = request_from_pb(request, principal.tenant)
+        call.task = task_label(generation)
+        prepared = await asyncio.to_thread(self._engine.prepare, generation)
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
+        job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
+        deltas = TextDeltas(self._engine.tokenizer)
         try:
-            principal = self._authenticate(grpc_context, call)
-            generation = request_from_pb(request_message(call.method, request), principal.tenant)
-            call.task = task_label(generation)
-            prepared = await asyncio.to_thread(self._engine.prepare, generation)
-            tokens: asyncio.Queue[int | None] = asyncio.Queue()
-            job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
-            job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
-            deltas = TextDeltas(self._engine.tokenizer)
-            try:
-                finished = False
-                while not finished:
-                    new = [await tokens.get()]
-                    while not tokens.empty():
-                        new.append(tokens.get_nowait())  # under load, several tokens share one message
-                    if new[-1] is None:
-                        finished, new = True, new[:-1]
-                    delta = deltas.push(new) if new else ""
-                    if delta:
-                        yield stream_delta_to_pb(delta, deltas.token_count)
-                result = job.result()
-            finally:
-                job.cancel()  # no-op once done; drops the request if the client went away
-            self._metrics.tokens(generation, result)
-            yield stream_final_to_pb(deltas.finish(result.text), result)
-        except PromptmuxError as error:
-            _reject(call, grpc_context, error)
-            raise
-        except asyncio.CancelledError:
-            call.status = "CANCELLED"
-            raise
-        except Exception as error:
-            failure = _internal(call.method, error)
-            _reject(call, grpc_context, failure)
-            raise failure from error
+            finished = False
+            while not finished:
+                new = [await tokens.get()]
+                while not tokens.empty():
+                    new.append(tokens.get_nowait())  # under load, several tokens share one message
+                if new[-1] is None:
+                    finished, new = True, new[:-1]
+                delta = deltas.push(new) if new else ""
+                if delta:
+                    yield stream_delta_to_pb(delta, deltas.token_count)
+            result = job.result()
         finally:
-            self._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
-                                       time.perf_counter() - call.started)
+            job.cancel()  # no-op once done; drops the request if the client went away
+        self._metrics.tokens(generation, result)
+        yield stream_final_to_pb(deltas.finish(result.text), result)
 
-    @unary_rpc(pb.GenerateBatchReply)
+    @rpc(pb.GenerateBatchReply)
     async def GenerateBatch(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
         limit = self._config.serving.max_in_flight_per_tenant
@@ -280,7 +304,7 @@ class PromptmuxServer:
         return pb.GenerateBatchReply(items=[batch_item_to_pb(o) for o in outcomes])
 
     # ------------------------------------------------------------------ prompt RPCs
-    @unary_rpc(pb.PromptInfo)
+    @rpc(pb.PromptInfo)
     async def RegisterPrompt(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
         call.task = prompt_task_from_pb(request)
@@ -291,7 +315,7 @@ class PromptmuxServer:
             raise outcome
         return prompt_info_to_pb(outcome)
 
-    @unary_rpc(pb.RegisterPromptsReply)
+    @rpc(pb.RegisterPromptsReply)
     async def RegisterPrompts(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
         if len(request.prompts) > MAX_PROMPTS_PER_REGISTER_CALL:
@@ -320,10 +344,10 @@ class PromptmuxServer:
                 "needs an admin key); set shared=true instead and other tenants call it as "
                 f"'{owner}/{task}'"
             )
-        store = self._engine.store
-        store.quotas.check_description(owner, request.description)  # before copying the tensor
+        prompts = self._prompts
+        prompts.check_description(owner, request.description)  # before copying the tensor
         return lambda: Registration(
-            owner, task, tensor_from_pb(request.tensor, d_model=store.d_model, max_length=store.max_length),
+            owner, task, tensor_from_pb(request.tensor, d_model=prompts.d_model, max_length=prompts.max_length),
             shared=request.shared, publish=request.publish, description=request.description,
         )
 
@@ -339,67 +363,56 @@ class PromptmuxServer:
                 built.append((i, item()))
             except PromptmuxError as error:
                 outcomes[i] = error
-        stored = self._engine.store.register_many([registration for _, registration in built])
+        stored = self._prompts.register_many([registration for _, registration in built])
         for (i, _), outcome in zip(built, stored):
             outcomes[i] = outcome
-        for owner in dict.fromkeys(registration.tenant for _, registration in built):
-            self._engine.index.refresh(owner)
         return outcomes
 
-    @unary_rpc(pb.ListPromptsReply)
+    @rpc(pb.ListPromptsReply)
     async def ListPrompts(self, request, grpc_context, call: _Call):
-        principal = self._authenticate(grpc_context, call)
-        owner = prompt_owner_from_pb(request, principal.tenant)
-        require_owner_or_admin(principal, owner, "list")
-        await asyncio.to_thread(self._engine.index.refresh, owner)  # every replica lists what the store holds now
-        metas = [(m.task, m) for m in self._engine.index.tenant_tasks(owner)]
+        _, owner, _ = self._authorize_owner(request, grpc_context, call, "list", with_task=False)
+        metas = [(m.task, m) for m in await asyncio.to_thread(self._prompts.tenant_prompts, owner)]
         chosen, next_token = page(metas, request.page_size, request.page_token, f"prompts:{owner}")
         return pb.ListPromptsReply(prompts=[prompt_info_to_pb(m) for m in chosen], next_page_token=next_token)
 
-    @unary_rpc(pb.PromptInfo)
+    @rpc(pb.PromptInfo)
     async def GetPrompt(self, request, grpc_context, call: _Call):
-        principal = self._authenticate(grpc_context, call)
-        owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
-        call.task = task
-        require_owner_or_admin(principal, owner, "read")
-        meta = await asyncio.to_thread(self._engine.store.meta, owner, task, request.version or None)
+        _, owner, task = self._authorize_owner(request, grpc_context, call, "read")
+        meta = await asyncio.to_thread(self._prompts.meta, owner, task, request.version or None)
         return prompt_info_to_pb(meta)
 
-    @unary_rpc(pb.DeletePromptReply)
+    @rpc(pb.DeletePromptReply)
     async def DeletePrompt(self, request, grpc_context, call: _Call):
-        principal = self._authenticate(grpc_context, call)
-        owner, task = prompt_owner_from_pb(request, principal.tenant), prompt_task_from_pb(request)
-        call.task = task
-        require_owner_or_admin(principal, owner, "delete")
-        removed = await asyncio.to_thread(self._engine.store.delete, owner, task)
-        await asyncio.to_thread(self._engine.index.refresh, owner)
+        _, owner, task = self._authorize_owner(request, grpc_context, call, "delete")
+        removed = await asyncio.to_thread(self._prompts.delete, owner, task)
         return pb.DeletePromptReply(tenant=owner, task=task, versions_removed=removed)
 
-    @unary_rpc(pb.ListTasksReply)
+    @rpc(pb.ListTasksReply)
     async def ListTasks(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        visible = await asyncio.to_thread(self._engine.index.visible_to, principal.tenant)  # O(callable tasks)
+        visible = await asyncio.to_thread(self._prompts.visible_to, principal.tenant)  # O(callable tasks)
         callable_tasks = [(name, (name, meta)) for name, meta in visible]
         chosen, next_token = page(callable_tasks, request.page_size, request.page_token, f"tasks:{principal.tenant}")
         return pb.ListTasksReply(tasks=[task_info_to_pb(name, meta) for name, meta in chosen],
                                  next_page_token=next_token)
 
-    @unary_rpc(pb.SimilarTasksReply)
+    @rpc(pb.SimilarTasksReply)
     async def SimilarTasks(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
         examples, top_k = similar_request_from_pb(request)
         self._similarity.check_examples(examples)  # fail fast, before a worker thread is taken
         # A short tuning run: off the event loop, so generation keeps batching meanwhile.
-        answer = await asyncio.to_thread(self._similarity.similar, self._engine.index, principal.tenant, examples, top_k)
+        answer = await asyncio.to_thread(self._similarity.similar, self._prompts.index, principal.tenant, examples,
+                                         top_k)
         return similar_reply_to_pb(answer)
 
-    @unary_rpc(pb.HealthReply)
+    @rpc(pb.HealthReply)
     async def Health(self, request, grpc_context, call: _Call):
         model = self._config.promptmux.model.source
         return pb.HealthReply(
             status="NOT_SERVING" if self._batcher.closing else "SERVING",
             model=model,
-            d_model=self._engine.loaded.d_model,
+            d_model=self._prompts.d_model,
             queue_depth=self._batcher.queue_depth,
             batching=self._config.serving.batching,
         )

@@ -11,11 +11,11 @@ from promptmux.prompts.synthetic_tasks import Example
 
 from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
 from .message_limits import MAX_REQUEST_ID_BYTES
-from .proto_build import ensure_built
+from .proto_build import require_built
 from .requests import GenerationParams, GenerationRequest, GenerationResult
 
-ensure_built()
-from .proto_gen import promptmux_pb2 as pb  # noqa: E402  (generated on first use just above)
+require_built()  # built at install time (proto_build.py); a check, not a build
+from .proto_gen import promptmux_pb2 as pb  # noqa: E402  (built at install time; checked just above)
 
 _STRATEGIES = {pb.STRATEGY_UNSPECIFIED: "greedy", pb.GREEDY: "greedy", pb.BEAM: "beam", pb.SAMPLE: "sample"}
 _FINISH = {"eos": pb.EOS, "length": pb.LENGTH}

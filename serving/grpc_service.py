@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from .proto_build import ensure_built
+from .proto_build import require_built
 
 SERVICE = "promptmux.v1.Promptmux"
 
@@ -31,7 +31,7 @@ class _Captured:
 
 
 def add_promptmux_servicer(servicer, server) -> None:
-    ensure_built()
+    require_built()
     from .proto_gen import promptmux_pb2_grpc
 
     captured = _Captured()

@@ -1,9 +1,12 @@
 """Compile serving/promptmux.proto into the importable package `promptmux.serving.proto_gen`.
 
-The generated code is not committed: it is built here on first use, rebuilt when the .proto
-changes (a sha256 of it is recorded in the generated `__init__.py`), and built ahead of time by
-`python -m promptmux.serving.proto_build` (container images run that at build time, since
-their site-packages may be read-only at run time).
+The generated code is not committed. It is built at install and build time, never as a side
+effect of an import: `./dev` runs `python -m promptmux.serving.proto_build` when it installs
+the project and whenever the .proto (or this file) is newer than the build, container images
+run it at build time, and the commands that start a server (`promptmux serve`, the benchmark
+harness's local server) run `ensure_built` first. A sha256 of the .proto is recorded in the
+generated `__init__.py`; modules that need the generated code call `require_built`, which
+fails with instructions when it is missing or stale, and builds nothing.
 
 Several processes (Ray's gRPC proxy, replicas, tests) may build at once: each writes into its
 own temporary folder and moves whole files into place, `__init__.py` last, so a reader sees
@@ -104,9 +107,20 @@ def _rewrite(path: Path, old: str, new: str) -> None:
 
 
 def ensure_built() -> None:
-    """Build the generated package if it is missing or older than the .proto."""
+    """Build the generated package if it is missing or older than the .proto (commands only)."""
     if not is_current():
         build()
+
+
+def require_built(out_dir: Path = OUT_DIR, proto_path: Path = PROTO_PATH) -> None:
+    """Raise RuntimeError, saying how to build it, if the generated package is missing or stale
+    (not ImportError: that reads as a missing optional extra, and hides commands)."""
+    if not is_current(out_dir, proto_path):
+        raise RuntimeError(
+            f"the gRPC code generated from {proto_path.name} is missing or older than the .proto ({out_dir}); "
+            "build it with `python -m promptmux.serving.proto_build` (`./dev` does this when it installs the "
+            "project or the .proto changes; container images at build time)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,3 +93,20 @@ def test_stream_deltas_hold_back_incomplete_characters():
     assert "".join(pieces) == text
     assert pieces[:3] == ["a", "", "é"]  # é is two bytes: nothing until both arrived
     assert deltas.finish(text) == "" and deltas.token_count == len(ids)
+
+
+def test_the_generated_grpc_code_is_checked_on_import_never_built(tmp_path):
+    """Importing the gRPC edge builds nothing: code generated from another .proto (or none) is
+    an error that says how to build it, and the folder stays as it was."""
+    from promptmux.serving.proto_build import PROTO_PATH, build, require_built
+
+    out = tmp_path / "proto_gen"
+    with pytest.raises(RuntimeError, match=r"missing or older than the \.proto.*python -m promptmux\.serving\.proto_build"):
+        require_built(out)
+    assert not out.exists()
+    build(out)
+    require_built(out)  # current: no error
+    changed = tmp_path / "promptmux.proto"
+    changed.write_text(PROTO_PATH.read_text() + "\n// a new comment changes the hash\n")
+    with pytest.raises(RuntimeError, match="missing or older"):
+        require_built(out, changed)

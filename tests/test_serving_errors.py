@@ -126,9 +126,9 @@ def gated_server_class():
     on the encoder module, so it holds whatever engine loop runs the model. Built inside a
     function so Ray pickles the class by value: the replica cannot import test modules.
     """
-    from promptmux.serving.deployment import PromptmuxServer
+    from promptmux.serving.replica import PromptmuxReplica
 
-    class GatedPromptmuxServer(PromptmuxServer):
+    class GatedPromptmuxServer(PromptmuxReplica):
         def __init__(self, config, gate: str) -> None:
             from pathlib import Path
 
