@@ -6,7 +6,7 @@ Started by local_server.LocalServer, never by hand. It reads one JSON object on 
      "replica_cpus": 0.1, "apps": {"promptmux-mixed": {<application args>}, ...}}
 
 starts Ray (no dashboard, metrics pushed every second) and Serve with the project's gRPC
-servicer, deploys every application (route prefix `/<name>`), prints one JSON line
+servicer through `promptmux serve`'s own start-up (serving/local_serve.py), deploys every application (route prefix `/<name>`), prints one JSON line
 `{"event": "deployed", ...}`, then serves until stdin closes or SIGTERM arrives, and shuts
 Serve and Ray down. Its Ray processes are its own: nothing else is touched.
 """
@@ -29,44 +29,25 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    import ray
-    from ray import serve
-
-    from promptmux.serving.app import GRPC_SERVICER, build_deployment
-    from promptmux.serving.proto_build import ensure_built
     from promptmux.serving.config import AppConfig
+    from promptmux.serving.local_serve import local_serve
 
-    ensure_built()
-    ray.init(
-        address="local",  # a private cluster, never someone else's
-        num_cpus=spec.get("num_cpus"),
-        include_dashboard=False,
-        _metrics_export_port=spec["metrics_port"],
-        _system_config={"metrics_report_interval_ms": 1000},
-        log_to_driver=spec.get("log_to_driver", False),
-        configure_logging=False,
-    )
+    replica_options = {"ray_actor_options": {"num_cpus": spec.get("replica_cpus", 0.1)}}
     try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": spec["http_port"]},
-            grpc_options={"port": spec["grpc_port"], "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
-        handles = []
-        for name, args in spec["apps"].items():
-            app = build_deployment(AppConfig.from_args(args), ray_actor_options={"num_cpus": spec.get("replica_cpus", 0.1)})
-            handles.append(serve.run(app, name=name, route_prefix=f"/{name}", blocking=False))
-        _emit(event="deployed", apps=list(spec["apps"]), pid=os.getpid())
-        watcher = threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True)
-        watcher.start()  # the parent closing our stdin (or dying) also stops us
-        stop.wait()
+        apps = {name: (AppConfig.from_args(args), replica_options, f"/{name}") for name, args in spec["apps"].items()}
+        with local_serve(
+            apps, grpc_port=spec["grpc_port"], http_port=spec["http_port"], metrics_port=spec["metrics_port"],
+            num_cpus=spec.get("num_cpus"),  # a private cluster, never someone else's
+            _system_config={"metrics_report_interval_ms": 1000},
+            log_to_driver=spec.get("log_to_driver", False), configure_logging=False,
+        ):
+            _emit(event="deployed", apps=list(spec["apps"]), pid=os.getpid())
+            watcher = threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True)
+            watcher.start()  # the parent closing our stdin (or dying) also stops us
+            stop.wait()
     except Exception as error:
         _emit(event="error", message=f"{type(error).__name__}: {error}")
         return 1
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     return 0
 
 

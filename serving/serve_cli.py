@@ -83,17 +83,14 @@ def run_serve(args: argparse.Namespace) -> int:
     host = bind_host(args.host)
     os.environ.update(ray_environment(host))
 
-    import ray
-    from ray import serve
-
-    from .app import APP_NAME, GRPC_SERVICER, ROUTE_PREFIX, build_deployment
+    from .app import ROUTE_PREFIX
     from .cli_common import open_store
+    from .config import APP_NAME, AppConfig
     from .demo_prompts import seed_demo_prompts_if_embedded
+    from .local_serve import local_serve
     from .message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from .model_loading import model_d_model
     from .serve_bind import HOOK as BIND_HOOK
-    from .proto_build import ensure_built
-    from .config import AppConfig
 
     app_args, options, serve_config = resolve_args(args)
     config = AppConfig.from_args(app_args)
@@ -108,34 +105,23 @@ def run_serve(args: argparse.Namespace) -> int:
     http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
 
     max_message = grpc_max_message_bytes(config, model_d_model(config.promptmux.model))
-    ensure_built()
     seed_demo_prompts_if_embedded(config.promptmux.model, open_store(config.promptmux))
     # Ray's processes (raylet, metrics agent, Serve's proxies) inherit this environment.
     os.environ[GRPC_MAX_MESSAGE_ENV] = str(max_message)
-    # address="local": always a fresh cluster of our own, never one someone else started here.
-    ray.init(
-        address="local", include_dashboard=False, num_cpus=args.num_cpus, _metrics_export_port=args.metrics_port,
-        runtime_env={"worker_process_setup_hook": BIND_HOOK},
-    )
-    stop = _stop_on_signals()
+    apps = {APP_NAME: (config, options, ROUTE_PREFIX)}
     try:
-        serve.start(
-            http_options={"host": host, "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
-        serve.run(build_deployment(config, **options), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)
-        check_listening(host, {"gRPC": grpc_port, "HTTP": http_port, "metrics": args.metrics_port})
-        _print_banner(config, grpc_port, http_port, args, dev_key, host, max_message)
-        while not stop():
-            time.sleep(0.5)
+        with local_serve(apps, grpc_port=grpc_port, http_port=http_port, metrics_port=args.metrics_port, host=host,
+                         num_cpus=args.num_cpus, runtime_env={"worker_process_setup_hook": BIND_HOOK}):
+            try:
+                stop = _stop_on_signals()
+                check_listening(host, {"gRPC": grpc_port, "HTTP": http_port, "metrics": args.metrics_port})
+                _print_banner(config, grpc_port, http_port, args, dev_key, host, max_message)
+                while not stop():
+                    time.sleep(0.5)
+            finally:
+                print("\nstopping promptmux ...", file=sys.stderr)
     except KeyboardInterrupt:
         pass
-    finally:
-        print("\nstopping promptmux ...", file=sys.stderr)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     return 0
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from promptmux.benchmarks.gpu_bench import nominal_bandwidth_gbps, run_gpu_bench, weight_bytes
-from promptmux.benchmarks.metrics_scrape import histogram_totals, parse_prometheus, run_stats, samples_from_totals
-from promptmux.benchmarks.profiling import summarize_collapsed
+from promptmux.benchmarks.harness.gpu_bench import nominal_bandwidth_gbps, run_gpu_bench, weight_bytes
+from promptmux.benchmarks.harness.metrics_scrape import histogram_totals, parse_prometheus, run_stats, samples_from_totals
+from promptmux.benchmarks.harness.profiling import summarize_collapsed
 
 SCRAPE = """\
 # HELP ray_promptmux_batch_size Requests per engine batch
@@ -123,7 +123,7 @@ def test_gpu_report_arithmetic_on_a_tiny_model_on_cpu(tmp_path):
 
 def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
     """A model that emits EOS at once (a forcing hook) makes full rows under suppress_eos."""
-    from promptmux.benchmarks.gpu_bench import build_engine, suppress_eos
+    from promptmux.benchmarks.harness.gpu_bench import build_engine, suppress_eos
     from promptmux.serving.requests import GenerationParams, GenerationRequest
 
     engine = build_engine("random:tiny", "float32", "cpu", str(tmp_path), max_batch_size=4)
@@ -148,7 +148,7 @@ def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
 
 
 def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypatch):
-    from promptmux.benchmarks import gpu_bench
+    from promptmux.benchmarks.harness import gpu_bench
     from promptmux.serving.cli import main
 
     monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
@@ -162,7 +162,7 @@ def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypat
 
 
 def test_gpu_bench_runs_the_step_loop_in_continuous_mode(tmp_path, monkeypatch):
-    from promptmux.benchmarks import gpu_bench
+    from promptmux.benchmarks.harness import gpu_bench
     from promptmux.serving.cli import main
 
     monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
@@ -189,8 +189,8 @@ def test_weight_bytes_count_tied_tensors_once():
 
 
 def test_batch_scaling_curve_and_interpolation():
-    from promptmux.benchmarks.engine_figures import ScalingPoint, measure_batch_scaling, rate_at
-    from promptmux.benchmarks.workload import WorkloadSpec
+    from promptmux.benchmarks.harness.engine_figures import ScalingPoint, measure_batch_scaling, rate_at
+    from promptmux.benchmarks.harness.workload import WorkloadSpec
 
     points = measure_batch_scaling({"source": "random:tiny"}, {"max_new_tokens_limit": 8},
                                    WorkloadSpec(tasks=2, prompt_length=2, input_length=6, output_length=2),
@@ -220,9 +220,9 @@ def test_cpu_usage_counts_this_process():
 def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
     from pathlib import Path
 
-    from promptmux.benchmarks.runner import RunResult
-    from promptmux.benchmarks.stats import Summary
-    from promptmux.benchmarks.targets import TargetInfo
+    from promptmux.benchmarks.harness.runner import RunResult
+    from promptmux.benchmarks.harness.stats import Summary
+    from promptmux.benchmarks.harness.targets import TargetInfo
 
     spec = next(r for r in scenario.runs if r.name == name)
     summary = Summary(window_s=10, issued=int(rps * 10), completed=int(rps * 10), throughput_rps=rps,
@@ -234,12 +234,12 @@ def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
 
 
 def test_notes_explain_misses_with_the_measured_numbers():
-    from promptmux.benchmarks.analysis import Context, notes_for
-    from promptmux.benchmarks.engine_figures import ScalingPoint
-    from promptmux.benchmarks.records import ServerStats
-    from promptmux.benchmarks.runner import ScenarioResult, evaluate
-    from promptmux.benchmarks.scenario import load_scenario
-    from promptmux.benchmarks.stats import Summary
+    from promptmux.benchmarks.harness.analysis import Context, notes_for
+    from promptmux.benchmarks.harness.engine_figures import ScalingPoint
+    from promptmux.benchmarks.harness.records import ServerStats
+    from promptmux.benchmarks.harness.runner import ScenarioResult, evaluate
+    from promptmux.benchmarks.harness.scenario import load_scenario
+    from promptmux.benchmarks.harness.stats import Summary
 
     scaling = [ScalingPoint(1, 0.04), ScalingPoint(4, 0.06), ScalingPoint(64, 0.4)]
     per_task = load_scenario("mixed_vs_per_task")
@@ -267,8 +267,8 @@ def test_notes_explain_misses_with_the_measured_numbers():
 
 
 def test_engine_mixing_penalty_alternates_identical_texts():
-    from promptmux.benchmarks.engine_figures import EngineBench
-    from promptmux.benchmarks.workload import WorkloadSpec
+    from promptmux.benchmarks.harness.engine_figures import EngineBench
+    from promptmux.benchmarks.harness.workload import WorkloadSpec
 
     bench = EngineBench({"source": "random:tiny"}, {"max_new_tokens_limit": 8}, max_batch_size=4)
     try:

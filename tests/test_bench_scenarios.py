@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptmux.benchmarks.bench_cli import apply_overrides, scenario_from_flags
-from promptmux.benchmarks.scenario import SCENARIO_DIR, load_scenario, parse_scenario
-from promptmux.benchmarks.suite import SUITE, estimated_seconds, scale_scenario
+from promptmux.benchmarks.harness.bench_cli import apply_overrides, scenario_from_flags
+from promptmux.benchmarks.harness.scenario import SCENARIO_DIR, load_scenario, parse_scenario
+from promptmux.benchmarks.harness.suite import SUITE, estimated_seconds, scale_scenario
 from promptmux.serving.cli import build_parser, main
 from promptmux.serving.config import AppConfig
 
@@ -125,8 +125,8 @@ def test_a_missing_key_is_a_one_line_error_before_any_connection(flags, missing,
 
 
 def test_continuous_bench_builds_the_issue_table_from_its_comparisons():
-    from promptmux.benchmarks.continuous_bench import at_rate, figures, scenarios_for
-    from promptmux.benchmarks.runner import ComparisonResult, ScenarioResult
+    from promptmux.benchmarks.harness.continuous_bench import at_rate, figures, scenarios_for
+    from promptmux.benchmarks.harness.runner import ComparisonResult, ScenarioResult
 
     main, ttft = scenarios_for("random:t5-small", scale=0.5)
     assert main.model["source"] == "random:t5-small" and main.name == "continuous-t5-small"

@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from promptmux.benchmarks.load import poisson_arrivals
-from promptmux.benchmarks.records import RequestRecord
-from promptmux.benchmarks.stats import cdf_points, completion_rate, percentile, summarize
-from promptmux.benchmarks.workload import LengthSpec, Popularity, RequestSampler, WorkloadSpec, build_tasks
+from promptmux.benchmarks.harness.load import poisson_arrivals
+from promptmux.benchmarks.harness.records import RequestRecord
+from promptmux.benchmarks.harness.stats import cdf_points, completion_rate, percentile, summarize
+from promptmux.benchmarks.harness.workload import LengthSpec, Popularity, RequestSampler, WorkloadSpec, build_tasks
 
 
 def test_percentiles_on_known_data():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptmux.benchmarks.decode_bytes import decode_step_bytes
+from promptmux.benchmarks.harness.decode_bytes import decode_step_bytes
 from promptmux.serving.model_shapes import SHAPES, build_random_model
 
 XXL = SHAPES["t5-xxl"]

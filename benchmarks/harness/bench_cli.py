@@ -255,7 +255,7 @@ def read_keys(args: argparse.Namespace) -> dict[str, str]:
 
 # ---------------------------------------------------------------------- commands
 def _run_command(args: argparse.Namespace) -> int:
-    from .machine import machine_info
+    from ..machine import machine_info
     from .report import summary_table, write_report, write_summary_json
     from .runner import HarnessOptions, run_scenarios
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .machine import busy_elsewhere, load_average, machine_info, results_folder_name
+from ..machine import busy_elsewhere, load_average, machine_info, results_folder_name
 from .plots import plot_scenario
 from .report import summary_table, write_report, write_summary_json
 from .runner import Environment, HarnessOptions, ScenarioResult, run_scenario

@@ -14,13 +14,9 @@ machine hits each alike.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from .workload import Popularity, RequestSampler, WorkloadSpec, build_tasks
 
@@ -60,18 +56,13 @@ class EngineBench:
 
     def __init__(self, model: dict[str, Any], engine: dict[str, Any], torch_threads: int | None = 1,
                  max_batch_size: int = 64) -> None:
-        from promptmux.serving.config import PromptmuxConfig
-        from promptmux.serving.engine import Engine
+        from ..engine_direct import DirectEngine
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)  # before the model exists, as a replica does
-        self._root = tempfile.TemporaryDirectory(prefix="promptmux-engine-figures-")
-        config = PromptmuxConfig.from_dict({
-            "model": dict(model),
-            "store": {"root": str(Path(self._root.name)), "max_prompt_length": 1024},
-            "engine": {**engine, "max_batch_size": max(max_batch_size, engine.get("max_batch_size", 64))},
-        })
-        self.engine = Engine.from_config(config)
+        self._direct = DirectEngine(
+            model, {**engine, "max_batch_size": max(max_batch_size, engine.get("max_batch_size", 64))},
+            torch_threads=torch_threads, seed=None,
+        )
+        self.engine = self._direct.engine
 
     def requests(self, workload: WorkloadSpec, count: int, seed: str = "engine-figures"):
         from promptmux.serving.requests import GenerationParams, GenerationRequest
@@ -117,7 +108,7 @@ class EngineBench:
         return MixingPenalty(batch_size, len({r.task for r in mixed}), repeats, single_s, mixed_s)
 
     def close(self) -> None:
-        self._root.cleanup()
+        self._direct.close()
 
 
 def measure_batch_scaling(model: dict[str, Any], engine: dict[str, Any], workload: WorkloadSpec, *,

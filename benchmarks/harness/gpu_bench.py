@@ -388,7 +388,7 @@ def run_gpu_bench(
         "repeats": repeats, "when": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
     }
     if output is None:
-        from .machine import machine_info, results_folder_name
+        from ..machine import machine_info, results_folder_name
         from .suite import RESULTS_DIR
 
         output = RESULTS_DIR / results_folder_name(machine_info())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU device: environment, demo on CUDA, `pytest -m gpu`, `bench gpu`.
 #
-#   OUT=/path/to/returned/folder bash benchmarks/gpu_first_contact.sh    # from the repository root
+#   OUT=/path/to/returned/folder bash benchmarks/harness/gpu_first_contact.sh    # from the repository root
 #
 # The device image is not our venv: no network, so neither `pip install -e .` nor ./dev can
 # set up there. The code runs from the working tree through a namespace of symlinks on

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .machine import MachineInfo
+from ..machine import MachineInfo
 from .runner import ComparisonResult, RunResult, ScenarioResult
 
 SHARED_MACHINE_NOTE = (

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cpu_usage import CpuUsage, snapshot, usage
+from ..cpu_usage import CpuUsage, snapshot, usage
 from .load import StreamPlan, run_streams
-from .machine import load_average
+from ..machine import load_average
 from .profiling import ProfileSummary, profile_pid
 from .records import BatchSample, RequestRecord, ServerStats, write_records
 from .scenario import METRICS, Comparison, RunSpec, Scenario
@@ -140,7 +140,7 @@ class Environment:
             return
         if not needs_server:
             return
-        from .local_server import LocalServer
+        from ..local_server import LocalServer
 
         apps: dict[str, dict] = {}
         tenants: set[str] = set()
@@ -202,18 +202,14 @@ class Environment:
         if key not in self._engines:
             import torch
 
-            from promptmux.serving.config import PromptmuxConfig
-            from promptmux.serving.engine import Engine
+            from ..engine_direct import DirectEngine
 
             if serving.torch_threads:
-                # Before the model exists, as a replica does (and Ray sets OMP_NUM_THREADS for it):
-                # threads sized during the build would otherwise linger beside the engine's.
-                torch.set_num_threads(serving.torch_threads)
-
-            config = PromptmuxConfig.from_dict({k: args[k] for k in ("model", "store", "engine")})
-            self.options.log(f"loading the engine-direct model {config.model.source} in this process ...")
-            engine = await asyncio.to_thread(Engine.from_config, config)
-            self._engines[key] = EngineTarget(engine, serving, model_name=config.model.source)
+                torch.set_num_threads(serving.torch_threads)  # on this thread, before the model exists
+            self.options.log(f"loading the engine-direct model {args['model'].get('source', 'embedded')} in this process ...")
+            direct = await asyncio.to_thread(DirectEngine, args["model"], args["engine"], store=args["store"],
+                                             torch_threads=None, seed=None)
+            self._engines[key] = EngineTarget(direct.engine, serving, model_name=direct.config.model.source)
         return self._engines[key].with_serving(serving)
 
     def process_groups(self, scenario: Scenario, run: RunSpec) -> dict[str, list[int]]:

@@ -18,14 +18,14 @@ from typing import Sequence
 
 from .analysis import Context, notes_for
 from .engine_figures import EngineBench, penalty_markdown, scaling_markdown
-from .machine import busy_elsewhere, load_average, machine_info, results_folder_name
+from ..machine import busy_elsewhere, load_average, machine_info, results_folder_name
 from .plots import plot_scenario
 from .report import summary_table, write_report, write_summary_json
 from .runner import HarnessOptions, run_scenarios
 from .scenario import Scenario, load_scenario
 
 SUITE = ("capacity", "mixed_penalty", "mixed_vs_per_task", "serving_overhead", "fairness", "prompt_length")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 
 
 def scale_scenario(scenario: Scenario, factor: float) -> Scenario:

@@ -14,7 +14,7 @@ all full), per round; the whole-run ratio (with the
 continuous run's drain) and the wall-time ratio are reported beside it. Rounds alternate the
 two modes so a burst of load on the shared machine hits both.
 
-    python -m promptmux.benchmarks.bench_continuous_vs_static [--model embedded random:t5-small] [--rounds 3]
+    python -m promptmux.benchmarks.micro.bench_continuous_vs_static [--model embedded random:t5-small] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -23,32 +23,25 @@ import contextlib
 import dataclasses
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from promptmux.prompts.store import PromptStore
-from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine import Engine
-from promptmux.serving.model_loading import load_model
 from promptmux.serving.requests import GenerationParams, GenerationRequest, PreparedRequest
 from promptmux.serving.step_engine import StepEngine
 
-from .machine import machine_info
+from ..engine_direct import DirectEngine, register_random_prompts
+from ..machine import machine_info
 
 MIN_NEW, MAX_NEW = 4, 64
 
 
 def build_workload(engine: Engine, tasks: int, requests: int, seed: int) -> list[PreparedRequest]:
-    generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    for t in range(tasks):
-        length = rng.randint(10, 30)
-        engine.store.register("bench", f"task{t}", 0.05 * torch.randn(length, engine.loaded.d_model, generator=generator))
-    engine.refresh_prompts()
+    register_random_prompts(engine, "bench", [rng.randint(10, 30) for _ in range(tasks)], seed=seed)
     out = []
     for i in range(requests):
         text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(8, 48)))
@@ -111,11 +104,9 @@ def timed(fn, *args) -> tuple[float, float, int]:
 
 
 def bench_model(source: str, args, bar) -> dict:
-    torch.manual_seed(0)
-    loaded = load_model(ModelConfig(source=source))
-    with tempfile.TemporaryDirectory() as root, torch.inference_mode():
-        store = PromptStore(root, d_model=loaded.d_model, max_length=1024)
-        engine = Engine(loaded, store, EngineConfig(max_batch_size=args.slots, max_new_tokens_limit=MAX_NEW))
+    direct = DirectEngine(source, {"max_batch_size": args.slots, "max_new_tokens_limit": MAX_NEW},
+                          torch_threads=args.threads)
+    with direct as engine, torch.inference_mode():
         requests = build_workload(engine, args.tasks, args.requests, seed=0)
         expected = sum(r.params.max_new_tokens for r in requests)
         step_engine = StepEngine(engine)
@@ -160,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadiest on a CPU shared with other jobs")
     parser.add_argument("--output", type=Path,
-                        default=Path(__file__).parent / "results" / "continuous_vs_static_cpu.md")
+                        default=Path(__file__).resolve().parents[1] / "results" / "continuous_vs_static_cpu.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info()
@@ -197,7 +188,7 @@ def main(argv=None) -> None:
         f"Step speed alone (one batch of {args.slots} rows that all want {MAX_NEW} tokens, so continuous batching "
         "has nothing to win; step loop / `generate`, median): " + ", ".join(
             f"{r['model']} {r['equal']:.2f}x" for r in results) + ".", "",
-        f"Command: `python -m promptmux.benchmarks.bench_continuous_vs_static --rounds {args.rounds} "
+        f"Command: `python -m promptmux.benchmarks.micro.bench_continuous_vs_static --rounds {args.rounds} "
         f"--threads {args.threads}`"]
     report = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ embedded model, store on local disk), then:
    and the task index loaded from the snapshot in a fresh process (time and memory);
 5. a projection to 1,000,000 tasks from the per-task costs measured.
 
-    python -m promptmux.benchmarks.bench_many_tasks --tasks 100000     # writes results/many_tasks_cpu.md
-    python -m promptmux.benchmarks.bench_many_tasks --tasks 3000 --requests 300 --no-write
+    python -m promptmux.benchmarks.micro.bench_many_tasks --tasks 100000     # writes results/many_tasks_cpu.md
+    python -m promptmux.benchmarks.micro.bench_many_tasks --tasks 3000 --requests 300 --no-write
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cpu_usage import snapshot, usage
-from .local_server import ADMIN_TENANT, LocalServer
-from .machine import load_average
-from .metrics_scrape import fetch, parse_prometheus
-from .stats import percentile
+from ..cpu_usage import snapshot, usage
+from ..local_server import ADMIN_TENANT, LocalServer
+from ..machine import load_average
+from ..harness.metrics_scrape import fetch, parse_prometheus
+from ..harness.stats import percentile
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 D_MODEL = 256  # the embedded model's width
 TENANTS = 100
 
@@ -425,7 +425,7 @@ def report(m: dict, machine: str, earlier: str) -> str:
         f"# {n:,} tasks on one deployment, through the API ({machine})",
         "",
         f"One replica of the embedded model (d_model={D_MODEL}, float32 prompts), a private Ray cluster "
-        f"(2 CPUs), store on local disk. Measured by `python -m promptmux.benchmarks.bench_many_tasks "
+        f"(2 CPUs), store on local disk. Measured by `python -m promptmux.benchmarks.micro.bench_many_tasks "
         f"--tasks {n}` in one run; the machine was shared (load average 1/5/15 min: start "
         f"{'/'.join(map(str, load['start']))}, after registering {'/'.join(map(str, load['registered']))}, "
         f"after traffic {'/'.join(map(str, load['traffic']))}, end {'/'.join(map(str, load['end']))}).",

@@ -6,7 +6,7 @@ one prompt per forward, which is what PEFT-style serving offers. Also measured: 
 Hugging Face `generate` on the same mixed batch (inputs built with a per-request
 concatenate-and-pad loop), the reference the engine must not lose to.
 
-    python -m promptmux.benchmarks.bench_mixed_vs_per_task [--model random:t5-small] [--repeats 2]
+    python -m promptmux.benchmarks.micro.bench_mixed_vs_per_task [--model random:t5-small] [--repeats 2]
 
 Figures are ratios measured in one run: the machines are shared and noisy.
 """
@@ -15,25 +15,20 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from promptmux.prompts.store import PromptStore
-from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine import Engine
-from promptmux.serving.model_loading import load_model
 from promptmux.serving.requests import GenerationParams, GenerationRequest
+
+from ..engine_direct import DirectEngine, register_random_prompts
 
 
 def build_workload(engine: Engine, tasks: int, requests: int, prompt_length: int, input_length: int, max_new: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    for t in range(tasks):
-        engine.store.register("bench", f"task{t}", 0.05 * torch.randn(prompt_length, engine.loaded.d_model, generator=generator))
-    engine.refresh_prompts()
+    register_random_prompts(engine, "bench", [prompt_length] * tasks, seed=seed)
     rng = random.Random(seed)
     text = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(input_length - 1))
     params = GenerationParams(max_new_tokens=max_new)
@@ -91,15 +86,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadiest on a CPU shared with other jobs")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "mixed_vs_per_task_cpu.md")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "mixed_vs_per_task_cpu.md")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    loaded = load_model(ModelConfig(source=args.model))
-    with tempfile.TemporaryDirectory() as root:
-        store = PromptStore(root, d_model=loaded.d_model, max_length=1024)
-        engine = Engine(loaded, store, EngineConfig(max_batch_size=max(args.requests, 64)))
+    with DirectEngine(args.model, {"max_batch_size": max(args.requests, 64)}, torch_threads=args.threads) as engine:
         requests = build_workload(engine, args.tasks, args.requests, args.prompt_length, args.input_length,
                                   args.max_new_tokens, seed=0)
         modes = {"mixed (engine)": run_mixed, "plain HF generate, mixed": run_plain_hf, "per-task (engine)": run_per_task}

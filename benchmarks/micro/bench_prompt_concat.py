@@ -5,8 +5,8 @@ Every request of a batch has its own task prompt (the mixed-task case), stored i
 ratio measured in one run (loop time / op time, medians of interleaved repetitions), because
 the machines are shared and noisy.
 
-    python -m promptmux.benchmarks.bench_prompt_concat            # CPU table -> results/*.md
-    python -m promptmux.benchmarks.bench_prompt_concat --quick    # a smaller grid, one minute
+    python -m promptmux.benchmarks.micro.bench_prompt_concat            # CPU table -> results/*.md
+    python -m promptmux.benchmarks.micro.bench_prompt_concat --quick    # a smaller grid, one minute
 On a CUDA machine the same grid also runs Triton vs torch vs loop on the GPU.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from promptmux.kernels.prompt_concat import EncoderInputs, build_encoder_inputs, pack_segments
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 PAGE_ROWS = 16
 VOCAB = 8192  # the gather reads whole rows; table height barely matters, memory does
 DISTINCT_TASKS = 16
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "figures on a machine whose cores other jobs also use"
     )
     args = parser.parse_args(argv)
-    command = " ".join(["python -m promptmux.benchmarks.bench_prompt_concat", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m promptmux.benchmarks.micro.bench_prompt_concat", *(sys.argv[1:] if argv is None else argv)])
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -15,8 +15,8 @@ doing them (a shared machine's load does not inflate them); registrations are wa
   head, and `snapshot_every_changes` entries behind it);
 - a projection to 1,000,000 tasks from the per-task costs measured here.
 
-    python -m promptmux.benchmarks.bench_task_feed                 # 3,000 tasks, writes results/task_feed_cpu.md
-    python -m promptmux.benchmarks.bench_task_feed --tasks 500 --no-write
+    python -m promptmux.benchmarks.micro.bench_task_feed                 # 3,000 tasks, writes results/task_feed_cpu.md
+    python -m promptmux.benchmarks.micro.bench_task_feed --tasks 500 --no-write
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from promptmux.prompts.namespace import TaskNamespace
 from promptmux.prompts.quotas import StoreQuotas
 from promptmux.prompts.store import PromptStore
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 D_MODEL = 64
 INTERVAL_S = 0.5
 
@@ -153,7 +153,7 @@ def report(m: dict, machine: str) -> str:
         "",
         f"{n:,} tasks of 20-100 rows over {m['tenants']} tenants, local disk, d_model={D_MODEL}; "
         f"refresh interval {INTERVAL_S} s. Refresh and start-up: CPU time; registration: wall time "
-        "(fsync-bound). Measured in one run by `python -m promptmux.benchmarks.bench_task_feed`.",
+        "(fsync-bound). Measured in one run by `python -m promptmux.benchmarks.micro.bench_task_feed`.",
         "",
         "| what | before (full rescan) | now (change log) | ratio |",
         "|---|---|---|---|",

@@ -1,0 +1,1 @@
+"""The load-test harness: `promptmux bench` (scenarios, workloads, targets, reports)."""

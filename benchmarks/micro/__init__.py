@@ -1,0 +1,1 @@
+"""Micro-benchmarks: one component or one engine-level comparison each, run as `python -m`."""
