@@ -5,8 +5,9 @@ Every request b contributes, in order along the sequence axis:
     [ its prompt segments (P_b bank rows) | its tokens' embeddings (L_b rows) | zeros ]
 
 and the attention mask is 1 on exactly the first P_b + L_b positions. Right padding after
-`[prompt; input]` keeps T5's relative position bias identical to an unbatched run (see
-DESIGN.md); padding between prompt and input would not.
+`[prompt; input]` keeps T5's relative position bias identical to an unbatched run (the bias
+depends only on key position minus query position; README.md, "How a mixed batch runs");
+padding between prompt and input would not.
 
 The file tells the whole story, Triton-tutorial style:
   1. `build_encoder_inputs_reference`: the clarity-first definition (loops over requests).

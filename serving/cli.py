@@ -125,7 +125,7 @@ def _add_optional_commands(commands, prompt_commands) -> None:
 
 
 def parse_requests(args: argparse.Namespace):
-    from .requests import GenerationParams, GenerationRequest
+    from .generation_types import GenerationParams, GenerationRequest
 
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens,

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import InvalidRequestError
-from .requests import GenerationParams
+from .generation_types import GenerationParams
 from .sampling import SAMPLING_DTYPE, check_sampling_params, sample_rows, seed_words
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from promptmux.serving.engine import BatchOutput, Engine
 from promptmux.prompts.errors import PromptmuxError
-from promptmux.serving.requests import GenerationParams, GenerationRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
 from promptmux.prompts.synthetic_tasks import Example, task_examples
 

@@ -33,7 +33,7 @@ from .errors import InvalidRequestError, PromptmuxError, PromptUnusableError, Ta
 from .model_loading import LoadedModel, load_model
 from .prompt_bank import Lease, PromptBank, merge_leases
 from .prompt_index import PromptIndex
-from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
+from .generation_types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest, PromptVersionRef
 from .sampling import row_seed
 
 TokenCallback = Callable[[int, int], None]

@@ -12,7 +12,7 @@ from promptmux.prompts.synthetic_tasks import Example
 from .errors import InvalidPromptError, InvalidRequestError, PromptmuxError
 from .message_limits import MAX_REQUEST_ID_BYTES
 from .proto_build import require_built
-from .requests import GenerationParams, GenerationRequest, GenerationResult
+from .generation_types import GenerationParams, GenerationRequest, GenerationResult
 
 require_built()  # built at install time (proto_build.py); a check, not a build
 from .proto_gen import promptmux_pb2 as pb  # noqa: E402  (built at install time; checked just above)

@@ -15,7 +15,7 @@ from typing import Sequence
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from .tenant_queues import QueuedRequest
-from .requests import BatchStats, GenerationRequest, GenerationResult
+from .generation_types import BatchStats, GenerationRequest, GenerationResult
 
 _STEP_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 _LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InvalidRequestError
-from .requests import GenerationParams
+from .generation_types import GenerationParams
 
 SAMPLING_DTYPE = torch.float32
 _MASK32 = 0xFFFFFFFF

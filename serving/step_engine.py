@@ -40,7 +40,7 @@ from .decode_graphs import make_runner, resolve_decode_graphs
 from .engine import Engine
 from .errors import InvalidRequestError, ModelLoadError, PromptmuxError
 from .prompt_bank import Lease
-from .requests import GenerationResult, PreparedRequest, PromptVersionRef
+from .generation_types import GenerationResult, PreparedRequest, PromptVersionRef
 from .sampling import SAMPLING_DTYPE, check_sampling_params, row_seed, sample_rows, seed_words
 from .slot_cache import SlotCache
 from .t5_step import T5DecoderStep

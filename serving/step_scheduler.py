@@ -41,7 +41,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from .batcher import Batcher
 from .errors import PromptmuxError, UnavailableError
-from .requests import GenerationResult, PreparedRequest
+from .generation_types import GenerationResult, PreparedRequest
 from .config import ServingConfig
 from .tenant_queues import BatchObserver, QueuedRequest, RunBatch, TenantQueues, expired_error
 

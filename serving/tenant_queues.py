@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Hashable, Protocol, Sequence
 
 from .errors import DeadlineExceededError, PromptmuxError, ResourceExhaustedError, UnavailableError
-from .requests import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
+from .generation_types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
 from .config import ServingConfig
 
 TokenSink = Callable[[int], None]  # called on the event loop with each new token id

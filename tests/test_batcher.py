@@ -16,7 +16,7 @@ from promptmux.serving.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from promptmux.serving.requests import BatchStats, GenerationRequest, GenerationResult
+from promptmux.serving.generation_types import BatchStats, GenerationRequest, GenerationResult
 from promptmux.serving.config import ServingConfig
 
 

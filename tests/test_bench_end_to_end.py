@@ -7,7 +7,7 @@ import json
 import pytest
 
 from promptmux.benchmarks.harness.plots import plot_scenario
-from promptmux.benchmarks.harness.records import read_records
+from promptmux.benchmarks.harness.request_records import read_records
 from promptmux.benchmarks.harness.report import summary_table, write_report, write_summary_json
 from promptmux.benchmarks.harness.runner import HarnessOptions, run_scenarios
 from promptmux.benchmarks.harness.scenario import parse_scenario

@@ -8,7 +8,7 @@ import pytest
 
 from promptmux.benchmarks.harness.load import LoadSpec, StreamPlan, run_streams
 from promptmux.benchmarks.harness.stats import summarize
-from promptmux.benchmarks.harness.targets import Outcome
+from promptmux.benchmarks.harness.load_targets import Outcome
 from promptmux.benchmarks.harness.workload import RequestSampler, WorkloadSpec
 
 
@@ -105,7 +105,7 @@ def test_streaming_records_time_to_first_token():
 
 
 def test_records_round_trip_plain_and_gzipped(tmp_path):
-    from promptmux.benchmarks.harness.records import read_records, write_records
+    from promptmux.benchmarks.harness.request_records import read_records, write_records
 
     result = run(LoadSpec(mode="closed", concurrency=2, duration_s=None, requests=5, warmup_s=0), FakeTarget())
     for name in ("r.jsonl", "r.jsonl.gz"):

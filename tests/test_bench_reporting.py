@@ -124,7 +124,7 @@ def test_gpu_report_arithmetic_on_a_tiny_model_on_cpu(tmp_path):
 def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
     """A model that emits EOS at once (a forcing hook) makes full rows under suppress_eos."""
     from promptmux.benchmarks.harness.gpu_bench import build_engine, suppress_eos
-    from promptmux.serving.requests import GenerationParams, GenerationRequest
+    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
     engine = build_engine("random:tiny", "float32", "cpu", str(tmp_path), max_batch_size=4)
     eos = engine.model.config.eos_token_id
@@ -222,7 +222,7 @@ def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
 
     from promptmux.benchmarks.harness.runner import RunResult
     from promptmux.benchmarks.harness.stats import Summary
-    from promptmux.benchmarks.harness.targets import TargetInfo
+    from promptmux.benchmarks.harness.load_targets import TargetInfo
 
     spec = next(r for r in scenario.runs if r.name == name)
     summary = Summary(window_s=10, issued=int(rps * 10), completed=int(rps * 10), throughput_rps=rps,
@@ -236,7 +236,7 @@ def _run_result(scenario, name, rps, p50, p99, stats=None, streams=None):
 def test_notes_explain_misses_with_the_measured_numbers():
     from promptmux.benchmarks.harness.analysis import Context, notes_for
     from promptmux.benchmarks.harness.engine_figures import ScalingPoint
-    from promptmux.benchmarks.harness.records import ServerStats
+    from promptmux.benchmarks.harness.request_records import ServerStats
     from promptmux.benchmarks.harness.runner import ScenarioResult, evaluate
     from promptmux.benchmarks.harness.scenario import load_scenario
     from promptmux.benchmarks.harness.stats import Summary

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptmux.benchmarks.harness.load import poisson_arrivals
-from promptmux.benchmarks.harness.records import RequestRecord
+from promptmux.benchmarks.harness.request_records import RequestRecord
 from promptmux.benchmarks.harness.stats import cdf_points, completion_rate, percentile, summarize
 from promptmux.benchmarks.harness.workload import LengthSpec, Popularity, RequestSampler, WorkloadSpec, build_tasks
 

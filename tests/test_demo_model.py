@@ -26,7 +26,7 @@ from promptmux.serving.engine import Engine
 from promptmux.serving.errors import ModelLoadError
 from promptmux.serving.model_loading import load_model
 from promptmux.serving.model_shapes import build_random_model
-from promptmux.serving.requests import GenerationRequest
+from promptmux.serving.generation_types import GenerationRequest
 
 REQUIRED_TASKS = {"reverse", "upper", "copy", "reverse-upper"}
 ALONE_SAMPLE_PER_TASK = 6  # a request alone costs a full decode: a sample keeps the file fast

@@ -714,7 +714,7 @@ def test_autoscaling_fits_the_worker_group(kustomization):
         assert scaling["target_ongoing_requests"] >= max_batch, "replicas would scale out before a batch fills"
         max_ongoing = effective_deployment_options(app["args"], deployment)["max_ongoing_requests"]
         if max_ongoing is not None:
-            assert max_ongoing >= max_batch, "or batches never fill (DESIGN.md)"
+            assert max_ongoing >= max_batch, "or batches never fill (serving/app.py, deployment_defaults)"
             assert scaling["target_ongoing_requests"] <= max_ongoing
         actor = deployment["ray_actor_options"]
         for resource, key in (("nvidia.com/gpu", "num_gpus"), ("cpu", "num_cpus")):

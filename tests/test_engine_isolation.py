@@ -19,7 +19,7 @@ from promptmux.serving.errors import (
     TaskNotFoundError,
 )
 from promptmux.serving.model_loading import load_model
-from promptmux.serving.requests import GenerationParams, GenerationRequest, GenerationResult
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest, GenerationResult
 
 D_MODEL = 256  # random:embedded
 

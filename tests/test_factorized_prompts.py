@@ -15,7 +15,7 @@ from promptmux.serving.engine import Engine
 from promptmux.serving.errors import PromptmuxError
 from promptmux.serving.grpc_convert import pb, request_from_pb
 from promptmux.serving.model_loading import load_model
-from promptmux.serving.requests import GenerationParams, GenerationRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
 TINY = ["--model", "random:tiny"]
 

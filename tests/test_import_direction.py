@@ -4,6 +4,7 @@ ones included, so a lazy import inside a function cannot hide a dependency."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 from promptmux.benchmarks.house_figures import (
@@ -56,3 +57,20 @@ def run():
     assert upward_imports(graph) == [("promptmux.serving.cli", "promptmux.benchmarks.stats")]
     assert module_cycles(graph) == [["promptmux.benchmarks.stats", "promptmux.serving.cli"]]
     assert folder_of("promptmux.kernels.prompt_concat") == "kernels"
+
+
+def test_the_kernels_folder_does_not_shadow_the_kernels_package_from_the_repository_root(tmp_path):
+    """`kernels` is also a PyPI package (Hugging Face's hub kernels, which bitsandbytes and
+    transformers import). From the repository root the current folder comes first on sys.path,
+    so a regular package `kernels/` there would win over the installed one."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("def get_kernel(repo_id):\n    return 'the installed package'\n")
+    code = "import kernels, promptmux.kernels.prompt_concat; print(kernels.get_kernel('x'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "the installed package"

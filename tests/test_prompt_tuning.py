@@ -25,7 +25,7 @@ from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine import Engine
 from promptmux.serving.errors import InvalidRequestError
 from promptmux.serving.model_loading import load_model
-from promptmux.serving.requests import GenerationParams, GenerationRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
 SPACE_ID = 35  # ByT5: byte 0x20 + 3 special ids
 

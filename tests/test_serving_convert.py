@@ -19,7 +19,7 @@ from promptmux.serving.grpc_convert import (
     tensor_to_pb,
 )
 from promptmux.serving.errors import TaskNotFoundError
-from promptmux.serving.requests import GenerationParams, GenerationResult, PromptVersionRef
+from promptmux.serving.generation_types import GenerationParams, GenerationResult, PromptVersionRef
 from promptmux.serving.streaming import TextDeltas
 
 

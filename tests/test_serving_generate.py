@@ -40,7 +40,7 @@ def workload() -> list[tuple[str, str, str]]:
 
 
 def alone(engine, tenant: str, task: str, text: str, max_new_tokens: int):
-    from promptmux.serving.requests import GenerationParams, GenerationRequest
+    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
     request = GenerationRequest(tenant=tenant, text=text, task=task, params=GenerationParams(max_new_tokens=max_new_tokens))
     (result,) = engine.run_batch([request]).results

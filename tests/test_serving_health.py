@@ -23,7 +23,7 @@ import pytest
 
 from promptmux.serving.batcher import Batcher
 from promptmux.serving.health import ReplicaHealth, ReplicaUnhealthyError
-from promptmux.serving.requests import BatchStats, GenerationRequest, GenerationResult
+from promptmux.serving.generation_types import BatchStats, GenerationRequest, GenerationResult
 from promptmux.serving.config import AppConfig, ServingConfig
 
 # ---------------------------------------------------------------------- without Ray

@@ -18,7 +18,7 @@ from promptmux.serving.demo_prompts import seed_demo_prompts
 from promptmux.serving.engine import Engine
 from promptmux.serving.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
 from promptmux.serving.model_loading import load_model
-from promptmux.serving.requests import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
 from promptmux.serving.step_engine import StepEngine
 
 PROMPT_LENGTHS = {"p1": 1, "p23": 23, "p64": 64, "p100": 100}  # plus None: no prompt at all

@@ -19,7 +19,7 @@ from promptmux.serving.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from promptmux.serving.requests import (
+from promptmux.serving.generation_types import (
     BatchStats,
     GenerationParams,
     GenerationRequest,

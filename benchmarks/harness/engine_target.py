@@ -20,8 +20,8 @@ from promptmux.serving.errors import PromptmuxError
 from promptmux.serving.config import ServingConfig
 from promptmux.serving.step_scheduler import build_scheduler
 
-from .records import BatchSample, ServerStats
-from .targets import BatchMonitor, Clock, Outcome, TargetInfo
+from .request_records import BatchSample, ServerStats
+from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo
 from .workload import BenchRequest, TaskSpec
 
 
@@ -181,7 +181,7 @@ class EngineTarget:
             return False
 
     async def generate(self, request: BenchRequest, *, stream: bool, clock: Clock) -> Outcome:
-        from promptmux.serving.requests import GenerationParams, GenerationRequest
+        from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
         first: list[float] = []
 

@@ -244,7 +244,7 @@ def measure(
     engine, batch_sizes: Sequence[int], *, tasks: int, prompt_length: int, input_length: int, new_tokens: int,
     repeats: int, nominal_gbps: float, copy_gbps: float, mode: str = "static", log=print,
 ) -> list[GpuPoint]:
-    from promptmux.serving.requests import GenerationParams, GenerationRequest
+    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
     if new_tokens < 2:
         raise ValueError(f"--new-tokens {new_tokens}: decoding is timed as T(new tokens) - T(1), so it needs >= 2")

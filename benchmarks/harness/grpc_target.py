@@ -19,7 +19,7 @@ from promptmux.serving.grpc_convert import pb, tensor_to_pb
 from promptmux.serving.proto_gen import promptmux_pb2_grpc
 
 from .metrics_scrape import PrometheusMonitor
-from .targets import BatchMonitor, Clock, Outcome, TargetInfo
+from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo
 from .workload import BenchRequest, TaskSpec
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # prompt uploads: 1000 rows x 4096 x 4 bytes is 16 MiB

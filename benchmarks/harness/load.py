@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from .records import RequestRecord
-from .targets import Clock, Target
+from .request_records import RequestRecord
+from .load_targets import Clock, Target
 from .workload import RequestSampler
 
 

@@ -30,7 +30,7 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .records import BatchSample, ServerStats
+from .request_records import BatchSample, ServerStats
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from ..cpu_usage import CpuUsage, snapshot, usage
 from .load import StreamPlan, run_streams
 from ..machine import load_average
 from .profiling import ProfileSummary, profile_pid
-from .records import BatchSample, RequestRecord, ServerStats, write_records
+from .request_records import BatchSample, RequestRecord, ServerStats, write_records
 from .scenario import METRICS, Comparison, RunSpec, Scenario
 from .stats import Summary, summarize
-from .targets import Target, TargetInfo
+from .load_targets import Target, TargetInfo
 from .workload import RequestSampler, TaskSpec, build_tasks
 
 

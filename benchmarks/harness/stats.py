@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from .records import RequestRecord
+from .request_records import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from promptmux.serving.engine import Engine
-from promptmux.serving.requests import GenerationParams, GenerationRequest, PreparedRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest, PreparedRequest
 from promptmux.serving.step_engine import StepEngine
 
 from ..engine_direct import DirectEngine, register_random_prompts

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from promptmux.serving.engine import Engine
-from promptmux.serving.requests import GenerationParams, GenerationRequest
+from promptmux.serving.generation_types import GenerationParams, GenerationRequest
 
 from ..engine_direct import DirectEngine, register_random_prompts
 

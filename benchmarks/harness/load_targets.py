@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from .records import BatchSample, ServerStats
+from .request_records import BatchSample, ServerStats
 from .workload import BenchRequest, TaskSpec
 
 Clock = Callable[[], float]
