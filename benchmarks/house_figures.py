@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 # The one allowed direction: a folder may import the ones before it in this list, never after.

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from .proto_build import require_built
-from .config import APP_NAME, AppConfig
+from .config import APP_NAME, AppConfig  # noqa: F401  (APP_NAME: the name build_app deploys under, imported from here)
 
 ROUTE_PREFIX = "/promptmux"
 DEPLOYMENT_NAME = "PromptmuxServer"
