@@ -28,7 +28,7 @@ from promptmux.prompts.records import Registration
 from .auth import KeyRing, Principal, require_owner_or_admin
 from .config import AppConfig
 from .engine import Engine
-from .errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
+from .errors import PermissionDeniedError, PromptmuxError
 from .grpc_convert import (
     batch_item_to_pb,
     pb,
@@ -53,6 +53,7 @@ from .prompt_admin import PromptAdmin
 from .step_scheduler import build_scheduler
 from .streaming import TextDeltas
 from .task_similarity import TaskSimilarity
+from .tenant_queues import refuse_batch_over_tenant_limit
 
 log = logging.getLogger(__name__)
 
@@ -284,12 +285,7 @@ class PromptmuxServer:
     @rpc(pb.GenerateBatchReply)
     async def GenerateBatch(self, request, grpc_context, call: _Call):
         principal = self._authenticate(grpc_context, call)
-        limit = self._config.serving.max_in_flight_per_tenant
-        if len(request.requests) > limit:
-            raise InvalidRequestError(
-                f"GenerateBatch got {len(request.requests)} requests, more than one tenant may have in flight "
-                f"(serving.max_in_flight_per_tenant={limit}); split it into calls of at most {limit}"
-            )
+        refuse_batch_over_tenant_limit(self._config.serving, len(request.requests))
 
         async def one(item):
             try:

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Hashable, Protocol, Sequence
 
-from .errors import DeadlineExceededError, PromptmuxError, ResourceExhaustedError, UnavailableError
+from .errors import DeadlineExceededError, InvalidRequestError, PromptmuxError, ResourceExhaustedError, UnavailableError
 from .generation_types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
 from .config import ServingConfig
 
@@ -46,6 +46,17 @@ def refuse_if_over_limits(config: ServingConfig, closing: bool, queued: int, in_
             f"tenant {tenant!r} has {in_flight} requests in flight, the per-tenant limit "
             f"(serving.max_in_flight_per_tenant={config.max_in_flight_per_tenant}); wait for some to "
             "finish or send them with backoff"
+        )
+
+
+def refuse_batch_over_tenant_limit(config: ServingConfig, count: int) -> None:
+    """The per-tenant limit for a GenerateBatch: more requests than one tenant may have in flight
+    could never be admitted whole, so the call is INVALID_ARGUMENT before any item is queued."""
+    limit = config.max_in_flight_per_tenant
+    if count > limit:
+        raise InvalidRequestError(
+            f"GenerateBatch got {count} requests, more than one tenant may have in flight "
+            f"(serving.max_in_flight_per_tenant={limit}); split it into calls of at most {limit}"
         )
 
 
