@@ -239,12 +239,16 @@ class PromptmuxServer:
         require_owner_or_admin(principal, owner, action)
         return principal, owner, task
 
-    async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
+    async def _prepare(self, request_pb, principal: Principal, call: _Call | None):
+        """The engine request of a GenerateRequest, validated and tokenized once, off the event
+        loop, before it takes a queue place: (request, prepared)."""
         request = request_from_pb(request_pb, principal.tenant)
         if call is not None:
             call.task = task_label(request)
-        # Validated and tokenized once, off the event loop, before it takes a queue place.
-        prepared = await asyncio.to_thread(self._engine.prepare, request)
+        return request, await asyncio.to_thread(self._engine.prepare, request)
+
+    async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
+        request, prepared = await self._prepare(request_pb, principal, call)
         result = await self._batcher.submit(prepared)
         self._metrics.tokens(request, result)
         return result
@@ -258,9 +262,7 @@ class PromptmuxServer:
     @rpc()
     async def GenerateStream(self, request, grpc_context, call: _Call) -> AsyncIterator[Any]:
         principal = self._authenticate(grpc_context, call)
-        generation = request_from_pb(request, principal.tenant)
-        call.task = task_label(generation)
-        prepared = await asyncio.to_thread(self._engine.prepare, generation)
+        generation, prepared = await self._prepare(request, principal, call)
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
         job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
