@@ -28,7 +28,7 @@ from promptmux.prompts.records import Registration
 from .auth import KeyRing, Principal, require_owner_or_admin
 from .config import AppConfig
 from .engine import Engine
-from .errors import PermissionDeniedError, PromptmuxError
+from .errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
 from .grpc_convert import (
     batch_item_to_pb,
     pb,
