@@ -111,7 +111,8 @@ class PromptStore:
         self._unreadable: dict[Path, object] = {}  # path -> the file stamp already logged
         # Whether a version file is a deletion marker. A live version only turns into a marker
         # once a newer tombstone exists, and listings stop at the newest tombstone, so a cached
-        # answer is never read stale.
+        # answer is never read stale. A reader that listed just before a delete may still open
+        # a version the delete has since replaced: `_read_meta` recognises the marker's bytes.
         self._is_marker: dict[Path, bool] = {}
         self.changes = ChangeLog(self.root)
         # Every task's latest version, current as of its last `catch_up` (loaded on first use).
@@ -526,6 +527,8 @@ class PromptStore:
             meta = self._read_meta(path)
             if meta is not None:
                 return meta
+            if self._is_marker.get(path):
+                return None  # deleted since the listing: the versions below it are deleted too
         return None
 
     def _version_file(self, tenant: str, task: str, version: int | None) -> Path:
@@ -562,6 +565,9 @@ class PromptStore:
         except FileNotFoundError:
             return None  # a store edited by hand
         except _UNREADABLE as error:
+            if _holds_marker(path):  # a delete replaced it after our listing: not corrupt
+                self._is_marker[path] = True
+                return None
             self._log_unreadable(path, error)
             return None
         self._unreadable.pop(path, None)
@@ -635,6 +641,13 @@ def _replace_with_marker(path: Path) -> bool:
     os.replace(temp, path)
     fsync_directory(path.parent)
     return True
+
+
+def _holds_marker(path: Path) -> bool:
+    try:
+        return path.stat().st_size == len(_DELETED) and path.read_bytes() == _DELETED
+    except OSError:
+        return False
 
 
 def _remove_if_stale(temp: Path) -> None:

@@ -254,3 +254,22 @@ def assert_change_feed_matches_scan(root: Path) -> None:
     fresh.tasks.catch_up()
     assert fresh.tasks.stats["full_scans"] == 0
     assert fresh.tasks.latest == fresh.snapshot()
+
+
+def test_a_reader_that_listed_before_a_delete_reads_deleted_not_corrupt(tmp_path, monkeypatch, caplog):
+    """A reader lists a task's versions, a delete lands, then the reader opens them: the
+    marker bytes the delete left mean deleted, not a corrupt file, and no older version
+    stands in for the deleted one."""
+    writer = PromptStore(tmp_path, d_model=D, max_length=8)
+    writer.register("acme", "x", torch.ones(2, D))
+    writer.register("acme", "x", torch.zeros(2, D))
+    reader = PromptStore(tmp_path, d_model=D, max_length=8)
+    task_dir = reader._task_dir("acme", "x")
+    listed = reader._live_files(task_dir)  # v1, v2: before the delete
+    assert len(listed) == 2
+    writer.delete("acme", "x")
+    monkeypatch.setattr(reader, "_live_files", lambda _: listed)
+    with caplog.at_level(logging.WARNING, logger="promptmux.prompts.store"):
+        assert reader._latest_meta(task_dir) is None
+    assert "unreadable" not in caplog.text
+    assert all(path.read_bytes() == DELETED for path in listed)
