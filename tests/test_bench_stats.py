@@ -66,6 +66,10 @@ def test_batched_completions_give_the_same_rate_whatever_the_window_phase():
         inside = [t for t in times if start <= t <= end]
         assert completion_rate(inside, [1.0] * len(inside), end - start) == pytest.approx(10, rel=0.02)
     assert completion_rate([2.0, 2.0], [1, 1], 4.0) == 0.5  # too few distinct times: count over the window
+    # One batch of 64 that took longer than the window lands within milliseconds: 64 over the
+    # 12 s window, not 64 over those milliseconds.
+    one_batch = [11.9 + i * 0.0005 for i in range(64)]
+    assert completion_rate(one_batch, [1.0] * 64, 12.0) == pytest.approx(64 / 12)
 
 
 def test_poisson_interarrival_mean_matches_the_rate():

@@ -79,10 +79,11 @@ def completion_rate(times: Sequence[float], amounts: Sequence[float], window: fl
     Replies of one batch arrive together, so counting them in a fixed window is off by up to
     a whole batch depending on where the window's edges fall (a 64-request batch in an 8 s
     window moves req/s by 8 either way). The slope of the cumulative staircase does not
-    depend on that phase. With fewer than three completion times it falls back to amount /
-    window.
+    depend on that phase. With fewer than three completion times, or completions that span
+    less than half the window (one batch that took about as long as the window: the slope of
+    a single stair is its height over a few milliseconds), it falls back to amount / window.
     """
-    if len(set(times)) < 3:
+    if len(set(times)) < 3 or (window > 0 and max(times) - min(times) < window / 2):
         return sum(amounts) / window if window > 0 else math.nan
     cumulative, total = [], 0.0
     for amount in amounts:
