@@ -216,8 +216,8 @@ class ServingConfig:
     # halved a steady tenant's p99 under a flood at equal throughput; too small for the
     # traffic leaves freed slots empty for a step or more.
     max_encoder_tokens_per_step: int = 256
-    # Continuous: the rows a step runs while a light tenant (holding at most a quarter of
-    # this many slots) decodes next to a heavier one. The light tenants' rows all run, the
+    # Continuous: the rows a step runs while a light tenant (one holding at most half an
+    # equal share of the slots in use) decodes next to a heavier one. The light tenants' rows all run, the
     # heavier tenants' fill the rest (at least a quarter); their other rows keep their slots
     # and wait a step. On a CPU a step costs in proportion to its rows, so this keeps a light
     # tenant's latency near its latency alone under a flood, for some of the flood's

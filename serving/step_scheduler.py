@@ -401,9 +401,11 @@ class StepScheduler(TenantQueues):
 
         self._post(self._deliver, deliveries, report)
 
-    def _light_max(self) -> int:
-        """The most slots a light tenant holds: a quarter of serving.shared_step_rows."""
-        return max(1, self.config.shared_step_rows // 4)
+    def _light_max(self) -> float:
+        """The most slots a light tenant holds: half an equal share of the slots in use. (A
+        fixed count would not do: a light tenant whose requests were slowed by a flood holds
+        more of them at once, and would stop counting as light just when it needs to.)"""
+        return len(self._active) / (2 * len(self._held)) if self._held else 0.0
 
     def _step_limit(self) -> tuple[int | None, list[ScheduledRequest]]:
         """(rows this step runs, the light tenants' requests) while a light tenant decodes

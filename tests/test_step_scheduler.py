@@ -329,7 +329,7 @@ def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
     async def main():
         engine, seen = FakeStepEngine(slots=8), Recorder()
         engine.permits = threading.Semaphore(0)
-        scheduler = make(engine, seen, shared_step_rows=4)  # a light tenant holds at most 1 slot
+        scheduler = make(engine, seen, shared_step_rows=4)
         flood = [asyncio.ensure_future(scheduler.submit(prep("flood", f"{i}" * (6 + i)))) for i in range(8)]
         await until(lambda: len(engine.admitted()) == 1)  # the flood fills every slot
         await one_step(engine)
@@ -353,6 +353,30 @@ def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
         await until(lambda: len(seen.waiting) == len(engine.stepped()))
         # Metrics: rows waited exactly in the light tenant's steps.
         assert [waited > 0 for waited in seen.waiting] == ["xyz" in rows for rows in engine.stepped()]
+        await scheduler.close()
+
+    run(main())
+
+
+def test_a_light_tenant_with_several_requests_in_flight_still_counts_as_light():
+    async def main():
+        engine = FakeStepEngine(slots=16)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine, shared_step_rows=4)
+        flood = [asyncio.ensure_future(scheduler.submit(prep("flood", f"{i:x}" * 20))) for i in range(12)]
+        await until(engine.in_step.is_set)
+        await asyncio.sleep(0.01)
+        await one_step(engine)  # the first arrival's step; the others are admitted after it
+        await until(lambda: engine.active_slots == 12)
+        light = [asyncio.ensure_future(scheduler.submit(prep("light", f"l{i}"))) for i in range(4)]
+        await asyncio.sleep(0.01)
+        for _ in range(300):
+            engine.permits.release()
+        await asyncio.gather(*flood, *light)
+        # 4 of 16 slots is half an equal share of the 16 in use: light. Its steps ran its 4
+        # rows and one flood row (a quarter of the limit), not all 16.
+        with_light = [rows for rows in engine.stepped() if any(r.startswith("l") for r in rows)]
+        assert with_light and all(len(rows) == 5 for rows in with_light)
         await scheduler.close()
 
     run(main())
