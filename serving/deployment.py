@@ -266,7 +266,7 @@ class PromptmuxServer:
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
         job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
-        deltas = TextDeltas(self._engine.tokenizer)
+        deltas = TextDeltas(self._engine.detokenize)
         try:
             finished = False
             while not finished:

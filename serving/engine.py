@@ -304,7 +304,9 @@ class Engine:
                 results[index] = _own_failure(row_error, "decoding")
         return produced
 
-    def _detokenize(self, tokens: list[int]) -> str:
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of generated ids. Ids past the tokenizer's vocabulary (a model's padded
+        embedding rows, which random or lightly trained weights can emit) decode to nothing."""
         return self.tokenizer.decode([t for t in tokens if t < self.decodable_ids], skip_special_tokens=True)
 
     def _decode_group(self, key, group_rows, prepared, encoded, mask, total_lengths, results, on_token) -> int:
@@ -346,7 +348,7 @@ class Engine:
             produced += len(tokens)
             results[item.index] = GenerationResult(
                 request_id=item.request.request_id,
-                text=self._detokenize(tokens),
+                text=self.detokenize(tokens),
                 token_ids=tokens,
                 finish_reason=finish,
                 prompt_tokens=sum(m.length for m in item.prompts),

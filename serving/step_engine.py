@@ -364,7 +364,7 @@ class StepEngine:
         prepared = row.prepared
         return GenerationResult(
             request_id=prepared.request.request_id,
-            text=self.engine._detokenize(row.tokens),
+            text=self.engine.detokenize(row.tokens),
             token_ids=list(row.tokens),
             finish_reason=finish,  # type: ignore[arg-type]
             prompt_tokens=sum(m.length for m in prepared.prompts),

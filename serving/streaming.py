@@ -8,15 +8,14 @@ exactly the text a unary call returns.
 from __future__ import annotations
 
 import logging
-
-from transformers import PreTrainedTokenizerBase
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
 
 class TextDeltas:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
+        self._detokenize = detokenize  # Engine.detokenize: the text a unary reply gets
         self._ids: list[int] = []
         self._emitted = ""
 
@@ -27,7 +26,7 @@ class TextDeltas:
     def push(self, token_ids: list[int]) -> str:
         """Add tokens; returns the text they completed ("" while a character is incomplete)."""
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True).rstrip("\ufffd")
+        text = self._detokenize(self._ids).rstrip("\ufffd")
         if not text.startswith(self._emitted):
             return ""  # the decoder rewrote earlier text; the final message settles it
         delta, self._emitted = text[len(self._emitted) :], text

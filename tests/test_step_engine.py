@@ -174,6 +174,22 @@ def test_rows_that_wait_a_step_resume_exactly_where_they_were(embedded):
             assert results[name].token_ids == alone(embedded, prepared).token_ids, name
 
 
+def test_ids_past_the_tokenizers_vocabulary_stream_and_decode_to_nothing(t5_small):
+    """t5-small's embedding has 28 rows past its tokenizer's vocabulary, which random weights
+    emit: the unary text and the stream's deltas both skip them (GenerateStream failed with
+    INTERNAL on them)."""
+    from promptmux.serving.streaming import TextDeltas
+
+    beyond = t5_small.decodable_ids
+    assert beyond < t5_small.model.config.vocab_size
+    hello = t5_small.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    ids = [*hello, beyond, t5_small.model.config.vocab_size - 1]
+    assert t5_small.detokenize(ids) == t5_small.detokenize(hello) == "hello"
+    deltas = TextDeltas(t5_small.detokenize)
+    streamed = "".join(deltas.push([i]) for i in ids)
+    assert streamed + deltas.finish(t5_small.detokenize(ids)) == "hello"
+
+
 def test_demo_tasks_stop_at_eos_and_match_generate(embedded):
     """The trained embedded model ends its answers with EOS: rows leave at their own EOS."""
     texts = {"reverse": "hello42", "upper": "promptmux", "copy": "step by step", "rotate": "abcdefgh",
