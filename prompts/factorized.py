@@ -16,7 +16,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 from promptmux.prompts.errors import InvalidRequestError
 
 from .synthetic_tasks import Example
-from .tuning import VOCAB_INIT_TOP_TOKENS, encode_batch, evaluate, prompt_loss
+from .tuning import SCHEDULES, VOCAB_INIT_TOP_TOKENS, Schedule, encode_batch, evaluate, lr_factor, prompt_loss, text_prompt
 
 Pair = tuple[str, str]  # (language, task)
 
@@ -37,6 +37,8 @@ class FactorizedConfig:
     task_length: int = 12
     optimizer: str = "adam"
     lr: float = 0.03
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
     steps: int = 600
     batch_size: int = 32
     grad_clip: float | None = 1.0
@@ -45,6 +47,9 @@ class FactorizedConfig:
     eval_batch_size: int = 128
     max_new_tokens: int = 40
     seed: int = 0
+    # Name -> text that starts that language's or task's prompt ("upper" -> "upper "), as a
+    # text prefix the model already reads; names not here start from sampled vocabulary rows.
+    init_texts: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True
 
     def validate(self) -> None:
@@ -52,6 +57,8 @@ class FactorizedConfig:
             (self.language_length >= 1 and self.task_length >= 1, "prompt lengths must be >= 1"),
             (self.optimizer in ("adam", "adafactor"), f"optimizer {self.optimizer!r}; expected 'adam' or 'adafactor'"),
             (self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr}; expected a finite value > 0"),
+            (self.schedule in SCHEDULES, f"schedule {self.schedule!r}; expected one of {SCHEDULES}"),
+            (0 <= self.warmup_steps < self.steps, f"warmup_steps={self.warmup_steps}; expected 0 <= warmup < steps"),
             (self.steps >= 1 and self.batch_size >= 1 and self.eval_every >= 1,
              "steps, batch_size and eval_every must be >= 1"),
         ]
@@ -96,7 +103,10 @@ def read_pairs_jsonl(path: str | Path) -> dict[Pair, list[Example]]:
     return pairs
 
 
-def _vocab_rows(embeddings: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+def _initial_rows(embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase, text: str | None, length: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    if text:
+        return text_prompt(embeddings, tokenizer, text, length)  # [L, D]
     top = min(VOCAB_INIT_TOP_TOKENS, embeddings.shape[0])
     return embeddings[torch.randint(top, (length,), generator=generator)].clone()  # [L, D]
 
@@ -120,9 +130,11 @@ def train_factorized(
     embeddings = model.get_input_embeddings().weight.detach().float().cpu()  # [V, D]
     generator = torch.Generator().manual_seed(config.seed)
     language_table = torch.nn.Parameter(torch.stack(
-        [_vocab_rows(embeddings, config.language_length, generator) for _ in languages]).to(device))  # [nL, Ll, D]
+        [_initial_rows(embeddings, tokenizer, config.init_texts.get(name), config.language_length, generator)
+         for name in languages]).to(device))  # [nL, Ll, D]
     task_table = torch.nn.Parameter(torch.stack(
-        [_vocab_rows(embeddings, config.task_length, generator) for _ in tasks]).to(device))  # [nT, Lt, D]
+        [_initial_rows(embeddings, tokenizer, config.init_texts.get(name), config.task_length, generator)
+         for name in tasks]).to(device))  # [nT, Lt, D]
     if config.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -130,6 +142,8 @@ def train_factorized(
                               scale_parameter=False, warmup_init=False)
     else:
         optimizer = torch.optim.Adam([language_table, task_table], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.warmup_steps,
+                                                                        config.steps))
     rows = [(languages.index(lang), tasks.index(task), example)
             for (lang, task), examples in sorted(train.items()) for example in examples]
     rng = random.Random(config.seed)
@@ -147,6 +161,7 @@ def train_factorized(
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_([language_table, task_table], config.grad_clip)
         optimizer.step()
+        scheduler.step()
         result.train_losses.append(loss.item())
         if step % config.eval_every == 0 or step == config.steps:
             result.languages = {name: language_table[i].detach().cpu().clone() for i, name in enumerate(languages)}

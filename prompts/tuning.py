@@ -279,11 +279,11 @@ def initial_prompt(
             ids = torch.randint(top, (length,), generator=generator)
         return embeddings[ids].clone(), f"vocab:top{top}"
     if config.init == "text":
-        return _text_prompt(embeddings, tokenizer, config.init_text or "", config.prompt_length), f"text:{config.init_text!r}"
+        return text_prompt(embeddings, tokenizer, config.init_text or "", config.prompt_length), f"text:{config.init_text!r}"
     return _stored_prompt(config, store, embeddings.shape[1])
 
 
-def _text_prompt(
+def text_prompt(
     embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase, text: str, length: int | None
 ) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -344,7 +344,8 @@ def tune_prompt(
         init, init_source = initial_prompt(model, tokenizer, config, store)
     prompt = torch.nn.Parameter(init.detach().float().clone().to(device))  # [L, D]
     optimizer = _optimizer(config, prompt)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.schedule, config.warmup_steps, config.steps))
     dev = list(dev)[: config.max_dev_examples] if config.max_dev_examples else list(dev)
     batches = _batches(train, config.batch_size, config.seed)
 
@@ -400,13 +401,14 @@ def _optimizer(config: TrainConfig, prompt: torch.nn.Parameter) -> torch.optim.O
     return torch.optim.Adam([prompt], lr=config.lr)
 
 
-def _schedule(config: TrainConfig) -> Callable[[int], float]:
+def lr_factor(schedule: Schedule, warmup_steps: int, steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: linear warmup, then constant or cosine to 0."""
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "constant":
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
             return 1.0
-        progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        progress = (step - warmup_steps) / max(steps - warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from promptmux.prompts.errors import InvalidRequestError
 from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY, compute_task_embedding
 
 from .cli_common import DEFAULT_TENANT, add_model_arguments, config_from_args
@@ -64,6 +65,12 @@ def add_prompt_science_parsers(prompt_commands) -> None:
     factorized.add_argument("--steps", type=int, default=600)
     factorized.add_argument("--batch-size", type=int, default=32)
     factorized.add_argument("--lr", type=float, default=0.03, help="Adam learning rate")
+    factorized.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                            help="learning rate after warmup: constant, or a cosine decay to 0")
+    factorized.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
+    factorized.add_argument("--init-text", action="append", default=[], metavar="NAME=TEXT",
+                            help="start the language or task prompt NAME from TEXT, e.g. upper='upper: ' "
+                                 "(repeatable; others start from sampled vocabulary rows)")
     factorized.add_argument("--eval-every", type=int, default=200)
     factorized.add_argument("--seed", type=int, default=0)
     factorized.add_argument("--shared", action="store_true", help="let every tenant use the registered prompts")
@@ -128,15 +135,31 @@ def run_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_texts(items: list[str], names: set[str]) -> dict[str, str]:
+    """`NAME=TEXT` items as a mapping; each NAME must be a language or task of the data."""
+    texts = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not text:
+            raise InvalidRequestError(f"--init-text {item!r} must be NAME=TEXT, e.g. upper='upper: '")
+        if name not in names:
+            raise InvalidRequestError(f"--init-text names {name!r}, which is no language or task in the data; "
+                                      f"expected one of {', '.join(sorted(names))}")
+        texts[name] = text
+    return texts
+
+
 def run_train_factorized(args: argparse.Namespace) -> int:
     from promptmux.prompts.factorized import FactorizedConfig, evaluate_pairs, read_pairs_jsonl, train_factorized
 
     settings, loaded, store = _model_and_store(args)
     train = read_pairs_jsonl(args.data)
     dev = read_pairs_jsonl(args.dev) if args.dev else {}
+    init_texts = _init_texts(args.init_text, {name for pair in train for name in pair})
     config = FactorizedConfig(tenant=args.tenant, language_length=args.length, task_length=args.length,
-                              lr=args.lr, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                              seed=args.seed, progress=not args.no_progress)
+                              lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup, steps=args.steps,
+                              batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
+                              init_texts=init_texts, progress=not args.no_progress)
     trained_dev = {pair: rows for pair, rows in dev.items() if pair in train}
     result = train_factorized(loaded.model, loaded.tokenizer, train, trained_dev, config,
                               log=None if config.progress else print)

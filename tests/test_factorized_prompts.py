@@ -98,3 +98,30 @@ def test_only_the_prompts_learn_and_every_pair_mixes_in_a_batch():
     assert set(result.languages) == {"plain", "upper"} and set(result.tasks) == {"reverse", "sort"}
     assert result.compose("upper", "sort").shape == (5, 64)  # an unseen pair composes
     assert set(result.pair_scores) == set(train) and len(result.train_losses) == 3
+
+
+def test_a_prompt_named_in_init_texts_starts_from_that_text_and_the_rest_from_vocabulary_rows():
+    from promptmux.prompts.synthetic_tasks import pair_examples
+    from promptmux.prompts.tuning import text_prompt
+
+    loaded = load_model(ModelConfig(source="random:tiny"))
+    train = {("upper", "reverse"): pair_examples("upper", "reverse", 8, seed=1)}
+    # warmup makes the first step's rate lr / warmup_steps, tiny here: the prompts stay at their init
+    config = FactorizedConfig(tenant="acme", language_length=7, task_length=7, steps=2, warmup_steps=1, lr=1e-12,
+                              batch_size=4, eval_every=2, schedule="cosine", seed=0, progress=False,
+                              init_texts={"upper": "upper: "})
+    result = train_factorized(loaded.model, loaded.tokenizer, train, {}, config)
+    embeddings = loaded.model.get_input_embeddings().weight.detach().float()
+    expected = text_prompt(embeddings, loaded.tokenizer, "upper: ", 7)  # [7, D]
+    assert torch.allclose(result.languages["upper"], expected, atol=1e-6)
+    assert not torch.allclose(result.tasks["reverse"], expected, atol=1e-3)
+
+
+def test_train_factorized_rejects_an_init_text_for_a_name_the_data_lacks(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    assert make_task_data.main(["--pairs", "upper:reverse", "--count", "8", str(data)]) == 0
+    code = cli.main(["prompts", "train-factorized", *TINY, "--store", str(tmp_path / "store"), "--data", str(data),
+                     "--init-text", "caesar=caesar: ", "--steps", "1", "--no-progress", "--no-register"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "'caesar', which is no language or task in the data" in error and "reverse, upper" in error
