@@ -88,17 +88,19 @@ def test_a_cancelled_stream_frees_its_slot_and_the_metrics_show_it(serving, pb):
                                  params=pb.GenerationParams(max_new_tokens=64))
     freed_before, _ = slot_metrics(serving.scrape())
     with busy_engine(serving, pb):
-        cancel_one_stream(serving, stub, request, freed_before)
+        cancels = cancel_one_stream(serving, stub, request, freed_before)
     # The slot is free again: nothing decodes once the stream and the load are gone.
     text = serving.wait_for_metrics(lambda t: slot_metrics(t)[1] == 0)
-    assert slot_metrics(text)[0] == freed_before + 1
+    # A retried cancel may count late too (metrics export lags under load), never more than were sent.
+    assert freed_before + 1 <= slot_metrics(text)[0] <= freed_before + cancels
     for name in ("ray_promptmux_step_seconds_count", "ray_promptmux_time_to_first_token_seconds_count",
                  "ray_promptmux_admission_wait_seconds_count", "ray_promptmux_generated_tokens_total"):
         assert metric(text, name) > 0, f"{name} is missing or zero"
 
 
-def cancel_one_stream(serving, stub, request, freed_before: float) -> None:
-    for attempt in range(3):  # a request that finishes before the cancel reaches the replica proves nothing: retry
+def cancel_one_stream(serving, stub, request, freed_before: float) -> int:
+    """Cancel one decoding stream until the replica counts a cancelled slot; returns the cancels sent."""
+    for attempt in range(1, 4):  # a request that finishes before the cancel reaches the replica proves nothing: retry
         call = stub.GenerateStream(request, metadata=serving.metadata("globex"), timeout=60)
         first = next(call)
         assert not first.done and first.output_tokens >= 1  # decoding in a slot now
@@ -109,8 +111,7 @@ def cancel_one_stream(serving, stub, request, freed_before: float) -> None:
         assert gone.value.code() == grpc.StatusCode.CANCELLED
         try:
             serving.wait_for_metrics(lambda t: slot_metrics(t)[0] > freed_before, limit_s=10)
-            break
+            return attempt
         except AssertionError:
             continue
-    else:
-        pytest.fail("three cancelled streams never showed in promptmux_slots_freed_total{reason='cancelled'}")
+    pytest.fail("three cancelled streams never showed in promptmux_slots_freed_total{reason='cancelled'}")
