@@ -41,7 +41,9 @@ def test_a_stream_gets_its_tokens_step_by_step(serving, pb):
     # One message per decoder step (a slow reader may get two steps' tokens in one): the text
     # arrives in pieces while the request decodes, not all at the end.
     assert len(deltas) >= len(text) // 2
-    assert deltas[0].output_tokens <= 2
+    # The first piece comes long before the end (a reader the proxy kept waiting at the start
+    # may get a few steps' tokens in it, so not exactly one).
+    assert deltas[0].output_tokens <= len(text) // 4
     counts = [m.output_tokens for m in deltas]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
     assert "".join(m.delta for m in messages) == final.result.text
