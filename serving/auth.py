@@ -157,13 +157,26 @@ def parse_key_file(text: str, where: str = "API key file") -> dict[str, Principa
 
 def write_key_file(path: str | Path, entries: Iterable[tuple[str, str, bool]]) -> Path:
     """Write a key file from (tenant, key in clear, admin) entries; only hashes are stored."""
+    return _write_hashed(path, [{"tenant": t, "sha256": hash_key(k), "admin": a} for t, k, a in entries])
+
+
+def add_key(path: str | Path, tenant: str, key: str, admin: bool = False) -> Path:
+    """Add one key to a key file, creating the file if it is missing. The file's other keys
+    stay; a file that does not parse is left as it is (ValueError)."""
+    path = Path(path)
+    existing = path.read_text() if path.exists() else "keys: []"
+    parse_key_file(existing, str(path))  # refuse to rewrite a broken file
+    entries = (yaml.safe_load(existing) or {}).get("keys") or []
+    return _write_hashed(path, [*entries, {"tenant": tenant, "sha256": hash_key(key), "admin": admin}])
+
+
+def _write_hashed(path: str | Path, entries: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"keys": [{"tenant": t, "sha256": hash_key(k), "admin": a} for t, k, a in entries]}
     temp = path.with_name(f".{path.name}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump(body, handle, sort_keys=False)
+        yaml.safe_dump({"keys": entries}, handle, sort_keys=False)
     os.replace(temp, path)
     return path
 
@@ -177,18 +190,30 @@ def _file_stamp(path: Path) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print a new key and its key-file entry: `python -m promptmux.serving.auth TENANT [--admin]`."""
+    """Make a new key: `python -m promptmux.serving.auth TENANT [--admin] [--add-to FILE]`."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Make an API key and the key-file entry that accepts it.")
     parser.add_argument("tenant")
     parser.add_argument("--admin", action="store_true", help="let the key administer every tenant's prompts")
+    parser.add_argument("--add-to", type=Path, metavar="FILE",
+                        help="add the key to this key file (created if missing) instead of printing its entry")
     args = parser.parse_args(argv)
     if not is_valid_id(args.tenant):
         parser.error(f"invalid tenant id {args.tenant!r}: expected {ID_RULE}")
     key = generate_key()
+    if args.add_to:
+        try:
+            add_key(args.add_to, args.tenant, key, args.admin)
+        except ValueError as error:
+            parser.error(f"{error}; fix the file, or name a new one")
+        print(f"# added a key for tenant {args.tenant!r} to {args.add_to}; give it to the client (shown once):")
+        print(key)
+        return 0
     print(f"# give this key to the client (it is shown once): {key}")
-    print(yaml.safe_dump([{"tenant": args.tenant, "sha256": hash_key(key), "admin": args.admin}], sort_keys=False), end="")
+    print("# the key file's entry (a file holds a `keys:` list of these; --add-to FILE writes it for you):")
+    print(yaml.safe_dump({"keys": [{"tenant": args.tenant, "sha256": hash_key(key), "admin": args.admin}]},
+                         sort_keys=False), end="")
     return 0
 
 

@@ -84,6 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.update(ray_environment(host))
 
     from .app import ROUTE_PREFIX
+    from .auth import KeyRing
     from .cli_common import open_store
     from .config import APP_NAME, AppConfig
     from .demo_prompts import seed_demo_prompts_if_embedded
@@ -98,6 +99,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if not config.serving.api_keys_file:
         keys_file, dev_key = make_dev_key_file(config.promptmux.store.root)
         app_args.setdefault("serving", {})["api_keys_file"] = str(keys_file.resolve())
+    else:
+        # A replica refuses a bad key file; say so now, not after Ray has started and retried.
+        try:
+            KeyRing.from_file(config.serving.api_keys_file)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        app_args.setdefault("serving", {})["api_keys_file"] = str(Path(config.serving.api_keys_file).resolve())
     # Replicas may run in another working directory: hand them absolute paths.
     app_args["store"]["root"] = str(Path(app_args["store"]["root"]).resolve())
     config = AppConfig.from_args(app_args)

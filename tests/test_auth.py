@@ -101,5 +101,31 @@ def test_generated_keys_are_random_and_cli_prints_a_matching_entry(capsys):
     main(["acme", "--admin"])
     out = capsys.readouterr().out
     key = out.splitlines()[0].rsplit(" ", 1)[1]
-    (entry,) = yaml.safe_load("\n".join(out.splitlines()[1:]))
+    printed = "\n".join(out.splitlines()[1:])
+    (entry,) = yaml.safe_load(printed)["keys"]
     assert entry == {"tenant": "acme", "sha256": hash_key(key), "admin": True}
+    assert KeyRing(parse_key_file(printed)).authenticate(bearer(key)).admin  # a whole, valid key file
+
+
+def test_cli_adds_keys_to_a_key_file_and_keeps_the_others(tmp_path, capsys):
+    from promptmux.serving.auth import main
+
+    path = tmp_path / "keys.yaml"
+    assert main(["acme", "--add-to", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[-1]
+    assert main(["globex", "--admin", "--add-to", str(path)]) == 0
+    second = capsys.readouterr().out.splitlines()[-1]
+    ring = KeyRing.from_file(path)
+    assert len(ring) == 2 and ring.authenticate(bearer(first)).tenant == "acme"
+    assert ring.authenticate(bearer(second)).admin and first not in path.read_text()
+
+
+def test_cli_refuses_to_rewrite_a_key_file_that_does_not_parse(tmp_path, capsys):
+    from promptmux.serving.auth import main
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("- tenant: acme\n  sha256: abc\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["acme", "--add-to", str(path)])
+    assert exit_.value.code == 2 and "must be a mapping with a `keys:` list" in capsys.readouterr().err
+    assert path.read_text() == "- tenant: acme\n  sha256: abc\n"

@@ -92,3 +92,20 @@ def test_offline_commands_read_a_whole_serve_config_and_refuse_unknown_keys(tmp_
     with pytest.raises(ValueError, match=r"unknown serving key\(s\) \['max_batch_sise'\]; valid keys are .*max_batch_size"):
         config_from_args(bad)
 
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("- tenant: acme\n  sha256: abc\n", "must be a mapping with a `keys:` list"),
+])
+def test_serve_refuses_a_bad_key_file_before_starting_ray(tmp_path, monkeypatch, capsys, content, message):
+    from promptmux.serving.serve_cli import ray_environment, run_serve
+
+    for name in ray_environment("127.0.0.1"):  # run_serve sets these; put them back afterwards
+        monkeypatch.setenv(name, "")
+    keys = tmp_path / "keys.yaml"
+    if content is not None:
+        keys.write_text(content)
+    code = run_serve(parse("--model", "random:tiny", "--store", str(tmp_path / "p"), "--api-keys-file", str(keys)))
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()  # nothing started, nothing written
