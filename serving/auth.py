@@ -75,9 +75,9 @@ class KeyRing:
             text = path.read_text()
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"API key file {str(path)!r} does not exist; create it (see serving/auth.py for the format, "
-                "`python -m promptmux.serving.auth TENANT` prints an entry) or point serving.api_keys_file / "
-                "$PROMPTMUX_API_KEYS_FILE at it"
+                f"API key file {str(path)!r} does not exist; create it with a first key "
+                f"(`python -m promptmux.serving.auth TENANT --add-to {path}`) or point --api-keys-file, "
+                "serving.api_keys_file or $PROMPTMUX_API_KEYS_FILE at an existing one"
             ) from None
         return cls(parse_key_file(text, str(path)), source=path)
 
