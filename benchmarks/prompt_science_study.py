@@ -12,8 +12,9 @@ What it does, on the frozen embedded model (4.8M parameters, byte-level T5):
    four targets held out of pretraining, at several data seeds;
 3. retrieval: each target's embedding ranks the sources (mean-token and flattened cosine);
 4. transfer: each target is tuned for a fixed small budget at every seed from every source,
-   from the vocabulary init and from the retrieved top-3 weighted average (the
-   `--init retrieved` path), with learning curves;
+   from the vocabulary init, from the retrieved top-3 weighted average (the `--init retrieved`
+   path) and from the best of the top 3 after a short probe (`--init best-of-k`), with
+   learning curves;
 5. factorized prompts: 3 "languages" (final character maps) x 4 "tasks" (arrangements);
    9 pairs trained jointly as [language; task], 3 pairs held out and composed at test time,
    from text inits at every seed and, as an ablation, from the vocabulary init at one seed.
@@ -43,7 +44,7 @@ from promptmux.prompts.records import PromptMeta
 from promptmux.prompts.retrieval import Match
 from promptmux.prompts.synthetic_tasks import PRETRAINING_TASKS, pair_examples, task_examples
 from promptmux.prompts.task_embedding import EmbeddingRecipe, compute_task_embedding, shared_init, similarity_matrix
-from promptmux.prompts.transfer import weighted_average
+from promptmux.prompts.transfer import best_of_k, weighted_average
 from promptmux.prompts.tuning import TrainConfig, evaluate, initial_prompt, tune_prompt
 from promptmux.serving.config import ModelConfig
 from promptmux.serving.model_loading import LoadedModel, load_model
@@ -74,6 +75,7 @@ class Sizes:
     transfer_warmup: int = 6  # without it, Adam at 0.05 spiked the loss in some runs
     transfer_schedule: str = "constant"  # a cosine decay left too little of 60 steps to learn in
     curve_points: tuple[int, ...] = (15, 30, 45, 60)
+    probe_steps: int = 10  # per source, for the best-of-k init (not counted in the budget)
     factorized_steps: int = 1000
     factorized_batch: int = 32
     factorized_lr: float = 0.05
@@ -84,6 +86,7 @@ class Sizes:
 
 
 QUICK = Sizes(seeds=2, source_steps=2, train_examples=64, dev_examples=6, transfer_steps=2, transfer_batch=8,
+              probe_steps=1,
               transfer_warmup=0, curve_points=(1, 2), factorized_steps=2, factorized_warmup=0,
               factorized_examples=32, factorized_vocab_ablation=False)
 
@@ -125,12 +128,24 @@ def tune_curve(loaded: LoadedModel, task: str, prompt: torch.Tensor, seed: int, 
 
 
 def transfer_job(loaded: LoadedModel, target: str, seed: int, sources: dict[str, torch.Tensor],
-                 retrieved: torch.Tensor, sizes: Sizes) -> dict:
-    """One target at one seed from every source, the vocabulary init and the retrieved init."""
+                 ranked: list[tuple[str, float]], sizes: Sizes) -> dict:
+    """One target at one seed from every source, the vocabulary init and the two retrieval
+    inits over the `ranked` top sources: their similarity-weighted average, and best-of-k."""
     vocab, _ = initial_prompt(loaded.model, loaded.tokenizer, TrainConfig(
         tenant="study", task=target, init="vocab", prompt_length=PROMPT_LENGTH, seed=seed))
-    inits = {**sources, "vocab": vocab, "retrieved": retrieved}
-    return {name: tune_curve(loaded, target, prompt, seed, sizes) for name, prompt in inits.items()}
+    matches = [(Match(_meta(name), score), sources[name]) for name, score in ranked]
+    train, dev = study_data(target, seed, sizes)
+    # best-of-k picks on its own fresh strings, so the dev strings still measure only the result
+    probe_dev = task_examples(target, sizes.dev_examples, seed=zlib.crc32(target.encode()) + 9_000_000 + seed,
+                              exclude=[e.input for e in (*train, *dev)])
+    probe_config = TrainConfig(tenant="study", task=target, prompt_length=PROMPT_LENGTH, optimizer="adam",
+                               lr=sizes.transfer_lr, warmup_steps=sizes.transfer_warmup,
+                               batch_size=sizes.transfer_batch, max_new_tokens=40, seed=seed, progress=False)
+    chosen = best_of_k(loaded.model, loaded.tokenizer, train, probe_dev, matches, probe_config, sizes.probe_steps)
+    inits = {**sources, "vocab": vocab, "retrieved": weighted_average(matches).prompt, "best-of-k": chosen.prompt}
+    curves = {name: tune_curve(loaded, target, prompt, seed, sizes) for name, prompt in inits.items()}
+    curves["best-of-k chose"] = chosen.metadata["chosen"]["task"]
+    return curves
 
 
 def factorized_pairs(count_seed: int, count: int, which) -> dict:
@@ -213,7 +228,7 @@ def run(out: Path, sizes: Sizes, workers: int, threads: int) -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     recipe = EmbeddingRecipe() if sizes != QUICK else EmbeddingRecipe(steps=2, batch_size=8)
     seeds = list(range(sizes.seeds))
-    transfer_steps = (len(SOURCES) + 2) * sizes.transfer_steps
+    transfer_steps = (len(SOURCES) + 3) * sizes.transfer_steps + 3 * sizes.probe_steps
     factorized_runs = [(seed, "text") for seed in seeds] + ([(0, "vocab")] if sizes.factorized_vocab_ablation else [])
     total = (len(SOURCES) * sizes.source_steps + (2 * len(SOURCES) + len(TARGETS) * sizes.seeds) * recipe.steps
              + len(TARGETS) * len(seeds) * transfer_steps + len(factorized_runs) * sizes.factorized_steps)
@@ -267,10 +282,9 @@ def run(out: Path, sizes: Sizes, workers: int, threads: int) -> dict:
     for target in TARGETS:
         for seed in seeds:
             ranked = sorted(SOURCES, key=lambda s: -sim[((target, seed), (s, 0))])[:3]
-            matches = [(Match(_meta(s), sim[((target, seed), (s, 0))]), sources[s]) for s in ranked]
             retrieved_sources[(target, seed)] = [(s, round(sim[((target, seed), (s, 0))], 3)) for s in ranked]
             jobs.append((f"transfer {target}/{seed}", transfer_steps, transfer_job,
-                         (target, seed, sources, weighted_average(matches).prompt, sizes)))
+                         (target, seed, sources, [(s, sim[((target, seed), (s, 0))]) for s in ranked], sizes)))
     # the longest runs first, so no worker idles at the end
     jobs[:0] = [(f"factorized {init_name}/{seed}", sizes.factorized_steps, factorized_job, (seed, init_name, sizes))
                 for seed, init_name in factorized_runs]
@@ -281,6 +295,8 @@ def run(out: Path, sizes: Sizes, workers: int, threads: int) -> dict:
                                          for s in SOURCES},
                          "vocab": [results[f"transfer {target}/{seed}"]["vocab"] for seed in seeds],
                          "retrieved": [results[f"transfer {target}/{seed}"]["retrieved"] for seed in seeds],
+                         "best_of_k": [results[f"transfer {target}/{seed}"]["best-of-k"] for seed in seeds],
+                         "best_of_k_chose": [results[f"transfer {target}/{seed}"]["best-of-k chose"] for seed in seeds],
                          "retrieved_sources": [retrieved_sources[(target, seed)] for seed in seeds]}
                 for target in TARGETS}
     record = {"sizes": dataclasses.asdict(sizes), "recipe": dataclasses.asdict(recipe), "workers": workers,
