@@ -118,6 +118,12 @@ def handle_train(args: argparse.Namespace) -> int:
         init, init_source, extra["transfer"] = transfer.prompt, transfer.init_source, transfer.metadata
         print(f"{config.init} init from " + ", ".join(
             f"{s['tenant']}/{s['task']} ({s['similarity']:.3f})" for s in transfer.metadata["sources"]))
+        if "chosen" in transfer.metadata:
+            probes = {(s["tenant"], s["task"]): s for s in transfer.metadata["sources"]}
+            chosen = transfer.metadata["chosen"]
+            probe = probes[(chosen["tenant"], chosen["task"])]
+            print(f"best-of-k chose {chosen['tenant']}/{chosen['task']}: dev exact match "
+                  f"{probe['probe_exact_match']:.3f}, loss {probe['probe_loss']:.4f} after {args.probe_steps} steps")
     result = tune_prompt(loaded.model, loaded.tokenizer, train, dev, config, store=store, init=init,
                          init_source=init_source, log=None if config.progress else print)
     summary = (f"best dev exact match {result.best.exact_match:.3f} (loss {result.best.loss:.4f}) at step "
@@ -150,6 +156,12 @@ def _transfer_init(args, config: TrainConfig, recipe: EmbeddingRecipe, loaded, s
                          init=shared_init(loaded.model, loaded.tokenizer, recipe), recipe=recipe,
                          model_name=loaded.name)
     sources = source_prompts(store, ranking.matches, config.prompt_length)[: config.top_k]
+    kept = {id(match) for match, _ in sources}
+    last = max(i for i, match in enumerate(ranking.matches) if id(match) in kept)
+    skipped = [match for match in ranking.matches[:last] if id(match) not in kept]
+    if skipped:
+        print(f"skipped, not {sources[0][1].shape[0]} rows like the sources kept: " + ", ".join(
+            f"{m.meta.tenant}/{m.meta.task} ({m.meta.length} rows, {m.score:.3f})" for m in skipped))
     if config.init == "retrieved":
         return weighted_average(sources)
     return best_of_k(loaded.model, loaded.tokenizer, train, dev, sources, config, config.probe_steps)

@@ -79,15 +79,34 @@ def test_weighted_average_uses_positive_similarities_as_weights():
     assert torch.allclose(uniform.prompt, torch.full((2, TINY_D), 2.5))
 
 
-def test_best_of_k_probes_each_source_and_records_the_choice(library):
+def test_best_of_k_probes_each_source_and_records_the_choice(library, capsys):
     root, config = library
     train(root, config, "--task", "target-best", "--init", "best-of-k", "--top-k", "3", "--probe-steps", "1")
+    chose_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("best-of-k chose ")]
     transfer = store_of(root).meta("acme", "target-best").extra["transfer"]
     assert transfer["method"] == "best-of-k" and transfer["probe_steps"] == 1 and len(transfer["sources"]) == 3
     assert all("probe_exact_match" in s and "probe_loss" in s for s in transfer["sources"])
     assert all(s["task"] != "reverse" for s in transfer["sources"])  # globex's private task is never a source
     best = max(transfer["sources"], key=lambda s: (s["probe_exact_match"], -s["probe_loss"]))
     assert (transfer["chosen"]["tenant"], transfer["chosen"]["task"]) == (best["tenant"], best["task"])
+    assert chose_line == [f"best-of-k chose {best['tenant']}/{best['task']}: dev exact match "
+                          f"{best['probe_exact_match']:.3f}, loss {best['probe_loss']:.4f} after 1 steps"]
+
+
+def test_sources_of_another_length_are_named_when_skipped(library, capsys):
+    root, config = library
+    store = store_of(root)
+    upper = store.get("acme", "upper")  # the same task embedding, on a prompt twice as long
+    longer = store.register("acme", "upper-long", torch.cat([upper.tensor, upper.tensor]),
+                            task_embedding=upper.task_embedding,
+                            extra={TASK_EMBEDDING_EXTRA_KEY: upper.meta.extra[TASK_EMBEDDING_EXTRA_KEY]})
+    assert longer.length == 8
+    # upper's own data: upper and upper-long rank first, ahead of every other source kept
+    assert cli.main(["prompts", "train", "--config", str(config), "--tenant", "acme", "--task", "target-length",
+                     "--data", str(root / "upper.jsonl"), "--init", "retrieved", "--top-k", "3", "--length", "4",
+                     "--steps", "1", "--batch-size", "8", "--no-progress", "--no-register"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped, not 4 rows like the sources kept: acme/upper-long (8 rows," in out
 
 
 def test_retrieval_without_any_embedded_source_fails_clearly(tmp_path, capsys):
