@@ -59,6 +59,8 @@ from promptmux.serving.embedded_model import (
 )
 from promptmux.serving.model_shapes import build_random_model
 
+from .demo_task_embeddings import embed_demo_prompts
+from .model_loading import LoadedModel
 from .demo_scoring import DEMO_EVAL_EXAMPLES, DEMO_EVAL_SEED, score_mixed_batch
 from promptmux.prompts.synthetic_tasks import PRETRAINING_TASKS, get_task, pretraining_batches, task_examples
 from promptmux.prompts.tuning import TrainConfig, TuningResult, encode_batch, evaluate, tune_prompt
@@ -354,7 +356,6 @@ def score_assets(assets_dir: Path) -> dict[str, float]:
     from promptmux.serving.config import EngineConfig
     from promptmux.serving.demo_prompts import seed_demo_prompts
     from promptmux.serving.engine import Engine
-    from promptmux.serving.model_loading import LoadedModel
 
     model = load_embedded_model(weights=assets_dir / EMBEDDED_WEIGHTS.name, checksum=assets_dir / EMBEDDED_CHECKSUM.name)
     loaded = LoadedModel(model=model, tokenizer=ByT5Tokenizer(), name="embedded")
@@ -414,6 +415,8 @@ def build(config: BuildConfig, log: Callable[[str], None] = print) -> dict[str, 
     prompts_at = time.time()
     digest = write_model_assets(model, config, runs)
     write_prompt_assets(results, config)
+    embed_demo_prompts(LoadedModel(model=model, tokenizer=tokenizer, name="embedded"),
+                       config.assets_dir / DEMO_PROMPTS_DIR.name, log=log)
     scores = score_assets(config.assets_dir)
     for task, score in scores.items():
         log(f"demo {task}: exact match {score:.3f} on {DEMO_EVAL_EXAMPLES} fresh strings, one mixed batch")

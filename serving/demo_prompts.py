@@ -1,7 +1,8 @@
 """The demo prompts that ship with the embedded model, and their seeding into a store.
 
 Each `assets/demo_prompts/<task>.safetensors` holds one float32 prompt under the key
-`prompt`, with `description` and the JSON `training` metadata in its header. They were
+`prompt`, with `description` and the JSON `training` metadata in its header, and its task
+embedding under `task_embedding` (serving/demo_task_embeddings.py), recipe in the header. They were
 trained by `python -m promptmux.serving.build_demo_model` for the shipped embedded weights
 only: other models must not receive them.
 """
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from promptmux.prompts.records import PromptMeta, content_hash
 from promptmux.prompts.store import PromptStore
+from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY
 
 from .config import DEMO_TENANT, ModelConfig
 from .embedded_model import DEMO_PROMPTS_DIR
@@ -31,6 +33,8 @@ class DemoPrompt:
     tensor: torch.Tensor  # [L, D] float32
     description: str
     training: dict
+    task_embedding: torch.Tensor | None = None  # [L, D] float32
+    task_embedding_info: dict | None = None  # its recipe: PromptMeta.extra["task_embedding"]
 
 
 def load_demo_prompts(directory: Path = DEMO_PROMPTS_DIR) -> list[DemoPrompt]:
@@ -57,16 +61,23 @@ def seed_demo_prompts(
     live = {}
     for prompt in load_demo_prompts(directory):
         current = _latest(store, tenant, prompt.task)
-        if current is not None and current.content_hash == content_hash(prompt.tensor) and current.published:
+        # A store seeded before the demo prompts carried task embeddings gets a version with one.
+        lacks_embedding = prompt.task_embedding is not None and TASK_EMBEDDING_EXTRA_KEY not in (
+            current.extra if current else {})
+        if (current is not None and current.content_hash == content_hash(prompt.tensor) and current.published
+                and not lacks_embedding):
             live[prompt.task] = current
             continue
-        fields = dict(description=prompt.description, extra={"source": "promptmux demo prompt", **prompt.training},
+        extra = {"source": "promptmux demo prompt", **prompt.training}
+        if prompt.task_embedding is not None:
+            extra[TASK_EMBEDDING_EXTRA_KEY] = prompt.task_embedding_info
+        fields = dict(description=prompt.description, extra=extra, task_embedding=prompt.task_embedding,
                       check_quotas=False)  # the server's own prompts are no tenant's usage
         try:
             live[prompt.task] = store.register(tenant, prompt.task, prompt.tensor, publish=True, **fields)
         except AlreadyExistsError as error:
             log.warning("demo prompt %r not published: %s", prompt.task, error)
-            if current is None or current.content_hash != content_hash(prompt.tensor):
+            if current is None or current.content_hash != content_hash(prompt.tensor) or lacks_embedding:
                 current = store.register(tenant, prompt.task, prompt.tensor, shared=True, **fields)
             live[prompt.task] = current
     return live
@@ -90,6 +101,7 @@ def _read(path: Path) -> DemoPrompt:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
             tensor = handle.get_tensor("prompt")
+            embedding = handle.get_tensor("task_embedding") if "task_embedding" in handle.keys() else None
     except (SafetensorError, OSError, KeyError) as error:
         raise ModelLoadError(
             f"demo prompt {str(path)!r} is unreadable or has no 'prompt' tensor ({error}); restore serving/assets "
@@ -100,4 +112,6 @@ def _read(path: Path) -> DemoPrompt:
         tensor=tensor.float().contiguous(),
         description=header.get("description", ""),
         training=json.loads(header.get("training", "{}")),
+        task_embedding=None if embedding is None else embedding.float().contiguous(),
+        task_embedding_info=json.loads(header["task_embedding"]) if embedding is not None else None,
     )

@@ -171,3 +171,45 @@ def test_mismatched_weights_fail_with_a_clear_error(tmp_path):
 def test_missing_checksum_fails_instead_of_trusting_the_file(tmp_path):
     with pytest.raises(ModelLoadError, match="checksum file .* is missing"):
         load_embedded_model(checksum=tmp_path / "absent.sha256")
+
+
+def test_demo_prompts_ship_task_embeddings_that_a_served_query_compares_with(loaded, store):
+    from promptmux.prompts.synthetic_tasks import task_examples
+    from promptmux.prompts.task_embedding import (
+        TASK_EMBEDDING_EXTRA_KEY, EmbeddingRecipe, compute_task_embedding, shared_init, similarity,
+    )
+
+    recipe = EmbeddingRecipe()  # the server's default `task_embedding` config
+    metas = {meta.task: meta for meta in store.list("demo")}
+    assert all(meta.extra[TASK_EMBEDDING_EXTRA_KEY]["model"] == "embedded" for meta in metas.values())
+    assert all({k: meta.extra[TASK_EMBEDDING_EXTRA_KEY][k] for k in recipe.comparable_key("embedded")}
+               == recipe.comparable_key("embedded") for meta in metas.values())
+    init = shared_init(loaded.model, loaded.tokenizer, recipe)
+    # new strings of a demo task, embedded as SimilarTasks embeds a query, find that task first
+    query = compute_task_embedding(loaded.model, loaded.tokenizer, task_examples("upper", 200, seed=12345),
+                                   recipe, model_name=loaded.name, init=init).tensor
+    scores = {task: similarity(query, store.get("demo", task).task_embedding, init) for task in metas}
+    assert max(scores, key=scores.get) == "upper"
+
+
+def test_seeding_adds_task_embeddings_to_a_store_seeded_without_them(loaded, tmp_path):
+    from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY
+    from promptmux.serving.demo_task_embeddings import EMBEDDING_TENSOR
+
+    directory = tmp_path / "demo_prompts"
+    shutil.copytree(ASSETS_DIR / "demo_prompts", directory)
+    without = tmp_path / "without"
+    without.mkdir()
+    for path in directory.glob("*.safetensors"):  # the files as shipped before they carried embeddings
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != EMBEDDING_TENSOR}
+        save_file(tensors, str(without / path.name), metadata={k: v for k, v in header.items() if k != "task_embedding"})
+    store = PromptStore(tmp_path / "store", d_model=loaded.d_model, max_length=64)
+    old = seed_demo_prompts(store, directory=without)
+    assert all(TASK_EMBEDDING_EXTRA_KEY not in meta.extra for meta in old.values())
+    upgraded = seed_demo_prompts(store, directory=directory)
+    assert all(meta.version == 2 and meta.published and TASK_EMBEDDING_EXTRA_KEY in meta.extra
+               for meta in upgraded.values())
+    assert all(upgraded[t].content_hash == old[t].content_hash for t in old)  # the same prompts
+    assert seed_demo_prompts(store, directory=directory) == upgraded  # and then nothing more
