@@ -171,6 +171,8 @@ def run_train_factorized(args: argparse.Namespace) -> int:
         return 0
     pairs = sorted(train)
     common = {"method": "factorized", "order": "language;task", "model": loaded.name, "steps": config.steps,
+              "batch_size": config.batch_size, "lr": config.lr, "schedule": config.schedule,
+              "warmup_steps": config.warmup_steps, "init_texts": dict(config.init_texts),
               "trained_pairs": [list(pair) for pair in pairs],
               "dev_exact_match": {f"{lang}+{task}": score for (lang, task), score in scores.items()}}
     for role, prefix, prompts in (("language", args.language_prefix, result.languages),

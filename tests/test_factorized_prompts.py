@@ -51,6 +51,7 @@ def test_each_prompt_is_registered_as_its_own_task(factorized_store):
     assert set(tasks) == {"lang-plain", "lang-upper", "task-reverse", "task-rotate"}
     assert tasks["lang-upper"].extra["role"] == "language" and tasks["task-rotate"].extra["role"] == "task"
     assert tasks["lang-upper"].extra["order"] == "language;task" and tasks["lang-upper"].length == 3
+    assert tasks["lang-upper"].extra["init_texts"] == {} and tasks["lang-upper"].extra["schedule"] == "constant"
     assert sorted(map(tuple, tasks["task-reverse"].extra["trained_pairs"])) == [("plain", "rotate"), ("upper", "reverse")]
     assert set(tasks["task-reverse"].extra["dev_exact_match"]) == {"upper+reverse", "upper+rotate"}  # unseen pair too
 
