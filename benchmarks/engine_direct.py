@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from promptmux.serving.config import PromptmuxConfig
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 
 
 class DirectEngine:

@@ -24,7 +24,7 @@ NAMESPACE = "promptmux"
 
 
 def module_name(root: Path, path: Path) -> str:
-    """`serving/engine.py` -> `promptmux.serving.engine`; `serving/__init__.py` -> `promptmux.serving`."""
+    """`serving/engine/core.py` -> `promptmux.serving.engine.core`; `serving/__init__.py` -> `promptmux.serving`."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
@@ -44,7 +44,7 @@ def imported_modules(tree: ast.AST, this_module: str, is_package: bool, known: s
     found: set[str] = set()
 
     def add(name: str) -> None:
-        # `from promptmux.serving import engine` names a module; `from promptmux.serving.engine
+        # `from promptmux.serving import engine` names a module; `from promptmux.serving.engine.core
         # import Engine` names a symbol: keep the longest prefix that is a known module.
         while name and name not in known:
             name = name.rpartition(".")[0]

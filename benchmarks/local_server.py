@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promptmux.serving.auth import write_key_file
+from promptmux.serving.replica.auth import write_key_file
 
 ADMIN_TENANT = "bench-admin"
 

@@ -47,7 +47,7 @@ from promptmux.prompts.task_embedding import EmbeddingRecipe, compute_task_embed
 from promptmux.prompts.transfer import best_of_k, weighted_average
 from promptmux.prompts.tuning import TrainConfig, evaluate, initial_prompt, tune_prompt
 from promptmux.serving.config import ModelConfig
-from promptmux.serving.model_loading import LoadedModel, load_model
+from promptmux.serving.model.loading import LoadedModel, load_model
 
 from .prompt_science_report import write_report
 

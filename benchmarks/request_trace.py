@@ -134,10 +134,10 @@ class _Context:
 
 def trace_generate(root: Path) -> Trace:
     config_module = _load("promptmux.serving.config")
-    auth = _load("promptmux.serving.replica.auth", "promptmux.serving.auth")
-    server_module = _load("promptmux.serving.replica.server", "promptmux.serving.deployment")
-    parts_module = _load("promptmux.serving.replica.app", "promptmux.serving.replica")
-    pb = _load("promptmux.serving.rpc.proto_gen.promptmux_pb2", "promptmux.serving.proto_gen.promptmux_pb2")
+    auth = _load("promptmux.serving.replica.parts.auth", "promptmux.serving.replica.auth")
+    server_module = _load("promptmux.serving.replica.parts.server", "promptmux.serving.replica.server")
+    parts_module = _load("promptmux.serving.replica.parts.app", "promptmux.serving.replica.parts")
+    pb = _load("promptmux.serving.rpc.proto_gen.promptmux_pb2", "promptmux.serving.rpc.proto_gen.promptmux_pb2")
     with tempfile.TemporaryDirectory() as scratch:
         keys = auth.write_key_file(Path(scratch) / "keys.yaml", [("acme", "trace-key", False)])
         config = config_module.AppConfig.from_args({

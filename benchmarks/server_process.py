@@ -6,7 +6,7 @@ Started by local_server.LocalServer, never by hand. It reads one JSON object on 
      "replica_cpus": 0.1, "apps": {"promptmux-mixed": {<application args>}, ...}}
 
 starts Ray (no dashboard, metrics pushed every second) and Serve with the project's gRPC
-servicer through `promptmux serve`'s own start-up (serving/local_serve.py), deploys every application (route prefix `/<name>`), prints one JSON line
+servicer through `promptmux serve`'s own start-up (serving/cli/local_serve.py), deploys every application (route prefix `/<name>`), prints one JSON line
 `{"event": "deployed", ...}`, then serves until stdin closes or SIGTERM arrives, and shuts
 Serve and Ray down. Its Ray processes are its own: nothing else is touched.
 """
@@ -30,7 +30,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     from promptmux.serving.config import AppConfig
-    from promptmux.serving.local_serve import local_serve
+    from promptmux.serving.cli.local_serve import local_serve
 
     replica_options = {"ray_actor_options": {"num_cpus": spec.get("replica_cpus", 0.1)}}
     try:

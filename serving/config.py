@@ -27,7 +27,7 @@ DEFAULT_STORE_ROOT = "var/prompts"
 STORE_ENV = "PROMPTMUX_STORE"  # overrides DEFAULT_STORE_ROOT for every command
 API_KEYS_ENV = "PROMPTMUX_API_KEYS_FILE"
 DEMO_TENANT = "demo"
-# The application's name in a Serve config (serving/app.py deploys it under this name).
+# The application's name in a Serve config (serving/replica/app.py deploys it under this name).
 APP_NAME = "promptmux"
 
 ENGINE_SECTIONS = ("model", "store", "engine", "task_embedding")
@@ -114,9 +114,9 @@ class EngineConfig:
     # once per forward (kernels/t5_attention_bias.py; 1.4x eager on CPU, equal tokens).
     # "model": leave the model's own attention implementation untouched.
     attention: Literal["merged-bias", "model"] = "merged-bias"
-    # How the step loop (serving/step_engine.py) runs its decoder forward: "cuda-graphs"
+    # How the step loop (serving/engine/step/executor.py) runs its decoder forward: "cuda-graphs"
     # (captured per padded shape), "compile" (torch.compile), "none" (eager). "auto" is
-    # cuda-graphs on CUDA and eager on CPU, the only mode there (see serving/decode_graphs.py).
+    # cuda-graphs on CUDA and eager on CPU, the only mode there (see serving/engine/step/decode_graphs.py).
     decode_graphs: Literal["auto", "cuda-graphs", "compile", "none"] = "auto"
 
     def __post_init__(self) -> None:
@@ -195,9 +195,9 @@ class ServingConfig:
 
     How often prompts (and the key file) are re-read is `store.refresh_interval_s`."""
 
-    # YAML file of hashed API keys (see serving/auth.py). None: $PROMPTMUX_API_KEYS_FILE.
+    # YAML file of hashed API keys (see serving/replica/auth.py). None: $PROMPTMUX_API_KEYS_FILE.
     api_keys_file: str | None = None
-    # "continuous": iteration-level batching (serving/step_scheduler.py): requests join and
+    # "continuous": iteration-level batching (serving/scheduling/step_scheduler.py): requests join and
     # leave the running batch between decoder steps. "mixed": batch-at-a-time (any tasks
     # share a batch, which runs to completion; the static mode, kept for comparison).
     # "per_task": batch-at-a-time with one task per batch (what one-adapter-per-forward
@@ -236,7 +236,7 @@ class ServingConfig:
     shutdown_grace_s: float = 10.0
     # torch intra-op threads per replica; None leaves torch's default.
     torch_threads: int | None = None
-    # Health (serving/health.py, Serve's check_health): a replica whose engine has started or
+    # Health (serving/replica/health.py, Serve's check_health): a replica whose engine has started or
     # finished no batch for this long while requests are queued or running is unhealthy, and
     # Serve replaces it. Keep it above the longest batch (max_new_tokens_limit decode steps).
     engine_stall_timeout_s: float = 120.0

@@ -110,7 +110,7 @@ class Serving:
     def stub(self):
         import grpc
 
-        from promptmux.serving.proto_gen import promptmux_pb2_grpc
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
         channel = grpc.insecure_channel(self.grpc_target)
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -138,7 +138,7 @@ class Serving:
     def deploy(self) -> None:
         from ray import serve
 
-        from promptmux.serving.app import APP_NAME, ROUTE_PREFIX, build_deployment
+        from promptmux.serving.replica.app import APP_NAME, ROUTE_PREFIX, build_deployment
         from promptmux.serving.config import AppConfig
 
         app = build_deployment(AppConfig.from_args(self.args), ray_actor_options={"num_cpus": 0.5})
@@ -148,7 +148,7 @@ class Serving:
     def wait_until_serving(self, timeout_s: float = 120) -> None:
         import grpc
 
-        from promptmux.serving.proto_gen import promptmux_pb2 as pb
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
         stub, end = self.stub(), time.monotonic() + timeout_s
         while True:
@@ -188,7 +188,7 @@ def seed_prompts(store) -> None:
     the shipped assets (the embedded model's real `reverse`)."""
     import torch
 
-    from promptmux.serving.demo_prompts import load_demo_prompts
+    from promptmux.serving.demo.prompts import load_demo_prompts
 
     shipped = {prompt.task for prompt in load_demo_prompts()}
     generator = torch.Generator().manual_seed(1234)
@@ -206,10 +206,10 @@ def serving(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from promptmux.prompts.store import PromptStore
-    from promptmux.serving.app import GRPC_SERVICER
-    from promptmux.serving.auth import write_key_file
-    from promptmux.serving.message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
-    from promptmux.serving.proto_build import ensure_built
+    from promptmux.serving.replica.app import GRPC_SERVICER
+    from promptmux.serving.replica.auth import write_key_file
+    from promptmux.serving.rpc.message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
+    from promptmux.serving.rpc.proto_build import ensure_built
     from promptmux.serving.config import AppConfig
 
     ensure_built()
@@ -234,7 +234,7 @@ def serving(ray_cluster, tmp_path_factory):
         },
     }
     grpc_port, http_port = free_port(), free_port()
-    # The proxy refuses messages larger than the largest legal one (serving/message_limits.py).
+    # The proxy refuses messages larger than the largest legal one (serving/rpc/message_limits.py).
     max_message = grpc_max_message_bytes(AppConfig.from_args(args), D_MODEL)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},

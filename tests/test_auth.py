@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from promptmux.serving.auth import (
+from promptmux.serving.replica.auth import (
     KeyRing,
     Principal,
     generate_key,
@@ -75,7 +75,7 @@ def test_malformed_key_files_are_rejected_with_the_reason(body, message):
 
 
 def test_missing_file_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m promptmux.serving.auth"):
+    with pytest.raises(FileNotFoundError, match="python -m promptmux.serving.replica.auth"):
         KeyRing.from_file(tmp_path / "absent.yaml")
 
 
@@ -95,7 +95,7 @@ def test_rotation_reloads_changed_file_and_keeps_keys_when_the_new_file_is_broke
 
 
 def test_generated_keys_are_random_and_cli_prints_a_matching_entry(capsys):
-    from promptmux.serving.auth import main
+    from promptmux.serving.replica.auth import main
 
     assert generate_key() != generate_key() and len(generate_key()) > 40
     main(["acme", "--admin"])
@@ -108,7 +108,7 @@ def test_generated_keys_are_random_and_cli_prints_a_matching_entry(capsys):
 
 
 def test_cli_adds_keys_to_a_key_file_and_keeps_the_others(tmp_path, capsys):
-    from promptmux.serving.auth import main
+    from promptmux.serving.replica.auth import main
 
     path = tmp_path / "keys.yaml"
     assert main(["acme", "--add-to", str(path)]) == 0
@@ -121,7 +121,7 @@ def test_cli_adds_keys_to_a_key_file_and_keeps_the_others(tmp_path, capsys):
 
 
 def test_cli_refuses_to_rewrite_a_key_file_that_does_not_parse(tmp_path, capsys):
-    from promptmux.serving.auth import main
+    from promptmux.serving.replica.auth import main
 
     path = tmp_path / "keys.yaml"
     path.write_text("- tenant: acme\n  sha256: abc\n")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from promptmux.serving.batcher import Batcher
+from promptmux.serving.scheduling.batcher import Batcher
 from promptmux.serving.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -16,7 +16,7 @@ from promptmux.serving.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from promptmux.serving.generation_types import BatchStats, GenerationRequest, GenerationResult
+from promptmux.serving.engine.types import BatchStats, GenerationRequest, GenerationResult
 from promptmux.serving.config import ServingConfig
 
 

@@ -68,7 +68,7 @@ def test_engine_direct_scenario_end_to_end(tmp_path):
 def test_scenario_against_the_running_server_then_cleans_up(serving, tmp_path):
     from conftest import ADMIN_KEY, ADMIN_TENANT
 
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     scenario = parse_scenario(tiny_scenario("server", ADMIN_TENANT, model=serving.args["model"]["source"]))
     options = HarnessOptions(
@@ -89,7 +89,7 @@ def test_flags_only_run_against_the_running_server_uses_the_keyed_tenant(serving
 
     from conftest import TENANT_KEYS
 
-    from promptmux.serving.cli import main
+    from promptmux.serving.cli.main import main
 
     code = main(["bench", "run", "--address", serving.grpc_target, "--key", f"acme={TENANT_KEYS['acme']}",
                  "--tasks", "2", "--concurrency", "2", "--requests", "4", "--warmup", "0", "--output-length", "4",

@@ -124,7 +124,7 @@ def test_gpu_report_arithmetic_on_a_tiny_model_on_cpu(tmp_path):
 def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
     """A model that emits EOS at once (a forcing hook) makes full rows under suppress_eos."""
     from promptmux.benchmarks.harness.gpu_bench import build_engine, suppress_eos
-    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+    from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
     engine = build_engine("random:tiny", "float32", "cpu", str(tmp_path), max_batch_size=4)
     eos = engine.model.config.eos_token_id
@@ -149,7 +149,7 @@ def test_eos_suppression_makes_every_row_run_full_length(tmp_path):
 
 def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypatch):
     from promptmux.benchmarks.harness import gpu_bench
-    from promptmux.serving.cli import main
+    from promptmux.serving.cli.main import main
 
     monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
     out = tmp_path / "device-out" / "bench"
@@ -163,7 +163,7 @@ def test_gpu_command_writes_to_the_output_folder_it_is_given(tmp_path, monkeypat
 
 def test_gpu_bench_runs_the_step_loop_in_continuous_mode(tmp_path, monkeypatch):
     from promptmux.benchmarks.harness import gpu_bench
-    from promptmux.serving.cli import main
+    from promptmux.serving.cli.main import main
 
     monkeypatch.setattr(gpu_bench, "require_cuda", lambda device: None)  # a CPU stands in for the card
     out = tmp_path / "bench"
@@ -179,7 +179,7 @@ def test_gpu_bench_runs_the_step_loop_in_continuous_mode(tmp_path, monkeypatch):
 
 
 def test_weight_bytes_count_tied_tensors_once():
-    from promptmux.serving.model_shapes import build_random_model
+    from promptmux.serving.model.shapes import build_random_model
 
     model = build_random_model("tiny")
     all_bytes, decode_bytes = weight_bytes(model)

@@ -8,7 +8,7 @@ import torch
 from promptmux.benchmarks.harness.bench_cli import apply_overrides, scenario_from_flags
 from promptmux.benchmarks.harness.scenario import SCENARIO_DIR, load_scenario, parse_scenario
 from promptmux.benchmarks.harness.suite import SUITE, estimated_seconds, scale_scenario
-from promptmux.serving.cli import build_parser, main
+from promptmux.serving.cli.main import build_parser, main
 from promptmux.serving.config import AppConfig
 
 SHIPPED = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))

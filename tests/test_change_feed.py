@@ -17,7 +17,7 @@ from promptmux.prompts import task_table as task_table_module
 from promptmux.prompts.change_log import CHANGES_DIR
 from promptmux.prompts.errors import TaskNotFoundError
 from promptmux.prompts.store import PromptStore
-from promptmux.serving.prompt_index import PromptIndex
+from promptmux.serving.engine.prompt_index import PromptIndex
 
 D = 8
 

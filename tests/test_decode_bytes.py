@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from promptmux.benchmarks.harness.decode_bytes import decode_step_bytes
-from promptmux.serving.model_shapes import SHAPES, build_random_model
+from promptmux.serving.model.shapes import SHAPES, build_random_model
 
 XXL = SHAPES["t5-xxl"]
 BF16 = 2

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from promptmux.serving.build_demo_model import PRETRAINING, REFINEMENT, BuildConfig, parse_args, run_stages
-from promptmux.serving.embedded_model import embedded_state_dict
+from promptmux.serving.demo.build import PRETRAINING, REFINEMENT, BuildConfig, parse_args, run_stages
+from promptmux.serving.model.embedded import embedded_state_dict
 
 
 def _tiny_build(tmp_path, **changes) -> BuildConfig:

@@ -10,23 +10,23 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from promptmux.serving.build_demo_model import BUILD_RECORD
-from promptmux.serving.demo_scoring import DEMO_EVAL_EXAMPLES, score_mixed_batch
+from promptmux.serving.demo.build import BUILD_RECORD
+from promptmux.serving.demo.scoring import DEMO_EVAL_EXAMPLES, score_mixed_batch
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
-from promptmux.serving.demo_prompts import load_demo_prompts, seed_demo_prompts
-from promptmux.serving.embedded_model import (
+from promptmux.serving.demo.prompts import load_demo_prompts, seed_demo_prompts
+from promptmux.serving.model.embedded import (
     ASSETS_DIR,
     EMBEDDED_CHECKSUM,
     EMBEDDED_WEIGHTS,
     embedded_state_dict,
     load_embedded_model,
 )
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import ModelLoadError
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.model_shapes import build_random_model
-from promptmux.serving.generation_types import GenerationRequest
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.model.shapes import build_random_model
+from promptmux.serving.engine.types import GenerationRequest
 
 REQUIRED_TASKS = {"reverse", "upper", "copy", "reverse-upper"}
 ALONE_SAMPLE_PER_TASK = 6  # a request alone costs a full decode: a sample keeps the file fast
@@ -155,7 +155,7 @@ def test_corrupted_weights_fail_with_a_clear_error(tmp_path):
     data = bytearray(corrupted.read_bytes())
     data[len(data) // 2] ^= 0xFF
     corrupted.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match=r"corrupted or do not match their checksum.*build_demo_model"):
+    with pytest.raises(ModelLoadError, match=r"corrupted or do not match their checksum.*demo\.build"):
         load_embedded_model(weights=corrupted, checksum=EMBEDDED_CHECKSUM)
 
 
@@ -194,7 +194,7 @@ def test_demo_prompts_ship_task_embeddings_that_a_served_query_compares_with(loa
 
 def test_seeding_adds_task_embeddings_to_a_store_seeded_without_them(loaded, tmp_path):
     from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY
-    from promptmux.serving.demo_task_embeddings import EMBEDDING_TENSOR
+    from promptmux.serving.demo.task_embeddings import EMBEDDING_TENSOR
 
     directory = tmp_path / "demo_prompts"
     shutil.copytree(ASSETS_DIR / "demo_prompts", directory)

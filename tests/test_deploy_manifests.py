@@ -449,10 +449,10 @@ def test_serve_config_parses_with_rays_schema(kustomization):
 def test_serve_config_follows_the_serving_contract(kustomization):
     config = serve_config(kustomization)
     app = the_app(config)
-    assert app["import_path"] == "promptmux.serving.app:build_app"
+    assert app["import_path"] == "promptmux.serving.replica.app:build_app"
     assert app["route_prefix"] == "/promptmux"
     assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "promptmux.serving.proxy_status.add_PromptmuxServicer_to_server"]
+        "promptmux.serving.rpc.proxy.add_PromptmuxServicer_to_server"]
     assert config["grpc_options"]["port"] == 9000
     assert config["http_options"]["port"] == 8000
     assert set(app["args"]) <= {"model", "store", "engine", "serving"}
@@ -487,10 +487,10 @@ def test_serve_import_path_and_servicer_function_import():
 def test_grpc_messages_survive_the_pickling_between_proxy_and_replica():
     # Ray Serve's gRPC proxy pickles each request to hand it to a replica (and the reply
     # back), by module path: generated classes must name an importable module.
-    from promptmux.serving.proto_build import ensure_built
+    from promptmux.serving.rpc.proto_build import ensure_built
 
     ensure_built()
-    pb2 = importlib.import_module("promptmux.serving.proto_gen.promptmux_pb2")
+    pb2 = importlib.import_module("promptmux.serving.rpc.proto_gen.promptmux_pb2")
     request = pb2.GenerateRequest(task="reverse", text="hello")
     try:
         assert pickle.loads(pickle.dumps(request)) == request
@@ -503,7 +503,7 @@ def test_grpc_messages_survive_the_pickling_between_proxy_and_replica():
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_serve_config_names_the_deployment_build_app_creates(kustomization):
     # Serve rejects options for a deployment the application does not have.
-    from promptmux.serving.app import build_app
+    from promptmux.serving.replica.app import build_app
 
     app = the_app(serve_config(kustomization))
     built = build_app(app["args"])
@@ -601,7 +601,7 @@ def test_only_workers_mount_the_keys_store_and_models(kustomization):
 def test_the_application_builder_reads_no_file_so_the_head_needs_no_mounts(tmp_path):
     # Serve may run build_app on the head, which mounts nothing: it must not touch the store,
     # the models or the key file (the replicas, on workers, read those).
-    from promptmux.serving.app import build_app
+    from promptmux.serving.replica.app import build_app
 
     args = copy.deepcopy(the_app(serve_config("overlays/gpu-t5-xxl"))["args"])
     args["store"]["root"] = str(tmp_path / "no-store")
@@ -626,7 +626,7 @@ def test_api_keys_secret_follows_the_contract_format(kustomization):
         assert re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]), "sha256 is the hex digest of the token, never the token"
         assert isinstance(entry["admin"], bool) and isinstance(entry["tenant"], str) and entry["tenant"]
     assert len({e["tenant"] for e in keys}) == len(keys), "one entry per tenant"
-    from promptmux.serving.auth import parse_key_file
+    from promptmux.serving.replica.auth import parse_key_file
 
     # What a replica reads from the mounted file.
     assert {p.tenant for p in parse_key_file(text, "keys.yaml").values()} == {e["tenant"] for e in keys}
@@ -714,7 +714,7 @@ def test_autoscaling_fits_the_worker_group(kustomization):
         assert scaling["target_ongoing_requests"] >= max_batch, "replicas would scale out before a batch fills"
         max_ongoing = effective_deployment_options(app["args"], deployment)["max_ongoing_requests"]
         if max_ongoing is not None:
-            assert max_ongoing >= max_batch, "or batches never fill (serving/app.py, deployment_defaults)"
+            assert max_ongoing >= max_batch, "or batches never fill (serving/replica/app.py, deployment_defaults)"
             assert scaling["target_ongoing_requests"] <= max_ongoing
         actor = deployment["ray_actor_options"]
         for resource, key in (("nvidia.com/gpu", "num_gpus"), ("cpu", "num_cpus")):
@@ -728,8 +728,8 @@ def test_autoscaling_fits_the_worker_group(kustomization):
 
 
 def effective_deployment_options(args: dict, deployment: dict) -> dict:
-    """The Serve config's options over the application's own defaults (serving/app.py)."""
-    from promptmux.serving.app import deployment_defaults
+    """The Serve config's options over the application's own defaults (serving/replica/app.py)."""
+    from promptmux.serving.replica.app import deployment_defaults
     from promptmux.serving.config import AppConfig
 
     options = dict(deployment_defaults(AppConfig.from_args(args)))
@@ -823,14 +823,14 @@ def test_dockerfile_copies_only_paths_that_exist(flavour):
 def test_dockerfile_modules_and_entry_point_exist(flavour):
     instructions = dockerfile_instructions(DOCKERFILES[flavour])
     modules = [c[c.index("-m") + 1] for c in shell_commands(instructions) if c[:2] == ["python", "-m"]]
-    assert modules == ["promptmux.serving.proto_build"]
+    assert modules == ["promptmux.serving.rpc.proto_build"]
     cmd = yaml.safe_load(next(args for instruction, args in instructions if instruction == "CMD"))
     scripts = pyproject()["project"]["scripts"]
     assert cmd[0] in scripts, f"CMD runs {cmd[0]!r}, which pyproject.toml's [project.scripts] does not define"
     entry_module = scripts[cmd[0]].split(":")[0]
     missing = [m for m in modules + [entry_module] if not module_file(m).exists()]
     assert not missing, f"the image runs {missing}, which do not exist in the repository"
-    from promptmux.serving.cli import build_parser
+    from promptmux.serving.cli.main import build_parser
 
     subcommands = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert cmd[1] in subcommands, f"CMD runs `promptmux {cmd[1]}`, which the CLI does not offer: {sorted(subcommands)}"
@@ -839,12 +839,17 @@ def test_dockerfile_modules_and_entry_point_exist(flavour):
 def test_run_time_files_are_package_data_so_a_non_editable_install_ships_them():
     # The images install the project as a wheel: a file under serving/assets or
     # serving/configs that no package-data pattern matches is missing in every pod.
-    package_data = pyproject()["tool"]["setuptools"]["package-data"]["promptmux.serving"]
+    package_data = pyproject()["tool"]["setuptools"]["package-data"]
     serving = REPO / "serving"
-    shipped = {path for pattern in package_data for path in serving.glob(pattern) if path.is_file()}
+    shipped = {
+        path
+        for package, patterns in package_data.items() if package.startswith("promptmux.serving")
+        for pattern in patterns
+        for path in serving.joinpath(*package.split(".")[2:]).glob(pattern) if path.is_file()
+    }
     needed = {path for folder in ("assets", "configs") for path in (serving / folder).rglob("*")
               if path.is_file() and "__pycache__" not in path.parts}
-    needed.add(serving / "promptmux.proto")
+    needed.add(serving / "rpc" / "promptmux.proto")
     unshipped = sorted(str(path.relative_to(REPO)) for path in needed - shipped)
     assert not unshipped, (
         f"{unshipped} would be left out of the image; add a matching pattern (e.g. 'assets/**/*') to "
@@ -1121,10 +1126,10 @@ SERVE_METRICS = {"ray_serve_deployment_replica_healthy"}
 
 
 def exported_promptmux_series() -> set[str]:
-    """Every series name a replica exports, from serving/metrics.py's declarations."""
+    """Every series name a replica exports, from serving/replica/metrics.py's declarations."""
     from ray.util.metrics import Counter, Gauge, Histogram
 
-    from promptmux.serving.metrics import ServingMetrics
+    from promptmux.serving.replica.metrics import ServingMetrics
 
     series = set()
     for metric in replica_metrics(ServingMetrics()):
@@ -1148,7 +1153,7 @@ SERVE_METRIC_TAGS = {"application", "deployment"}
 
 
 def promptmux_tags() -> set[str]:
-    from promptmux.serving.metrics import ServingMetrics
+    from promptmux.serving.replica.metrics import ServingMetrics
 
     return {tag for metric in replica_metrics(ServingMetrics()) for tag in metric._tag_keys}
 

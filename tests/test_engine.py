@@ -10,10 +10,10 @@ import torch
 from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, assert_t5_attention
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import InvalidRequestError, PromptmuxError, TaskNotFoundError
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
 PROMPT_LENGTHS = {"t1": 1, "t3": 3, "t9": 9, "t17": 17, "t32": 32, "t50": 50, "t77": 77, "t100": 100}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "

@@ -10,7 +10,7 @@ import torch
 
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import (
     InvalidRequestError,
     PromptmuxError,
@@ -18,8 +18,8 @@ from promptmux.serving.errors import (
     ResourceExhaustedError,
     TaskNotFoundError,
 )
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest, GenerationResult
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest, GenerationResult
 
 D_MODEL = 256  # random:embedded
 

@@ -9,13 +9,13 @@ import torch
 from promptmux.prompts import make_task_data
 from promptmux.prompts.factorized import FactorizedConfig, read_pairs_jsonl, train_factorized
 from promptmux.prompts.store import PromptStore
-from promptmux.serving import cli
+from promptmux.serving.cli import main as cli
 from promptmux.serving.config import ModelConfig, PromptmuxConfig
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import PromptmuxError
-from promptmux.serving.grpc_convert import pb, request_from_pb
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+from promptmux.serving.rpc.convert import pb, request_from_pb
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
 TINY = ["--model", "random:tiny"]
 

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_the_task_tag_stops_growing_at_its_bound(ray_cluster):
-    from promptmux.serving.metrics import MAX_TASK_LABELS, OTHER_TASKS_LABEL, ServingMetrics
+    from promptmux.serving.replica.metrics import MAX_TASK_LABELS, OTHER_TASKS_LABEL, ServingMetrics
 
     metrics = ServingMetrics()
     tags = [metrics._task_tag(f"task{i}") for i in range(MAX_TASK_LABELS + 5)]

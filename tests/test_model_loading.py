@@ -10,8 +10,8 @@ from transformers import ByT5Tokenizer
 
 from promptmux.serving.config import ModelConfig
 from promptmux.serving.errors import ModelLoadError
-from promptmux.serving.model_loading import load_model, model_d_model
-from promptmux.serving.model_shapes import SHAPES, build_random_model, shape_config
+from promptmux.serving.model.loading import load_model, model_d_model
+from promptmux.serving.model.shapes import SHAPES, build_random_model, shape_config
 
 
 def test_local_checkpoint_directory_loads_frozen_and_equal(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 
 from promptmux.prompts.formats import detect_format, load_prompt
 from promptmux.prompts.store import PromptStore
-from promptmux.serving import cli
+from promptmux.serving.cli import main as cli
 from promptmux.serving.errors import InvalidPromptError
 
 D = 32

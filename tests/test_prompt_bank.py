@@ -6,7 +6,7 @@ import torch
 
 from promptmux.prompts.records import PromptMeta
 from promptmux.serving.errors import ResourceExhaustedError
-from promptmux.serving.prompt_bank import PromptBank
+from promptmux.serving.engine.prompt_bank import PromptBank
 
 D = 8
 

@@ -20,12 +20,12 @@ from promptmux.prompts.tuning import (
     register_prompt,
     tune_prompt,
 )
-from promptmux.serving import cli
+from promptmux.serving.cli import main as cli
 from promptmux.serving.config import EngineConfig, ModelConfig
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import InvalidRequestError
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
 SPACE_ID = 35  # ByT5: byte 0x20 + 3 special ids
 

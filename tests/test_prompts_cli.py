@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from promptmux.prompts.records import content_hash
-from promptmux.serving.cli import main
+from promptmux.serving.cli.main import main
 
 D_MODEL = 256  # the embedded default's width
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from promptmux.serving.errors import InvalidPromptError, InvalidRequestError
-from promptmux.serving.grpc_convert import pb, request_from_pb, request_message, tensor_from_pb
-from promptmux.serving.message_limits import (
+from promptmux.serving.rpc.convert import pb, request_from_pb, request_message, tensor_from_pb
+from promptmux.serving.rpc.message_limits import (
     GRPC_DEFAULT_MESSAGE_BYTES,
     GRPC_MAX_MESSAGE_ENV,
     generate_request_bytes,
@@ -65,7 +65,7 @@ def _configured_limits() -> list[tuple[str, dict, int]]:
 
 
 def test_every_serve_config_sets_the_proxy_limit_its_args_need():
-    from promptmux.serving.model_shapes import SHAPES
+    from promptmux.serving.model.shapes import SHAPES
 
     widths = {"embedded": SHAPES["embedded"].d_model, "/models/t5-xxl": SHAPES["t5-xxl"].d_model}
     for where, args, configured in _configured_limits():
@@ -91,7 +91,7 @@ def test_request_id_is_bounded():
 
 
 def test_the_proxy_passes_bytes_and_the_replica_decodes_them():
-    from promptmux.serving.grpc_service import SERVICE, add_promptmux_servicer
+    from promptmux.serving.rpc.grpc_service import SERVICE, add_promptmux_servicer
 
     server = Mock(spec=["add_generic_rpc_handlers", "add_registered_method_handlers"])
     add_promptmux_servicer(Mock(), server)
@@ -107,7 +107,7 @@ def test_the_proxy_passes_bytes_and_the_replica_decodes_them():
 
 
 def test_serve_binds_to_loopback_or_every_interface_only():
-    from promptmux.serving.serve_cli import bind_host, ray_environment
+    from promptmux.serving.cli.serve import bind_host, ray_environment
 
     assert bind_host("localhost") == "127.0.0.1" and bind_host("127.0.0.2") == "127.0.0.2"
     assert bind_host("0.0.0.0") == "0.0.0.0"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from promptmux.serving.errors import InvalidRequestError
-from promptmux.serving.generation_types import GenerationParams
-from promptmux.serving.sampling import check_sampling_params, row_uniforms, sample_rows, seed_words
+from promptmux.serving.engine.types import GenerationParams
+from promptmux.serving.engine.sampling import check_sampling_params, row_uniforms, sample_rows, seed_words
 
 DRAWS = 40_000
 

@@ -59,12 +59,12 @@ def listening_addresses(ports: dict[str, int]) -> dict[str, set[str]]:
 
 
 def test_promptmux_serve_from_outside(tmp_path):
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     ports = {"gRPC": free_port(), "HTTP": free_port(), "metrics": free_port()}
     command = [
-        sys.executable, "-m", "promptmux.serving.cli", "serve", "--host", "127.0.0.1",
+        sys.executable, "-m", "promptmux.serving.cli.main", "serve", "--host", "127.0.0.1",
         "--grpc-port", str(ports["gRPC"]), "--http-port", str(ports["HTTP"]),
         "--metrics-port", str(ports["metrics"]), "--store", str(tmp_path / "prompts"), "--num-cpus", "1",
     ]

@@ -22,7 +22,7 @@ REPEATS = 4  # each oversize case, concurrently: tokenizing them all took many s
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -92,7 +92,7 @@ def test_oversize_text_is_refused_before_work_and_another_tenant_stays_fast(serv
 
     baseline = max(timed() for _ in range(5))
     big = grpc.insecure_channel(serving.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)])
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     abuser = promptmux_pb2_grpc.PromptmuxStub(big)
     limit = 512 * 32  # engine.max_input_bytes, derived from max_input_tokens=512

@@ -1,4 +1,4 @@
-"""The path KubeRay serves: `import_path: promptmux.serving.app:build_app` with the Serve
+"""The path KubeRay serves: `import_path: promptmux.serving.replica.app:build_app` with the Serve
 config's `args`, deployed as its own application beside the shared one and called through
 Serve's gRPC proxy."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ APP, ROUTE = "promptmux-built", "/promptmux-built"
 def test_build_app_serves_generate_through_grpc(serving):
     from ray import serve
 
-    from promptmux.serving.app import build_app
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.replica.app import build_app
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     serve.run(build_app(serving.args), name=APP, route_prefix=ROUTE, blocking=False)
     try:

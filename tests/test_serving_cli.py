@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from promptmux.serving.auth import KeyRing
-from promptmux.serving.serve_cli import add_serve_parser, make_dev_key_file, resolve_args
+from promptmux.serving.replica.auth import KeyRing
+from promptmux.serving.cli.serve import add_serve_parser, make_dev_key_file, resolve_args
 from promptmux.serving.config import AppConfig, read_config_file
 
 SERVE_YAML = Path(__file__).resolve().parents[1] / "serving" / "configs" / "serve.yaml"
@@ -60,7 +60,7 @@ def test_demo_key_file_holds_one_hashed_key_for_tenant_demo(tmp_path):
 
 
 def test_promptmux_cli_offers_serve():
-    from promptmux.serving.cli import build_parser
+    from promptmux.serving.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--grpc-port", "9100"])
     assert args.grpc_port == 9100 and args.handler.__name__ == "run_serve"
@@ -68,8 +68,8 @@ def test_promptmux_cli_offers_serve():
 
 def test_every_command_takes_the_store_from_the_same_override_path(tmp_path, monkeypatch):
     """`promptmux serve` and the offline commands read $PROMPTMUX_STORE alike; --store beats it."""
-    from promptmux.serving.cli import build_parser
-    from promptmux.serving.cli_common import config_from_args
+    from promptmux.serving.cli.main import build_parser
+    from promptmux.serving.cli.common import config_from_args
 
     monkeypatch.setenv("PROMPTMUX_STORE", str(tmp_path / "from-env"))
     app_args, _, _ = resolve_args(parse())
@@ -81,8 +81,8 @@ def test_every_command_takes_the_store_from_the_same_override_path(tmp_path, mon
 
 
 def test_offline_commands_read_a_whole_serve_config_and_refuse_unknown_keys(tmp_path):
-    from promptmux.serving.cli import build_parser
-    from promptmux.serving.cli_common import config_from_args
+    from promptmux.serving.cli.main import build_parser
+    from promptmux.serving.cli.common import config_from_args
 
     generate = build_parser().parse_args(["generate", "--config", str(SERVE_YAML), "--task", "reverse", "x"])
     assert config_from_args(generate).model.source == "embedded"
@@ -99,7 +99,7 @@ def test_offline_commands_read_a_whole_serve_config_and_refuse_unknown_keys(tmp_
     ("- tenant: acme\n  sha256: abc\n", "must be a mapping with a `keys:` list"),
 ])
 def test_serve_refuses_a_bad_key_file_before_starting_ray(tmp_path, monkeypatch, capsys, content, message):
-    from promptmux.serving.serve_cli import ray_environment, run_serve
+    from promptmux.serving.cli.serve import ray_environment, run_serve
 
     for name in ray_environment("127.0.0.1"):  # run_serve sets these; put them back afterwards
         monkeypatch.setenv(name, "")

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.ray
 
-CLIENT = Path(__file__).resolve().parents[1] / "serving" / "client_example.py"
+CLIENT = Path(__file__).resolve().parents[1] / "serving" / "rpc" / "client_example.py"
 
 
 def run_client(serving, *extra: str) -> subprocess.CompletedProcess:
@@ -22,7 +22,7 @@ def run_client(serving, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_plain_client_generates_what_the_project_stub_gets(serving):
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     expected = serving.stub().Generate(
         pb.GenerateRequest(task="reverse", text="hello", params=pb.GenerationParams(max_new_tokens=12)),
@@ -43,14 +43,14 @@ def test_plain_client_reports_status_codes(serving):
 
 
 def test_the_serve_banners_client_command_works_as_printed(serving):
-    """The banner's (and the README's) `./dev python serving/client_example.py ...`, run as printed."""
+    """The banner's (and the README's) `./dev python serving/rpc/client_example.py ...`, run as printed."""
     import shlex
 
-    from promptmux.serving.serve_cli import client_command
+    from promptmux.serving.cli.serve import client_command
 
-    checkout = CLIENT.parents[1]
+    checkout = CLIENT.parents[2]
     command = client_command(serving.grpc_target, serving.keys["acme"], cwd=checkout)
-    assert command.startswith("./dev python serving/client_example.py --target ")
+    assert command.startswith("./dev python serving/rpc/client_example.py --target ")
     assert client_command("h:1", "k", cwd=checkout.parent).startswith(f"{checkout / 'dev'} python ")
     venv = Path(sys.prefix)
     if not (venv / ".promptmux-installed").exists():

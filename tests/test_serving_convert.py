@@ -10,7 +10,7 @@ from transformers import ByT5Tokenizer
 require_module("grpc_tools")
 
 from promptmux.serving.errors import InvalidPromptError, InvalidRequestError
-from promptmux.serving.grpc_convert import (
+from promptmux.serving.rpc.convert import (
     batch_item_to_pb,
     pb,
     reply_to_pb,
@@ -19,8 +19,8 @@ from promptmux.serving.grpc_convert import (
     tensor_to_pb,
 )
 from promptmux.serving.errors import TaskNotFoundError
-from promptmux.serving.generation_types import GenerationParams, GenerationResult, PromptVersionRef
-from promptmux.serving.streaming import TextDeltas
+from promptmux.serving.engine.types import GenerationParams, GenerationResult, PromptVersionRef
+from promptmux.serving.rpc.streaming import TextDeltas
 
 
 def test_unset_params_take_the_engine_defaults():
@@ -98,10 +98,10 @@ def test_stream_deltas_hold_back_incomplete_characters():
 def test_the_generated_grpc_code_is_checked_on_import_never_built(tmp_path):
     """Importing the gRPC edge builds nothing: code generated from another .proto (or none) is
     an error that says how to build it, and the folder stays as it was."""
-    from promptmux.serving.proto_build import PROTO_PATH, build, require_built
+    from promptmux.serving.rpc.proto_build import PROTO_PATH, build, require_built
 
     out = tmp_path / "proto_gen"
-    with pytest.raises(RuntimeError, match=r"missing or older than the \.proto.*python -m promptmux\.serving\.proto_build"):
+    with pytest.raises(RuntimeError, match=r"missing or older than the \.proto.*python -m promptmux\.serving\.rpc\.proto_build"):
         require_built(out)
     assert not out.exists()
     build(out)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -64,7 +64,7 @@ def test_invalid_argument(serving, pb, request_fields, message):
 
 
 def test_invalid_prompt_uploads(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
     import torch
 
     stub = serving.stub()
@@ -93,7 +93,7 @@ def test_not_found_looks_the_same_for_unknown_and_for_another_tenants_private_ta
 
 
 def test_permission_denied_for_another_tenants_prompts(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
     import torch
 
     stub = serving.stub()
@@ -126,7 +126,7 @@ def gated_server_class():
     on the encoder module, so it holds whatever engine loop runs the model. Built inside a
     function so Ray pickles the class by value: the replica cannot import test modules.
     """
-    from promptmux.serving.replica import PromptmuxReplica
+    from promptmux.serving.replica.parts import PromptmuxReplica
 
     class GatedPromptmuxServer(PromptmuxReplica):
         def __init__(self, config, gate: str) -> None:
@@ -155,7 +155,7 @@ def gated(serving, tmp_path_factory):
     """The same application as `serving`, deployed once more as GATED_APP with the gate above."""
     from ray import serve
 
-    from promptmux.serving.app import deployment_defaults
+    from promptmux.serving.replica.app import deployment_defaults
     from promptmux.serving.config import AppConfig
 
     gate = tmp_path_factory.mktemp("gate")
@@ -166,7 +166,7 @@ def gated(serving, tmp_path_factory):
     serve.run(app, name=GATED_APP, route_prefix="/gated", blocking=False)
     stub = serving.stub()
     metadata = lambda tenant: [("application", GATED_APP), ("authorization", f"Bearer {serving.keys[tenant]}")]  # noqa: E731
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     end = time.monotonic() + 120
     while True:  # ready once the demo task answers

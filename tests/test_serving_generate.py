@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -19,7 +19,7 @@ def pb():
 @pytest.fixture(scope="module")
 def engine(serving):
     """The same model and store, in this process, to compute what each request gives alone."""
-    from promptmux.serving.engine import Engine
+    from promptmux.serving.engine.core import Engine
     from promptmux.serving.config import AppConfig
 
     engine = Engine.from_config(AppConfig.from_args(serving.args).promptmux)
@@ -40,7 +40,7 @@ def workload() -> list[tuple[str, str, str]]:
 
 
 def alone(engine, tenant: str, task: str, text: str, max_new_tokens: int):
-    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+    from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
     request = GenerationRequest(tenant=tenant, text=text, task=task, params=GenerationParams(max_new_tokens=max_new_tokens))
     (result,) = engine.run_batch([request]).results

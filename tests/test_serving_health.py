@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from promptmux.serving.batcher import Batcher
-from promptmux.serving.health import ReplicaHealth, ReplicaUnhealthyError
-from promptmux.serving.generation_types import BatchStats, GenerationRequest, GenerationResult
+from promptmux.serving.scheduling.batcher import Batcher
+from promptmux.serving.replica.health import ReplicaHealth, ReplicaUnhealthyError
+from promptmux.serving.engine.types import BatchStats, GenerationRequest, GenerationResult
 from promptmux.serving.config import AppConfig, ServingConfig
 
 # ---------------------------------------------------------------------- without Ray
@@ -162,7 +162,7 @@ class FragileApp:
         return [("application", FRAGILE_APP), ("authorization", f"Bearer {self.keys[tenant]}")]
 
     def stub(self, retry_unavailable: bool = False):
-        from promptmux.serving.proto_gen import promptmux_pb2_grpc
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
         options = []
         if retry_unavailable:  # gRPC's standard client retries, as a careful caller configures them
@@ -173,7 +173,7 @@ class FragileApp:
         return promptmux_pb2_grpc.PromptmuxStub(grpc.insecure_channel(self.grpc_target, options=options))
 
     def generate(self, task: str, tenant: str = "acme", stub=None):
-        from promptmux.serving.proto_gen import promptmux_pb2 as pb
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
         stub = stub or self.stub()
         params = pb.GenerationParams(max_new_tokens=4)
@@ -185,7 +185,7 @@ class FragileApp:
         import torch
 
         from promptmux.prompts.store import PromptStore
-        from promptmux.serving.proto_gen import promptmux_pb2 as pb
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
         PromptStore(self.store_root, d_model=256, max_length=64).register("acme", task, torch.randn(4, 256))
         stub, end = self.stub(), time.monotonic() + 60
@@ -206,7 +206,7 @@ class FragileApp:
         return Replica(names[0], actor, ray.get(actor.is_allocated.remote(), timeout=30)[0])
 
     def wait_until_serving(self, timeout_s: float = 180) -> None:
-        from promptmux.serving.proto_gen import promptmux_pb2 as pb
+        from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
         stub, end = self.stub(), time.monotonic() + timeout_s
         while True:
@@ -222,7 +222,7 @@ class FragileApp:
 def fragile(serving, tmp_path_factory):
     from ray import serve
 
-    from promptmux.serving.app import build_deployment
+    from promptmux.serving.replica.app import build_deployment
 
     store_root = tmp_path_factory.mktemp("fragile") / "prompts"
     args = {

@@ -10,7 +10,7 @@ from conftest import metric, multi_task_batches
 pytestmark = pytest.mark.ray
 
 def test_counters_move_and_batches_mix_tasks(serving):
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     ok = dict(method="Generate", tenant="acme", task="extract", status="OK")
     before = serving.scrape()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from promptmux.serving.errors import InvalidRequestError
-from promptmux.serving.pagination import MAX_PAGE_SIZE, page
+from promptmux.serving.rpc.pagination import MAX_PAGE_SIZE, page
 
 D_MODEL = 256
 
@@ -28,8 +28,8 @@ def test_pages_of_a_sorted_listing():
 
 @pytest.mark.ray
 def test_pages_cover_every_task_exactly_once_while_tasks_are_added(serving):
-    from promptmux.serving.grpc_convert import tensor_to_pb
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
 
     stub, globex = serving.stub(), serving.metadata("globex")
 

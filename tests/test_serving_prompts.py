@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -37,7 +37,7 @@ def wait_until(predicate, what: str, limit_s: float = 5.0):
 
 def test_registered_prompt_is_usable_at_once_and_new_versions_replace_it(serving, pb):
     from promptmux.prompts.records import content_hash
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub, acme = serving.stub(), serving.metadata("acme")
     tensor = prompt(1)
@@ -82,7 +82,7 @@ def test_a_prompt_written_by_another_replica_takes_effect_without_restart(servin
 
 
 def test_delete_through_the_api_takes_effect_at_once(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub, globex = serving.stub(), serving.metadata("globex")
     stub.RegisterPrompt(pb.RegisterPromptRequest(task="short-lived", tensor=tensor_to_pb(prompt(4))), metadata=globex, timeout=30)
@@ -98,8 +98,8 @@ def test_delete_through_the_api_takes_effect_at_once(serving, pb):
 def test_restart_keeps_registered_prompts(serving, pb):
     from ray import serve
 
-    from promptmux.serving.app import APP_NAME
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.replica.app import APP_NAME
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub, acme = serving.stub(), serving.metadata("acme")
     stub.RegisterPrompt(pb.RegisterPromptRequest(task="durable", tensor=tensor_to_pb(prompt(6))), metadata=acme, timeout=30)
@@ -112,7 +112,7 @@ def test_restart_keeps_registered_prompts(serving, pb):
 
 
 def test_register_prompts_stores_a_group_and_each_item_succeeds_or_fails_alone(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub, acme = serving.stub(), serving.metadata("acme")
     nan = prompt(12)

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from promptmux.serving.auth import write_key_file
+from promptmux.serving.replica.auth import write_key_file
 from promptmux.serving.config import AppConfig
 
 
@@ -41,9 +41,9 @@ def app_config(tmp_path, **serving) -> AppConfig:
 
 
 def test_shutdown_answers_unavailable_and_health_says_not_serving(tmp_path):
-    from promptmux.serving.deployment import PromptmuxServer
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.replica import build_replica_parts
+    from promptmux.serving.replica.server import PromptmuxServer
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.replica.parts import build_replica_parts
 
     keys = write_key_file(tmp_path / "keys.yaml", [("acme", "secret-key", False)])
     config = app_config(tmp_path, api_keys_file=str(keys), shutdown_grace_s=0)
@@ -64,7 +64,7 @@ def test_shutdown_answers_unavailable_and_health_says_not_serving(tmp_path):
 
 
 def test_a_replica_never_starts_without_api_keys(tmp_path, monkeypatch):
-    from promptmux.serving.replica import PromptmuxReplica
+    from promptmux.serving.replica.parts import PromptmuxReplica
 
     monkeypatch.delenv("PROMPTMUX_API_KEYS_FILE", raising=False)
     with pytest.raises(ValueError, match="no API key file"):

@@ -30,7 +30,7 @@ QUOTAS = {"max_prompts_per_tenant": 3, "max_rows_per_tenant": 20, "max_descripti
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -88,8 +88,8 @@ def pair(serving, tmp_path_factory):
     from ray import serve
 
     from promptmux.prompts.store import PromptStore
-    from promptmux.serving.app import build_deployment
-    from promptmux.serving.auth import write_key_file
+    from promptmux.serving.replica.app import build_deployment
+    from promptmux.serving.replica.auth import write_key_file
     from promptmux.serving.config import AppConfig
 
     root = tmp_path_factory.mktemp("pair")
@@ -110,7 +110,7 @@ def pair(serving, tmp_path_factory):
     app = build_deployment(AppConfig.from_args(args), num_replicas=2, ray_actor_options={"num_cpus": 0.25})
     serve.run(app, name=APP, route_prefix=f"/{APP}", blocking=False)
     harness = Pair(serving.stub(), store_root, keys_file, dict(keys), corrupt_at_start)
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb_module
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb_module
 
     end = time.monotonic() + 180
     while True:  # both replicas up: each has answered a call
@@ -185,7 +185,7 @@ def test_a_corrupt_file_at_start_up_and_during_refresh_stops_nothing(pair, pb):
 
 
 def tensor_pb(tensor):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     return tensor_to_pb(tensor)
 
@@ -206,7 +206,7 @@ def test_a_registration_through_one_replica_is_served_by_both(pair, pb):
 
 
 def test_keys_rotate_through_running_replicas(pair, pb):
-    from promptmux.serving.auth import write_key_file
+    from promptmux.serving.replica.auth import write_key_file
 
     request = pb.ListTasksRequest()
     ok = lambda o: code(o) == grpc.StatusCode.OK  # noqa: E731

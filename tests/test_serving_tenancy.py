@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def pb():
-    from promptmux.serving.proto_gen import promptmux_pb2
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2
 
     return promptmux_pb2
 
@@ -44,7 +44,7 @@ def test_list_prompts_shows_only_the_callers_prompts(serving, pb):
 
 
 def test_admin_key_administers_any_tenant(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub = serving.stub()
     ops = serving.metadata("ops")
@@ -61,7 +61,7 @@ def test_admin_key_administers_any_tenant(serving, pb):
 
 
 def test_shared_flag_decides_who_may_use_a_task(serving, pb):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub = serving.stub()
     globex, acme = serving.metadata("globex"), serving.metadata("acme")
@@ -98,7 +98,7 @@ def test_registering_a_shared_or_published_task_never_hijacks_another_tenants_ta
     `reverse` still runs demo's prompt."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub = serving.stub()
     hijack = tensor_to_pb(torch.randn(6, 256, generator=torch.Generator().manual_seed(66)))
@@ -147,7 +147,7 @@ def test_registering_a_shared_or_published_task_never_hijacks_another_tenants_ta
 
 @pytest.mark.parametrize("bad", ["copy\n", "c\u00f6py", "acme/copy\n"])
 def test_an_id_with_a_trailing_newline_or_non_ascii_is_invalid_everywhere(serving, pb, bad):
-    from promptmux.serving.grpc_convert import tensor_to_pb
+    from promptmux.serving.rpc.convert import tensor_to_pb
 
     stub, acme = serving.stub(), serving.metadata("acme")
     tensor = tensor_to_pb(torch.zeros(2, 256))

@@ -13,13 +13,13 @@ import torch
 from promptmux.prompts.errors import StoredPromptUnreadableError
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
-from promptmux.serving.decode_graphs import resolve_decode_graphs
-from promptmux.serving.demo_prompts import seed_demo_prompts
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.step.decode_graphs import resolve_decode_graphs
+from promptmux.serving.demo.prompts import seed_demo_prompts
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
-from promptmux.serving.model_loading import load_model
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
-from promptmux.serving.step_engine import StepEngine
+from promptmux.serving.model.loading import load_model
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
+from promptmux.serving.engine.step.executor import StepEngine
 
 PROMPT_LENGTHS = {"p1": 1, "p23": 23, "p64": 64, "p100": 100}  # plus None: no prompt at all
 GREEDY = GenerationParams(max_new_tokens=64)
@@ -178,7 +178,7 @@ def test_ids_past_the_tokenizers_vocabulary_stream_and_decode_to_nothing(t5_smal
     """t5-small's embedding has 28 rows past its tokenizer's vocabulary, which random weights
     emit: the unary text and the stream's deltas both skip them (GenerateStream failed with
     INTERNAL on them)."""
-    from promptmux.serving.streaming import TextDeltas
+    from promptmux.serving.rpc.streaming import TextDeltas
 
     beyond = t5_small.decodable_ids
     assert beyond < t5_small.model.config.vocab_size

@@ -11,7 +11,7 @@ from typing import Hashable
 
 import pytest
 
-from promptmux.serving.batcher import Batcher
+from promptmux.serving.scheduling.batcher import Batcher
 from promptmux.serving.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -19,7 +19,7 @@ from promptmux.serving.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from promptmux.serving.generation_types import (
+from promptmux.serving.engine.types import (
     BatchStats,
     GenerationParams,
     GenerationRequest,
@@ -27,7 +27,7 @@ from promptmux.serving.generation_types import (
     PreparedRequest,
 )
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.step_scheduler import StepScheduler, build_scheduler
+from promptmux.serving.scheduling.step_scheduler import StepScheduler, build_scheduler
 
 
 @dataclass
@@ -670,8 +670,8 @@ def real_engine(tmp_path_factory):
 
     from promptmux.prompts.store import PromptStore
     from promptmux.serving.config import EngineConfig, ModelConfig
-    from promptmux.serving.engine import Engine
-    from promptmux.serving.model_loading import load_model
+    from promptmux.serving.engine.core import Engine
+    from promptmux.serving.model.loading import load_model
 
     loaded = load_model(ModelConfig(source="random:embedded", dtype="float32"))
     store = PromptStore(tmp_path_factory.mktemp("store"), d_model=loaded.d_model, max_length=128)
@@ -690,7 +690,7 @@ def real_request(engine, task: str, text: str, **params) -> PreparedRequest:
 
 
 def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(real_engine):
-    from promptmux.serving.step_engine import StepEngine
+    from promptmux.serving.engine.step.executor import StepEngine
 
     specs = [("short", "abc", 9), ("long", "a longer input " * 4, 30), ("mid", "x", 1), ("mid", "hello there", 20),
              ("long", "queued behind full slots", 12), ("short", "last one in", 25)]
@@ -721,7 +721,7 @@ def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(
 
 
 def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_engine):
-    from promptmux.serving.step_engine import StepEngine
+    from promptmux.serving.engine.step.executor import StepEngine
 
     class Gated(StepEngine):
         """Each step waits for a permit, then runs for real."""

@@ -14,7 +14,7 @@ from promptmux.kernels.t5_attention_bias import (
     set_t5_attention,
     t5_attention_paths,
 )
-from promptmux.serving.model_shapes import build_random_model
+from promptmux.serving.model.shapes import build_random_model
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,10 @@ from promptmux.prompts.task_embedding import (
     similarity,
     similarity_matrix,
 )
-from promptmux.serving import cli
+from promptmux.serving.cli import main as cli
 from promptmux.serving.config import ModelConfig, PromptmuxConfig
 from promptmux.serving.errors import InvalidRequestError
-from promptmux.serving.model_loading import load_model
+from promptmux.serving.model.loading import load_model
 
 D = 16
 

@@ -1,12 +1,12 @@
 """The per-tenant limit (serving.max_in_flight_per_tenant) is checked in one module,
-serving/tenant_queues.py: per request at admission, and for a whole GenerateBatch."""
+serving/scheduling/tenant_queues.py: per request at admission, and for a whole GenerateBatch."""
 from __future__ import annotations
 
 import pytest
 
 from promptmux.serving.config import ServingConfig
 from promptmux.serving.errors import InvalidRequestError, ResourceExhaustedError
-from promptmux.serving.tenant_queues import refuse_batch_over_tenant_limit, refuse_if_over_limits
+from promptmux.serving.scheduling.tenant_queues import refuse_batch_over_tenant_limit, refuse_if_over_limits
 
 
 def test_a_batch_up_to_the_limit_passes_and_one_more_is_invalid():

@@ -9,7 +9,7 @@ import yaml
 from promptmux.prompts.store import PromptStore
 from promptmux.prompts.synthetic_tasks import task_examples, write_jsonl
 from promptmux.prompts.task_embedding import TASK_EMBEDDING_EXTRA_KEY
-from promptmux.serving import cli
+from promptmux.serving.cli import main as cli
 
 TINY_D = 64
 

@@ -65,7 +65,7 @@ class EngineBench:
         self.engine = self._direct.engine
 
     def requests(self, workload: WorkloadSpec, count: int, seed: str = "engine-figures"):
-        from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+        from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
         store, d_model = self.engine.store, self.engine.loaded.d_model
         known = {m.key for m in store.list()}

@@ -15,10 +15,10 @@ from typing import Sequence
 import torch
 
 from promptmux.prompts.records import content_hash
-from promptmux.serving.engine import Engine
+from promptmux.serving.engine.core import Engine
 from promptmux.serving.errors import PromptmuxError
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.step_scheduler import build_scheduler
+from promptmux.serving.scheduling.step_scheduler import build_scheduler
 
 from .request_records import BatchSample, ServerStats
 from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo
@@ -181,7 +181,7 @@ class EngineTarget:
             return False
 
     async def generate(self, request: BenchRequest, *, stream: bool, clock: Clock) -> Outcome:
-        from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+        from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
         first: list[float] = []
 

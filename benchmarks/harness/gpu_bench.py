@@ -77,7 +77,7 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size (best is kept)")
     parser.add_argument("--hbm-gbps", type=float, help="HBM bandwidth in GB/s (default: by device name)")
     parser.add_argument("--mode", default="static", choices=MODES,
-                        help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (serving/step_engine.py)")
+                        help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (serving/engine/step/executor.py)")
     parser.add_argument("--output", type=Path,
                         help="results folder, created if missing (default benchmarks/results/<date>-<gpu>); "
                              "on a device that returns only one folder, point it there, e.g. --output \"$OUT/bench\"")
@@ -195,7 +195,7 @@ def _default_dtype(dtype: torch.dtype):
 
 def build_engine(model: str, dtype: str, device: str, store_root: str, max_batch_size: int):
     from promptmux.serving.config import EngineConfig, ModelConfig, PromptmuxConfig, StoreConfig
-    from promptmux.serving.engine import Engine
+    from promptmux.serving.engine.core import Engine
 
     config = PromptmuxConfig(
         model=ModelConfig(source=model, dtype=dtype, device=device),
@@ -210,14 +210,14 @@ def batch_runner(engine, mode: str) -> Callable[[list], int]:
     """A function that runs one batch of requests to completion and returns the tokens generated.
 
     `static` runs the batch-at-a-time path (`engine.run_batch`, Hugging Face `generate`).
-    `continuous` runs the step loop (serving/step_engine.py): the batch is prepared once,
+    `continuous` runs the step loop (serving/engine/step/executor.py): the batch is prepared once,
     admitted in one encoder forward, then decoded one step at a time over the engine's slots
     until every row is done, which is the loop a replica runs with its slots full.
     """
     check_mode(mode)
     if mode == "static":
         return lambda requests: engine.run_batch(requests).stats.output_tokens
-    from promptmux.serving.step_engine import StepEngine
+    from promptmux.serving.engine.step.executor import StepEngine
 
     steps = StepEngine(engine)  # its slot cache is allocated once, for every batch
 
@@ -244,7 +244,7 @@ def measure(
     engine, batch_sizes: Sequence[int], *, tasks: int, prompt_length: int, input_length: int, new_tokens: int,
     repeats: int, nominal_gbps: float, copy_gbps: float, mode: str = "static", log=print,
 ) -> list[GpuPoint]:
-    from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+    from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
     if new_tokens < 2:
         raise ValueError(f"--new-tokens {new_tokens}: decoding is timed as T(new tokens) - T(1), so it needs >= 2")

@@ -5,7 +5,7 @@
 #
 # The device image is not our venv: no network, so neither `pip install -e .` nor ./dev can
 # set up there. The code runs from the working tree through a namespace of symlinks on
-# PYTHONPATH (promptmux.serving -> serving/, ...), with `python3 -m promptmux.serving.cli`
+# PYTHONPATH (promptmux.serving -> serving/, ...), with `python3 -m promptmux.serving.cli.main`
 # in place of the `promptmux` entry point. Each step has its own timeout; together they stay
 # under about 8 minutes, so run the script with a limit near 570 s. Every log lands under
 # $OUT: summary.txt (one `rc=... seconds` line per step), <step>.log, bench/gpu.md.
@@ -23,7 +23,7 @@ NS=$(mktemp -d)
 mkdir -p "$NS/promptmux" "$OUT/bench"
 for d in serving kernels prompts benchmarks; do ln -sfn "$PWD/$d" "$NS/promptmux/$d"; done
 export PYTHONPATH="$NS" TRITON_CACHE_DIR="$NS/triton"
-PM="$PY -m promptmux.serving.cli"
+PM="$PY -m promptmux.serving.cli.main"
 W=hello42
 
 # step LOG LIMIT_S CMD...: append CMD's output to $OUT/LOG.log, one summary line per step.

@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 import grpc
 
 from promptmux.prompts.records import content_hash
-from promptmux.serving.grpc_convert import pb, tensor_to_pb
-from promptmux.serving.proto_gen import promptmux_pb2_grpc
+from promptmux.serving.rpc.convert import pb, tensor_to_pb
+from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
 from .metrics_scrape import PrometheusMonitor
 from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo

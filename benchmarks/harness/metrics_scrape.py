@@ -1,7 +1,7 @@
 """What the replica's batches did during a run, from a server's Prometheus endpoint.
 
 A replica records histograms of batch size, distinct tasks per batch, engine time per batch
-and, per tenant, time spent queued before compute (serving/metrics.py); Ray exports them
+and, per tenant, time spent queued before compute (serving/replica/metrics.py); Ray exports them
 prefixed `ray_`. Scraping every interval and taking the change of each series between
 scrapes gives figures per interval, and over the whole run.
 
@@ -13,7 +13,7 @@ Ray (2.60) records a histogram observation as the midpoint of its bucket, so a h
 - distinct tasks per batch is estimated from the bucket counts, knowing the values are
   whole numbers (the bucket (2, 4] holds 3s and 4s: 3.5), so one task per batch reads 1;
 - engine time per batch and queue wait are Ray's midpoint estimates (marked ≈ in reports).
-Under continuous batching (serving/step_scheduler.py) a "batch" is one decoder step: its
+Under continuous batching (serving/scheduling/step_scheduler.py) a "batch" is one decoder step: its
 size (rows) and tasks come from the bucket counts, engine time is the step's, and queue wait
 is the wait for admission into a slot.
 Ray pushes replica metrics to its endpoint every `metrics_report_interval_ms` (10 s by

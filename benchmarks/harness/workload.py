@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-# Random prompts at the scale of the model's token embeddings (see serving/model_shapes.py).
+# Random prompts at the scale of the model's token embeddings (see serving/model/shapes.py).
 PROMPT_STD = 0.05
 _TEXT_ALPHABET = string.ascii_lowercase + " "
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, install_t5_bias_attention, set_t5_attention
-from promptmux.serving.model_shapes import build_random_model
+from promptmux.serving.model.shapes import build_random_model
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 IMPLEMENTATIONS = ("eager", "sdpa", T5_BIAS_ATTENTION)

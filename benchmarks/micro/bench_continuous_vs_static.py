@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from promptmux.serving.engine import Engine
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest, PreparedRequest
-from promptmux.serving.step_engine import StepEngine
+from promptmux.serving.engine.core import Engine
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest, PreparedRequest
+from promptmux.serving.engine.step.executor import StepEngine
 
 from ..engine_direct import DirectEngine, register_random_prompts
 from ..machine import machine_info

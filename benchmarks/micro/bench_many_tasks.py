@@ -84,9 +84,9 @@ def register_all(server: LocalServer, tasks: int, in_flight: int, batch: int,
     completed call."""
     import grpc
 
-    from promptmux.serving.grpc_convert import tensor_to_pb
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.convert import tensor_to_pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     channel = grpc.insecure_channel(server.address)
     grpc.channel_ready_future(channel).result(timeout=60)
@@ -145,8 +145,8 @@ def live_latency(server: LocalServer) -> float:
 
     from promptmux.prompts.quotas import StoreQuotas
     from promptmux.prompts.store import PromptStore
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     stub = promptmux_pb2_grpc.PromptmuxStub(grpc.insecure_channel(server.address))
     metadata = [("application", "promptmux"), ("authorization", f"Bearer {server.keys['probe']}")]
@@ -176,8 +176,8 @@ def serve_traffic(server: LocalServer, tasks_by_rank: list[int], ranks: list[int
     task at that rank. Returns throughput, latencies and failures."""
     import grpc
 
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     stub = promptmux_pb2_grpc.PromptmuxStub(grpc.insecure_channel(server.address))
     rng = random.Random(len(ranks))
@@ -249,8 +249,8 @@ def settle_metrics(server: LocalServer, seconds: float = 3.0) -> dict:
 def wait_serving(server: LocalServer, timeout_s: float = 300) -> None:
     import grpc
 
-    from promptmux.serving.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.proto_gen import promptmux_pb2_grpc
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2_grpc
 
     stub = promptmux_pb2_grpc.PromptmuxStub(grpc.insecure_channel(server.address))
     end = time.monotonic() + timeout_s

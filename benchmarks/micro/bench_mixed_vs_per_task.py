@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from promptmux.serving.engine import Engine
-from promptmux.serving.generation_types import GenerationParams, GenerationRequest
+from promptmux.serving.engine.core import Engine
+from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
 from ..engine_direct import DirectEngine, register_random_prompts
 

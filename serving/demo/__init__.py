@@ -1,0 +1,1 @@
+"""The embedded demo: building its model and prompts, their scoring and task embeddings."""

@@ -1,0 +1,1 @@
+"""Loading the frozen model: checkpoints, named random shapes and the embedded default."""

@@ -1,0 +1,79 @@
+"""The gRPC servicer function Ray Serve's proxy loads (`grpc_options.grpc_servicer_functions`).
+
+It registers promptmux's service, as the generated function does, and also sets the status a
+caller gets when the replica serving its request dies. That status is decided inside the
+proxy, not by the replica: Ray Serve 2.60's proxy maps every exception to a gRPC status in
+`ray.serve._private.grpc_util.get_grpc_response_status`, and a replica that died mid-request
+(SIGKILL, the kernel's OOM killer, a lost node, or a replica Serve stopped after it failed
+its health check) arrives as `RayActorError` and leaves as INTERNAL with Ray's actor-death
+text. INTERNAL tells clients the request is broken and must not be retried; in fact nothing
+is wrong with it, and a retry is served by another replica or by the restarted one. So a
+dead or unreachable replica answers UNAVAILABLE, the status gRPC clients retry.
+
+The proxy imports this module by the path in the Serve config, in its own process, before it
+serves anything; the mapping is installed there once. An error the replica's own code
+raised (`RayTaskError`, even one caused by another actor's death) keeps Ray's mapping.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import grpc
+
+
+log = logging.getLogger(__name__)
+
+REPLICA_DIED_MESSAGE = (
+    "the replica serving this request stopped before it replied ({cause}); the request did not "
+    "complete: retry it, and another replica (or the restarted one) serves it"
+)
+
+
+def add_PromptmuxServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's naming)
+    """What `grpc_servicer_functions` names: promptmux's service (serving/rpc/grpc_service.py), plus
+    UNAVAILABLE on replica death."""
+    from .grpc_service import add_promptmux_servicer
+
+    install_replica_death_status()
+    add_promptmux_servicer(servicer, server)  # request bytes pass through: replicas decode them
+
+
+def replica_death_status(error: BaseException):
+    """UNAVAILABLE for a replica that died or cannot be reached; None for any other error."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    if not isinstance(error, RayActorError) or isinstance(error, RayTaskError):
+        return None
+    return ResponseStatus(
+        code=grpc.StatusCode.UNAVAILABLE,
+        is_error=True,
+        message=REPLICA_DIED_MESSAGE.format(cause=type(error).__name__),
+    )
+
+
+def install_replica_death_status() -> bool:
+    """Wrap the proxy's status mapping once per process. False if this Ray has no such hook."""
+    from ray.serve._private import proxy
+
+    original: Callable | None = getattr(proxy, "get_grpc_response_status", None)
+    if original is None:
+        log.warning(
+            "ray.serve._private.proxy.get_grpc_response_status is missing in this Ray version: a replica's "
+            "death reaches gRPC callers with Ray's own status (INTERNAL), not UNAVAILABLE"
+        )
+        return False
+    if getattr(original, "promptmux_replica_death", False):
+        return True
+
+    def get_grpc_response_status(error: BaseException, request_timeout_s, request_id: str):
+        status = replica_death_status(error)
+        if status is None:
+            return original(error, request_timeout_s, request_id)
+        log.warning("request %s: %s", request_id, status.message)
+        return status
+
+    get_grpc_response_status.promptmux_replica_death = True
+    proxy.get_grpc_response_status = get_grpc_response_status
+    return True
