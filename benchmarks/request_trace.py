@@ -13,16 +13,14 @@ one place is entered once, and one that is called back into, or used piecemeal (
 helper, then that one), is entered several times. Repeated steps of the decode loop call the
 same functions, so they do not add entries.
 
-Run from the repository root, against this checkout or another one (`--root`, e.g. a
-`git worktree` of an older commit, for a before/after table):
+Run from the repository root:
 
-    python -m promptmux.benchmarks.request_trace [--root DIR] [--json]
+    python -m promptmux.benchmarks.request_trace [--json]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
@@ -102,17 +100,6 @@ class _Tracer:
         return None
 
 
-def _load(*names: str):
-    """The first of these module paths that imports (new layout first, old one second)."""
-    errors = []
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            errors.append(str(error))
-    raise ModuleNotFoundError("; ".join(errors))
-
-
 class _Context:
     """What Serve's gRPC context offers a replica method."""
 
@@ -133,19 +120,19 @@ class _Context:
 
 
 def trace_generate(root: Path) -> Trace:
-    config_module = _load("promptmux.serving.config")
-    auth = _load("promptmux.serving.replica.parts.auth", "promptmux.serving.replica.auth")
-    server_module = _load("promptmux.serving.replica.parts.server", "promptmux.serving.replica.server")
-    parts_module = _load("promptmux.serving.replica.parts.app", "promptmux.serving.replica.parts")
-    pb = _load("promptmux.serving.rpc.proto_gen.promptmux_pb2", "promptmux.serving.rpc.proto_gen.promptmux_pb2")
+    from promptmux.serving.config import AppConfig
+    from promptmux.serving.replica.auth import write_key_file
+    from promptmux.serving.replica.server import PromptmuxServer
+    from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
+
     with tempfile.TemporaryDirectory() as scratch:
-        keys = auth.write_key_file(Path(scratch) / "keys.yaml", [("acme", "trace-key", False)])
-        config = config_module.AppConfig.from_args({
+        keys = write_key_file(Path(scratch) / "keys.yaml", [("acme", "trace-key", False)])
+        config = AppConfig.from_args({
             "model": {"source": "embedded"},
             "store": {"root": str(Path(scratch) / "prompts")},
             "serving": {"api_keys_file": str(keys), "batching": "continuous"},
         })
-        server = server_module.PromptmuxServer(config, **parts_module.build_replica_parts(config))
+        server = PromptmuxServer(config)
         tracer = _Tracer(root.resolve())
         metadata = [("authorization", "Bearer trace-key")]
         request = pb.GenerateRequest(task="reverse", text="hello",
@@ -188,12 +175,10 @@ def report(trace: Trace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
-                        help="repository whose code runs (default: this checkout)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_DISABLE_METRICS", "1")
-    trace = trace_generate(args.root)
+    trace = trace_generate(Path(__file__).resolve().parents[1])
     sys.stdout.write(json.dumps(trace.summary(), indent=1) + "\n" if args.json else report(trace))
 
 

@@ -2,8 +2,8 @@
 serving edge translates without guessing, and each message says what was wrong, what was
 expected and how to fix it.
 
-It lives with the domain (prompts/) so every layer can raise it without importing upward;
-serving/errors.py re-exports every name."""
+It lives with the domain (prompts/) so every layer, serving/ included, raises and catches the
+same classes without importing upward."""
 from __future__ import annotations
 
 

@@ -16,7 +16,7 @@ from promptmux.serving.replica.auth import (
     require_owner_or_admin,
     write_key_file,
 )
-from promptmux.serving.errors import PermissionDeniedError, UnauthenticatedError
+from promptmux.prompts.errors import PermissionDeniedError, UnauthenticatedError
 
 
 def bearer(key: str) -> list[tuple[str, str]]:

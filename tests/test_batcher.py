@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from promptmux.serving.scheduling.batcher import Batcher
-from promptmux.serving.errors import (
+from promptmux.prompts.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     PromptmuxError,

@@ -23,7 +23,7 @@ from promptmux.serving.model.embedded import (
     load_embedded_model,
 )
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import ModelLoadError
+from promptmux.prompts.errors import ModelLoadError
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.model.shapes import build_random_model
 from promptmux.serving.engine.types import GenerationRequest

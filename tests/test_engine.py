@@ -11,7 +11,7 @@ from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, assert_t5_att
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import InvalidRequestError, PromptmuxError, TaskNotFoundError
+from promptmux.prompts.errors import InvalidRequestError, PromptmuxError, TaskNotFoundError
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 

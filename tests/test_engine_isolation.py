@@ -11,7 +11,7 @@ import torch
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import (
+from promptmux.prompts.errors import (
     InvalidRequestError,
     PromptmuxError,
     PromptUnusableError,

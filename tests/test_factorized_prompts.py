@@ -12,7 +12,7 @@ from promptmux.prompts.store import PromptStore
 from promptmux.serving.cli import main as cli
 from promptmux.serving.config import ModelConfig, PromptmuxConfig
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import PromptmuxError
+from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.rpc.convert import pb, request_from_pb
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from promptmux.prompts.formats import export_safetensors, load_prompt
 from promptmux.prompts.store import PromptStore
-from promptmux.serving.errors import InvalidPromptError
+from promptmux.prompts.errors import InvalidPromptError
 
 D = 32
 

@@ -9,7 +9,7 @@ from conftest import require_module
 from transformers import ByT5Tokenizer
 
 from promptmux.serving.config import ModelConfig
-from promptmux.serving.errors import ModelLoadError
+from promptmux.prompts.errors import ModelLoadError
 from promptmux.serving.model.loading import load_model, model_d_model
 from promptmux.serving.model.shapes import SHAPES, build_random_model, shape_config
 

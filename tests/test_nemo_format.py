@@ -11,7 +11,7 @@ import yaml
 from promptmux.prompts.formats import detect_format, load_prompt
 from promptmux.prompts.store import PromptStore
 from promptmux.serving.cli import main as cli
-from promptmux.serving.errors import InvalidPromptError
+from promptmux.prompts.errors import InvalidPromptError
 
 D = 32
 TINY_D_MODEL = 64  # random:tiny

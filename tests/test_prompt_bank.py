@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from promptmux.prompts.records import PromptMeta
-from promptmux.serving.errors import ResourceExhaustedError
+from promptmux.prompts.errors import ResourceExhaustedError
 from promptmux.serving.engine.prompt_bank import PromptBank
 
 D = 8

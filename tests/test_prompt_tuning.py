@@ -23,7 +23,7 @@ from promptmux.prompts.tuning import (
 from promptmux.serving.cli import main as cli
 from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import yaml
 
-from promptmux.serving.errors import InvalidPromptError, InvalidRequestError
+from promptmux.prompts.errors import InvalidPromptError, InvalidRequestError
 from promptmux.serving.rpc.convert import pb, request_from_pb, request_message, tensor_from_pb
 from promptmux.serving.rpc.message_limits import (
     GRPC_DEFAULT_MESSAGE_BYTES,
@@ -91,7 +91,7 @@ def test_request_id_is_bounded():
 
 
 def test_the_proxy_passes_bytes_and_the_replica_decodes_them():
-    from promptmux.serving.rpc.grpc_service import SERVICE, add_promptmux_servicer
+    from promptmux.serving.rpc.proxy import SERVICE, add_promptmux_servicer
 
     server = Mock(spec=["add_generic_rpc_handlers", "add_registered_method_handlers"])
     add_promptmux_servicer(Mock(), server)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 from promptmux.serving.engine.types import GenerationParams
 from promptmux.serving.engine.sampling import check_sampling_params, row_uniforms, sample_rows, seed_words
 

@@ -9,7 +9,7 @@ from transformers import ByT5Tokenizer
 # grpc_convert compiles the .proto with grpc_tools, absent on the GPU device image: skip there, fail in CI.
 require_module("grpc_tools")
 
-from promptmux.serving.errors import InvalidPromptError, InvalidRequestError
+from promptmux.prompts.errors import InvalidPromptError, InvalidRequestError
 from promptmux.serving.rpc.convert import (
     batch_item_to_pb,
     pb,
@@ -18,7 +18,7 @@ from promptmux.serving.rpc.convert import (
     tensor_from_pb,
     tensor_to_pb,
 )
-from promptmux.serving.errors import TaskNotFoundError
+from promptmux.prompts.errors import TaskNotFoundError
 from promptmux.serving.engine.types import GenerationParams, GenerationResult, PromptVersionRef
 from promptmux.serving.rpc.streaming import TextDeltas
 

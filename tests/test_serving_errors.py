@@ -126,9 +126,9 @@ def gated_server_class():
     on the encoder module, so it holds whatever engine loop runs the model. Built inside a
     function so Ray pickles the class by value: the replica cannot import test modules.
     """
-    from promptmux.serving.replica.parts import PromptmuxReplica
+    from promptmux.serving.replica.server import PromptmuxServer
 
-    class GatedPromptmuxServer(PromptmuxReplica):
+    class GatedPromptmuxServer(PromptmuxServer):
         def __init__(self, config, gate: str) -> None:
             from pathlib import Path
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 from promptmux.serving.rpc.pagination import MAX_PAGE_SIZE, page
 
 D_MODEL = 256

@@ -43,11 +43,11 @@ def app_config(tmp_path, **serving) -> AppConfig:
 def test_shutdown_answers_unavailable_and_health_says_not_serving(tmp_path):
     from promptmux.serving.replica.server import PromptmuxServer
     from promptmux.serving.rpc.proto_gen import promptmux_pb2 as pb
-    from promptmux.serving.replica.parts import build_replica_parts
+    from promptmux.serving.replica.server import ReplicaParts
 
     keys = write_key_file(tmp_path / "keys.yaml", [("acme", "secret-key", False)])
     config = app_config(tmp_path, api_keys_file=str(keys), shutdown_grace_s=0)
-    server = PromptmuxServer(config, **build_replica_parts(config))  # the parts come from outside
+    server = PromptmuxServer(config, ReplicaParts.from_config(config))  # the parts come from outside
     auth = [("authorization", "Bearer secret-key")]
 
     async def main():
@@ -64,10 +64,10 @@ def test_shutdown_answers_unavailable_and_health_says_not_serving(tmp_path):
 
 
 def test_a_replica_never_starts_without_api_keys(tmp_path, monkeypatch):
-    from promptmux.serving.replica.parts import PromptmuxReplica
+    from promptmux.serving.replica.server import PromptmuxServer
 
     monkeypatch.delenv("PROMPTMUX_API_KEYS_FILE", raising=False)
     with pytest.raises(ValueError, match="no API key file"):
-        PromptmuxReplica(app_config(tmp_path))
+        PromptmuxServer(app_config(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        PromptmuxReplica(app_config(tmp_path, api_keys_file=str(tmp_path / "missing.yaml")))
+        PromptmuxServer(app_config(tmp_path, api_keys_file=str(tmp_path / "missing.yaml")))

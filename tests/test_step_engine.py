@@ -16,7 +16,7 @@ from promptmux.serving.config import EngineConfig, ModelConfig
 from promptmux.serving.engine.step.decode_graphs import resolve_decode_graphs
 from promptmux.serving.demo.prompts import seed_demo_prompts
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
+from promptmux.prompts.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
 from promptmux.serving.engine.step.executor import StepEngine

@@ -12,7 +12,7 @@ from typing import Hashable
 import pytest
 
 from promptmux.serving.scheduling.batcher import Batcher
-from promptmux.serving.errors import (
+from promptmux.prompts.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     PromptmuxError,
@@ -405,7 +405,7 @@ def test_shared_step_rows_is_auto_a_count_or_off():
     assert ServingConfig().shared_step_rows == "auto"
     assert ServingConfig(shared_step_rows=0).shared_step_rows == 0
     for bad in (-1, "16", 2.5, True):
-        with pytest.raises(ValueError, match="serving.shared_step_rows=.* expected \"auto\", 0 \(off\) or a number"):
+        with pytest.raises(ValueError, match=r"serving.shared_step_rows=.* expected \"auto\", 0 \(off\) or a number"):
             ServingConfig(shared_step_rows=bad)
     with pytest.raises(ValueError, match="build_scheduler resolves"):
         StepScheduler(ServingConfig().resolved(4), FakeStepEngine(), FakeStepEngine().run_batch)

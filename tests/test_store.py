@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from promptmux.prompts.store import PromptStore
-from promptmux.serving.errors import InvalidPromptError, PermissionDeniedError, TaskNotFoundError
+from promptmux.prompts.errors import InvalidPromptError, PermissionDeniedError, TaskNotFoundError
 
 D = 16
 

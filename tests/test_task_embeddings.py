@@ -20,7 +20,7 @@ from promptmux.prompts.task_embedding import (
 )
 from promptmux.serving.cli import main as cli
 from promptmux.serving.config import ModelConfig, PromptmuxConfig
-from promptmux.serving.errors import InvalidRequestError
+from promptmux.prompts.errors import InvalidRequestError
 from promptmux.serving.model.loading import load_model
 
 D = 16

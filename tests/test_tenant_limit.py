@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.errors import InvalidRequestError, ResourceExhaustedError
+from promptmux.prompts.errors import InvalidRequestError, ResourceExhaustedError
 from promptmux.serving.scheduling.tenant_queues import refuse_batch_over_tenant_limit, refuse_if_over_limits
 
 

@@ -16,7 +16,7 @@ import torch
 
 from promptmux.prompts.records import content_hash
 from promptmux.serving.engine.core import Engine
-from promptmux.serving.errors import PromptmuxError
+from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.config import ServingConfig
 from promptmux.serving.scheduling.step_scheduler import build_scheduler
 

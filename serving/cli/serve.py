@@ -91,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .local_serve import local_serve
     from ..rpc.message_limits import GRPC_MAX_MESSAGE_ENV, grpc_max_message_bytes
     from ..model.loading import model_d_model
-    from .serve_bind import HOOK as BIND_HOOK
+    from .local_serve import HOOK as BIND_HOOK
 
     app_args, options, serve_config = resolve_args(args)
     config = AppConfig.from_args(app_args)
@@ -154,7 +154,7 @@ def bind_host(host: str) -> str:
 
 def ray_environment(host: str) -> dict[str, str]:
     """Environment for the local Ray this command starts, so that it listens on `host` only."""
-    from .serve_bind import GRPC_HOST_ENV
+    from .local_serve import GRPC_HOST_ENV
 
     env = {GRPC_HOST_ENV: host}
     if host not in _EVERY_INTERFACE:

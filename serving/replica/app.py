@@ -42,7 +42,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def build_deployment(config: AppConfig, **options: Any) -> Application:
     """The bound deployment; `options` override the defaults (e.g. ray_actor_options)."""
     require_built()  # the gRPC proxy imports the generated servicer on this machine
-    from .parts import PromptmuxReplica
+    from .server import PromptmuxServer
 
-    deployment = serve.deployment(PromptmuxReplica, name=DEPLOYMENT_NAME)
+    deployment = serve.deployment(PromptmuxServer, name=DEPLOYMENT_NAME)
     return deployment.options(**{**deployment_defaults(config), **options}).bind(config)

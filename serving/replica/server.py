@@ -1,9 +1,11 @@
-"""One replica of the service: a frozen model, its engine, the fair batcher, and the RPCs.
+"""One replica of the service: a frozen model, its engine, the scheduler, and the RPCs.
 
-The class is plain Python and receives its parts (engine, prompt administration, task
-similarity, API keys); serving/replica/parts.py builds them from the config inside each replica, and
-serving/replica/app.py wraps that with `serve.deployment` at build time. Its methods carry the RPC names of serving/rpc/promptmux.proto, so Ray Serve's gRPC proxy routes
-each call here with the caller's metadata in `grpc_context`.
+The class is plain Python. Serve deploys it as it is (`serve.deployment(PromptmuxServer)
+.bind(config)`, serving/replica/app.py) and it builds its parts from the config inside the
+replica's process (a model is not shipped through `bind`); tests and other hosts may hand it
+parts of their own (`ReplicaParts`). Its methods carry the RPC names of
+serving/rpc/promptmux.proto, so Ray Serve's gRPC proxy routes each call here with the
+caller's metadata in `grpc_context`.
 
 Errors: each PromptmuxError becomes its gRPC status code with its message as details, set on
 `grpc_context` (the proxy copies both to the client). Unary methods then return an empty
@@ -19,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -26,7 +29,7 @@ import grpc
 from promptmux.prompts.records import Registration
 
 from .auth import KeyRing, Principal, require_owner_or_admin
-from ..config import AppConfig
+from ..config import API_KEYS_ENV, AppConfig
 from ..engine.core import Engine
 from promptmux.prompts.errors import InvalidRequestError, PermissionDeniedError, PromptmuxError
 from ..rpc.convert import (
@@ -152,20 +155,60 @@ def rpc(reply_type: Callable[[], Any] | None = None):
     return wrap
 
 
+@dataclass
+class ReplicaParts:
+    """What a replica serves with besides its config: built from the config inside the replica
+    (`from_config`), or handed in by a test or another host."""
+
+    engine: Engine
+    prompts: PromptAdmin
+    similarity: TaskSimilarity
+    keys: KeyRing
+
+    @classmethod
+    def from_config(cls, config: AppConfig) -> "ReplicaParts":
+        import torch
+
+        from ..demo.prompts import seed_demo_prompts_if_embedded
+
+        serving = config.serving
+        # The path was resolved where the app was built; a replica's own environment may name it too.
+        keys_file = serving.api_keys_file or os.environ.get(API_KEYS_ENV)
+        if not keys_file:
+            raise ValueError(
+                f"no API key file: set serving.api_keys_file or ${API_KEYS_ENV} (the service never runs "
+                "without authentication; `promptmux serve` makes a demo key file for local use)"
+            )
+        if serving.torch_threads:
+            torch.set_num_threads(serving.torch_threads)
+        keys = KeyRing.from_file(keys_file)
+        engine = Engine.from_config(config.promptmux)
+        # Replicas seed too (KubeRay starts no `promptmux serve`); two replicas racing at most
+        # register the same content twice.
+        seed_demo_prompts_if_embedded(config.promptmux.model, engine.store)
+        engine.refresh_prompts()
+        return cls(
+            engine=engine,
+            prompts=PromptAdmin(engine.store, engine.index),
+            similarity=TaskSimilarity(engine.loaded, engine.store, config.promptmux.task_embedding),
+            keys=keys,
+        )
+
+
 class PromptmuxServer:
     """A replica: one frozen model shared by every tenant and task.
 
-    It receives its parts (serving/replica/parts.py builds them from the config for Serve): the
-    engine, prompt administration, task similarity and the API key ring."""
+    Its parts (the engine, prompt administration, task similarity and the API key ring) are
+    built from the config unless they are given."""
 
-    def __init__(self, config: AppConfig, *, engine: Engine, prompts: PromptAdmin, similarity: TaskSimilarity,
-                 keys: KeyRing) -> None:
+    def __init__(self, config: AppConfig, parts: ReplicaParts | None = None) -> None:
         serving = config.serving
+        parts = parts if parts is not None else ReplicaParts.from_config(config)
         self._config = config
-        self._keys = keys
-        self._engine = engine
-        self._prompts = prompts
-        self._similarity = similarity
+        self._keys = parts.keys
+        self._engine = parts.engine
+        self._prompts = parts.prompts
+        self._similarity = parts.similarity
         self._metrics = ServingMetrics()
         # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
         self._batcher = build_scheduler(serving, self._engine, observer=self._metrics)

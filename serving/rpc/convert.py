@@ -27,7 +27,7 @@ _REQUEST_TYPES = {m.name: m.input_type.name for m in pb.DESCRIPTOR.services_by_n
 
 def request_message(method: str, raw):
     """The request message of RPC `method` from the bytes the proxy passed through undecoded
-    (see serving/rpc/grpc_service.py); a message already decoded is returned as it is."""
+    (see serving/rpc/proxy.py); a message already decoded is returned as it is."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         return raw
     kind = getattr(pb, _REQUEST_TYPES[method])

@@ -1,7 +1,12 @@
 """The gRPC servicer function Ray Serve's proxy loads (`grpc_options.grpc_servicer_functions`).
 
-It registers promptmux's service, as the generated function does, and also sets the status a
-caller gets when the replica serving its request dies. That status is decided inside the
+It registers promptmux's service with handlers that pass the request bytes through: the
+generated `add_PromptmuxServicer_to_server` makes the proxy decode each request with
+`FromString`, and a message that does not parse then fails inside grpc as INTERNAL
+("Exception deserializing request!") before any promptmux code runs. Here the replica decodes
+them (`rpc/convert.py`), and a malformed message is INVALID_ARGUMENT with a message that says so.
+
+It also sets the status a caller gets when the replica serving its request dies. That status is decided inside the
 proxy, not by the replica: Ray Serve 2.60's proxy maps every exception to a gRPC status in
 `ray.serve._private.grpc_util.get_grpc_response_status`, and a replica that died mid-request
 (SIGKILL, the kernel's OOM killer, a lost node, or a replica Serve stopped after it failed
@@ -21,9 +26,11 @@ from typing import Any, Callable
 
 import grpc
 
+from .proto_build import require_built
 
 log = logging.getLogger(__name__)
 
+SERVICE = "promptmux.v1.Promptmux"
 REPLICA_DIED_MESSAGE = (
     "the replica serving this request stopped before it replied ({cause}); the request did not "
     "complete: retry it, and another replica (or the restarted one) serves it"
@@ -31,12 +38,37 @@ REPLICA_DIED_MESSAGE = (
 
 
 def add_PromptmuxServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 (gRPC's naming)
-    """What `grpc_servicer_functions` names: promptmux's service (serving/rpc/grpc_service.py), plus
-    UNAVAILABLE on replica death."""
-    from .grpc_service import add_promptmux_servicer
-
+    """What `grpc_servicer_functions` names: promptmux's service, its request bytes passed
+    through undecoded, plus UNAVAILABLE on replica death."""
     install_replica_death_status()
-    add_promptmux_servicer(servicer, server)  # request bytes pass through: replicas decode them
+    add_promptmux_servicer(servicer, server)
+
+
+class _Captured:
+    """Stands in for a server while the generated function registers its handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the registered handlers below carry the same methods
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        assert service == SERVICE, service
+        self.handlers = dict(handlers)
+
+
+def add_promptmux_servicer(servicer, server) -> None:
+    """The generated registration, with each handler's request deserializer removed."""
+    require_built()
+    from .proto_gen import promptmux_pb2_grpc
+
+    captured = _Captured()
+    promptmux_pb2_grpc.add_PromptmuxServicer_to_server(servicer, captured)
+    raw = {name: handler._replace(request_deserializer=None) for name, handler in captured.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, raw),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE, raw)
 
 
 def replica_death_status(error: BaseException):
