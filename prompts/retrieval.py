@@ -1,7 +1,7 @@
 """Rank stored tasks by task-embedding similarity to a new task (SPoT retrieval).
 
 The caller decides which tasks may be ranked (for a tenant: the tasks it can call, with the
-name it calls each by, from serving's PromptIndex.visible_to); this module only loads their
+name it calls each by, from the store's task table, `callable_by`); this module only loads their
 embeddings and scores them, so visibility stays in one place.
 """
 from __future__ import annotations

@@ -123,6 +123,16 @@ class TaskTable:
             awaited, since = self._pending.get(key, (0, time.monotonic()))
             self._pending[key] = (max(awaited, change.version), since)  # wait for the newest announced
 
+    def refresh(self, tenant: str | None = None) -> int:
+        """What a replica calls to stay current: apply the store's new changes (returns how
+        many). `tenant`: also settle that tenant's changes still in flight now (after its own
+        registration or delete). The periodic refresh (no `tenant`) also reconciles with a full
+        listing when that is configured and due."""
+        applied = self.catch_up(tenant)
+        if tenant is None:
+            applied += self.reconcile_if_due()
+        return applied
+
     def reconcile_if_due(self) -> int:
         """`reconcile` when `reconcile_interval_s` (0: never) has passed since the last one."""
         if not self.reconcile_interval_s or time.monotonic() - self._last_reconcile < self.reconcile_interval_s:
@@ -283,9 +293,8 @@ class TaskTable:
         self.stats["snapshots_written"] += 1
 
     # ---------------------------------------------------------------- reads
-    def resolve(self, tenant: str, ref: str) -> PromptMeta:
-        return self.namespace.resolve(tenant, ref)
-
+    # A request's task reference resolves through `namespace` (TaskNamespace.resolve): one
+    # lookup in the live maps, no lock.
     def usage(self, tenant: str) -> tuple[dict[str, PromptMeta], int]:
         """(task -> latest version, total rows) of one tenant, as of the last catch_up."""
         with self.lock:

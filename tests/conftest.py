@@ -32,6 +32,18 @@ def require_module(name: str):
     return pytest.importorskip(name, reason=f"needs {name}; install the test extras: pip install -e '.[serve,test]'")
 
 
+# ---------------------------------------------------------------------- requests without a model
+
+
+def hand_prepared(request, token_ids=None):
+    """A PreparedRequest built by hand (no engine, no prompts): what schedulers and fake
+    executors take. Its tokens are the text's characters unless given."""
+    from promptmux.serving.engine.types import PreparedRequest
+
+    tokens = tuple(ord(c) for c in request.text) if token_ids is None else tuple(token_ids)
+    return PreparedRequest(request=request, token_ids=tokens, prompts=())
+
+
 # ---------------------------------------------------------------------- Ray cluster
 
 

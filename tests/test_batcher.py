@@ -16,19 +16,16 @@ from promptmux.prompts.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from promptmux.serving.engine.types import BatchStats, GenerationRequest, GenerationResult
+from conftest import hand_prepared
 from promptmux.serving.config import ServingConfig
-
-
-@dataclass
-class Output:
-    results: list
-    stats: BatchStats
+from promptmux.serving.engine.plan import StepOutputs
+from promptmux.serving.engine.types import BatchStats, GenerationRequest, GenerationResult
 
 
 @dataclass
 class FakeEngine:
-    """Echoes `task:text`, records every batch, and can be held mid-batch by a gate."""
+    """A static executor that echoes `task:text`, records every batch, and can be held
+    mid-batch by a gate."""
 
     batches: list[list[GenerationRequest]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -38,32 +35,37 @@ class FakeEngine:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def run_batch(self, requests, on_token=None):
-        self.batches.append(list(requests))
+    slots = 0
+
+    def execute(self, plan, stream=None):
+        requests = [prepared.request for _, prepared in plan.static]
+        self.batches.append(requests)
         self.entered.set()
         self.gate.wait(10)
-        results = []
-        for i, r in enumerate(requests):
+        outputs = StepOutputs(static=BatchStats(len(requests), len({(r.tenant, r.task) for r in requests}),
+                                                0.0, 0, 0, 0.0, 0.0))
+        for handle, prepared in plan.static:
+            r = prepared.request
             if r.text in self.fail_texts:
-                results.append(InvalidRequestError(f"bad text {r.text!r}"))
+                outputs.errors[handle] = InvalidRequestError(f"bad text {r.text!r}")
                 continue
             tokens = [ord(c) for c in r.text]
-            if on_token is not None:
+            if stream is not None:
                 for t in tokens:
-                    on_token(i, t)
-            results.append(GenerationResult(r.request_id, f"{r.task}:{r.text}", tokens, "eos", 0, len(tokens), len(tokens)))
-        stats = BatchStats(len(requests), len({(r.tenant, r.task) for r in requests}), 0.0, 0, 0, 0.0, 0.0)
-        return Output(results, stats)
+                    stream(handle, t)
+            outputs.finished[handle] = GenerationResult(r.request_id, f"{r.task}:{r.text}", tokens, "eos", 0,
+                                                        len(tokens), len(tokens))
+        return outputs
 
 
 def make_batcher(engine: FakeEngine, **overrides) -> Batcher:
     settings = dict(max_batch_size=4, batch_wait_timeout_s=0.02)
     settings.update(overrides)
-    return Batcher(ServingConfig(**settings).resolved(64), engine.run_batch)
+    return Batcher(ServingConfig(**settings).resolved(64), engine)
 
 
-def req(tenant: str, task: str, text: str = "x") -> GenerationRequest:
-    return GenerationRequest(tenant=tenant, text=text, task=task, request_id=f"{tenant}/{task}/{text}")
+def req(tenant: str, task: str, text: str = "x"):
+    return hand_prepared(GenerationRequest(tenant=tenant, text=text, task=task, request_id=f"{tenant}/{task}/{text}"))
 
 
 async def hold_engine(batcher: Batcher, engine: FakeEngine) -> asyncio.Task:
@@ -253,10 +255,13 @@ def test_a_bad_request_fails_alone_and_an_engine_crash_fails_its_batch():
         )
         assert good.text == "t:good" and isinstance(bad, InvalidRequestError)
 
-        def crash(requests, on_token=None):
-            raise RuntimeError("device lost")
+        class Crashing:
+            slots = 0
 
-        crashing = Batcher(batcher.config, crash)
+            def execute(self, plan, stream=None):
+                raise RuntimeError("device lost")
+
+        crashing = Batcher(batcher.config, Crashing())
         outcomes = await asyncio.gather(*(crashing.submit(req("a", "t")) for _ in range(2)), return_exceptions=True)
         assert all(isinstance(o, PromptmuxError) and o.status == "INTERNAL" and "device lost" in str(o) for o in outcomes)
         await batcher.close()

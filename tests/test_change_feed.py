@@ -17,7 +17,6 @@ from promptmux.prompts import task_table as task_table_module
 from promptmux.prompts.change_log import CHANGES_DIR
 from promptmux.prompts.errors import TaskNotFoundError
 from promptmux.prompts.store import PromptStore
-from promptmux.serving.engine.prompt_index import PromptIndex
 
 D = 8
 
@@ -55,7 +54,8 @@ def churn(store: PromptStore, seed: int = 0) -> None:
 
 def test_a_replica_keeps_current_by_applying_only_new_changes(tmp_path):
     writer, replica = open_store(tmp_path), open_store(tmp_path)
-    index = PromptIndex.from_store(replica)
+    index = replica.tasks  # what a replica's engine resolves against
+    index.refresh()
     assert len(index) == 0
     churn(writer)
     scans = replica.tasks.stats["full_scans"]
@@ -63,15 +63,15 @@ def test_a_replica_keeps_current_by_applying_only_new_changes(tmp_path):
     assert applied == writer.changes.head() > 0
     assert replica.tasks.stats["full_scans"] == scans  # applied, not rescanned
     assert_equals_scan(replica.tasks, replica)
-    assert index.resolve("t3", "pub2").tenant == "t1"  # published
-    assert index.resolve("t1", "pub").tenant == "t1"  # its own wins the bare id
+    assert index.namespace.resolve("t3", "pub2").tenant == "t1"  # published
+    assert index.namespace.resolve("t1", "pub").tenant == "t1"  # its own wins the bare id
     with pytest.raises(TaskNotFoundError):
-        index.resolve("t2", "task2")  # deleted
+        index.namespace.resolve("t2", "task2")  # deleted
     assert index.refresh() == 0  # idle: nothing to apply
 
     writer.register("t0", "late", prompt(seed=7))
     assert index.refresh() == 1
-    assert index.resolve("t0", "late").version == 1
+    assert index.namespace.resolve("t0", "late").version == 1
 
 
 def test_a_restarted_replica_loads_the_snapshot_and_the_entries_after_it(tmp_path):
@@ -376,7 +376,9 @@ def test_reconciliation_picks_up_a_writer_that_logs_nothing_and_is_off_by_defaul
     default = open_store(tmp_path)
     old_writer = open_store(tmp_path)
     old_writer.register("acme", "logged", prompt(seed=1))
-    watched_index, default_index = PromptIndex.from_store(watched), PromptIndex.from_store(default)
+    watched_index, default_index = watched.tasks, default.tasks
+    watched_index.refresh()
+    default_index.refresh()
     assert watched.tasks.latest[("acme", "logged")].version == 1
     monkeypatch.setattr(old_writer.changes, "append_many", lambda changes: 0)  # a writer that logs nothing
     old_writer.register("acme", "silent", prompt(seed=2))

@@ -126,8 +126,8 @@ def test_rows_stop_at_their_own_eos(loaded, engine):
         for t in r.token_ids[1:]:
             counts[t] = counts.get(t, 0) + 1
     stop_token = max(counts, key=counts.get)
-    original = (loaded.model.config.eos_token_id, loaded.model.generation_config.eos_token_id, engine.eos_token_id)
-    loaded.model.config.eos_token_id = loaded.model.generation_config.eos_token_id = engine.eos_token_id = stop_token
+    original = (loaded.model.config.eos_token_id, loaded.model.generation_config.eos_token_id, engine.context.eos_token_id)
+    loaded.model.config.eos_token_id = loaded.model.generation_config.eos_token_id = engine.context.eos_token_id = stop_token
     try:
         batched = ok(engine.generate(requests))
         reasons = {r.finish_reason for r in batched}
@@ -139,7 +139,7 @@ def test_rows_stop_at_their_own_eos(loaded, engine):
             else:
                 assert len(result.token_ids) == request.params.max_new_tokens
     finally:
-        loaded.model.config.eos_token_id, loaded.model.generation_config.eos_token_id, engine.eos_token_id = original
+        loaded.model.config.eos_token_id, loaded.model.generation_config.eos_token_id, engine.context.eos_token_id = original
 
 
 def test_empty_prompt_equals_plain_generate_on_the_unmodified_model(eager_loaded, engine):

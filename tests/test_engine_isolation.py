@@ -170,7 +170,7 @@ def test_a_prompt_of_another_d_model_fails_alone(engine, store):
     # An index that claims the model's d_model for a file that holds another (stale metadata):
     # the bank's load check catches it, for this request only.
     ready = engine.prepare(GenerationRequest("acme", "hi", "t4"))
-    meta = engine.index.resolve("acme", "narrow")
+    meta = engine.tasks.namespace.resolve("acme", "narrow")
     lying = dataclasses.replace(ready, prompts=(dataclasses.replace(meta, d_model=D_MODEL),))
     results = engine.run_batch([lying, *good]).results
     assert isinstance(results[0], PromptUnusableError)

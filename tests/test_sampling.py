@@ -8,7 +8,7 @@ import torch
 
 from promptmux.prompts.errors import InvalidRequestError
 from promptmux.serving.engine.types import GenerationParams
-from promptmux.serving.engine.sampling import check_sampling_params, row_uniforms, sample_rows, seed_words
+from promptmux.serving.engine.sampling import row_uniforms, sample_rows, seed_words
 
 DRAWS = 40_000
 
@@ -65,14 +65,12 @@ def test_a_tiny_temperature_is_argmax_not_nan():
     assert set(draw(logits, 1e-30, 1.0)[:100].tolist()) == {1}
 
 
-@pytest.mark.parametrize("params, message", [
-    (GenerationParams(strategy="sample", temperature=1e-300), "temperature=1e-300 is 0.0 in float32"),
-    (GenerationParams(strategy="sample", temperature=1e39), "temperature=1e+39 is inf in float32"),
-    (GenerationParams(strategy="sample", top_p=1e-50), "top_p=1e-50 is 0.0 in float32"),
+@pytest.mark.parametrize("params", [
+    GenerationParams(strategy="sample", temperature=1e-300),  # 0.0 in float32
+    GenerationParams(strategy="sample", temperature=1e39),  # inf in float32
+    GenerationParams(strategy="sample", top_p=1e-50),  # 0.0 in float32
 ])
-def test_parameters_that_break_in_float32_are_refused(params, message):
+def test_parameters_that_break_in_float32_are_refused(params):
     with pytest.raises(InvalidRequestError, match="float32"):
-        params.validate(64)  # the request's own validation refuses it too, in float32 terms
-    with pytest.raises(InvalidRequestError, match=re.escape(message)):
-        check_sampling_params(params)
-    check_sampling_params(GenerationParams(strategy="greedy", temperature=1e-300))  # unused by greedy rows
+        params.validate(64)  # the one validation a request gets, in the terms the sampler computes in
+    GenerationParams(strategy="greedy", temperature=1e-300).validate(64)  # unused by greedy rows

@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import hand_prepared
+from promptmux.serving.engine.plan import StepOutputs
 from promptmux.serving.scheduling.batcher import Batcher
 from promptmux.serving.replica.health import ReplicaHealth, ReplicaUnhealthyError
 from promptmux.serving.engine.types import BatchStats, GenerationRequest, GenerationResult
@@ -37,28 +39,26 @@ class Clock:
         return self.now
 
 
-@dataclass
-class Output:
-    results: list
-    stats: BatchStats
-
-
 class GatedEngine:
-    """Holds each batch until `gate` is set; answers `ok` for every request."""
+    """A static executor that holds each batch until `gate` is set; answers `ok` for every request."""
+
+    slots = 0
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def run_batch(self, requests, on_token=None):
+    def execute(self, plan, stream=None):
         self.entered.set()
         assert self.gate.wait(20), "the test never released the engine"
-        results = [GenerationResult(r.request_id, "ok", [1], "eos", 0, 1, 1) for r in requests]
-        return Output(results, BatchStats(len(requests), 1, 0.0, 0, 0, 0.0, 0.0))
+        outputs = StepOutputs(static=BatchStats(len(plan.static), 1, 0.0, 0, 0, 0.0, 0.0))
+        for handle, prepared in plan.static:
+            outputs.finished[handle] = GenerationResult(prepared.request.request_id, "ok", [1], "eos", 0, 1, 1)
+        return outputs
 
 
-def request(text: str = "x") -> GenerationRequest:
-    return GenerationRequest(tenant="acme", text=text, task="t", request_id=text)
+def request(text: str = "x"):
+    return hand_prepared(GenerationRequest(tenant="acme", text=text, task="t", request_id=text))
 
 
 def test_stalled_for_counts_only_time_with_work_and_no_progress():
@@ -66,7 +66,7 @@ def test_stalled_for_counts_only_time_with_work_and_no_progress():
 
     async def main():
         batcher = Batcher(ServingConfig(max_batch_size=4, batch_wait_timeout_s=0.0).resolved(64),
-                          engine.run_batch, clock=clock)
+                          engine, clock=clock)
         assert batcher.stalled_for() == 0.0
         clock.now += 500  # a long idle spell is not a stall
         job = asyncio.ensure_future(batcher.submit(request()))

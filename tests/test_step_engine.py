@@ -1,10 +1,13 @@
-"""The step loop: every row of a busy, ever-changing batch gives what it gets alone.
+"""The step executor: every row of a busy, ever-changing batch gives what it gets alone.
 
-References are Hugging Face `generate` for the request alone (`Engine.run_batch` with one
-prepared request: the static path, encoder + generate, in fp32)."""
+The tests build StepPlans by hand (`drive`: admissions, cancellations, partial steps) and run
+them against the real executor, as the step scheduler would. References are Hugging Face
+`generate` for the request alone (`Engine.run_batch` with one prepared request: the static
+path, encoder + generate, in fp32)."""
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 
 import pytest
@@ -19,7 +22,8 @@ from promptmux.serving.engine.core import Engine
 from promptmux.prompts.errors import InvalidRequestError, PromptmuxError, ResourceExhaustedError, TaskNotFoundError
 from promptmux.serving.model.loading import load_model
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest, GenerationResult, PreparedRequest
-from promptmux.serving.engine.step.executor import StepEngine
+from promptmux.serving.engine.plan import StepPlan
+from promptmux.serving.engine.step.executor import StepExecutor
 
 PROMPT_LENGTHS = {"p1": 1, "p23": 23, "p64": 64, "p100": 100}  # plus None: no prompt at all
 GREEDY = GenerationParams(max_new_tokens=64)
@@ -63,54 +67,52 @@ def alone(engine: Engine, prepared: PreparedRequest) -> GenerationResult:
     return result
 
 
-def drive(step_engine: StepEngine, arrivals: dict[int, list[tuple[object, PreparedRequest]]],
+def drive(executor: StepExecutor, arrivals: dict[int, list[tuple[object, PreparedRequest]]],
           cancel_at: dict[int, list[object]] | None = None,
           partial=None) -> dict[object, GenerationResult | PromptmuxError]:
-    """Run the engine until all work is done. `arrivals[k]` join the queue before step k and
-    are admitted as slots free up; `cancel_at[k]` are cancelled before step k;
-    `partial(k, active handles in admission order)` may return (limit, handles): step k then
-    puts those handles first and runs `limit` rows only. Checks that every request's streamed
-    tokens add up to its result, that it ends exactly once, and that a partial step advances
-    exactly `limit` rows, the named ones among them."""
+    """Run the executor with hand-built plans until all work is done. `arrivals[k]` join the
+    queue before step k and are admitted as slots free up; `cancel_at[k]` are cancelled before
+    step k; `partial(k, active handles in admission order)` may return (limit, handles): step k
+    then runs those handles first and `limit` rows only. Checks that every plan and its outputs
+    pickle, that every request's streamed tokens add up to its result, that it ends exactly
+    once, and that a partial step advances exactly `limit` rows, the named ones among them."""
     queue: list[tuple[object, PreparedRequest]] = []
     done: dict[object, GenerationResult | PromptmuxError] = {}
     streamed: dict[object, list[int]] = {}
     active: list[object] = []
     step = 0
-    while step <= max(arrivals, default=0) or queue or step_engine.active_slots:
+    while step <= max(arrivals, default=0) or queue or executor.active_slots:
         queue.extend(arrivals.get(step, []))
-        for handle in (cancel_at or {}).get(step, []):
-            free = step_engine.free_slots
-            assert step_engine.cancel(handle)
-            assert step_engine.free_slots == free + 1
-            assert not step_engine.cancel(handle)
+        cancel = [handle for handle in (cancel_at or {}).get(step, []) if handle in active]
+        for handle in cancel:
             done[handle] = None  # type: ignore[assignment]
-        take = min(len(queue), step_engine.free_slots)
-        if take:
-            batch, queue = queue[:take], queue[take:]
-            for event in step_engine.admit(batch):
-                assert event.new_tokens == [] and event.handle not in done
-                done[event.handle] = event.done
-            active.extend(handle for handle, _ in batch if handle not in done)
         active = [handle for handle in active if handle not in done]
+        take = min(len(queue), executor.slots - len(active))
+        batch, queue = queue[:take], queue[take:]
+        active.extend(handle for handle, _ in batch)
         chosen = partial(step, list(active)) if partial is not None else None
-        if chosen is None:
-            events = step_engine.step()
+        limit, first = chosen if chosen is not None else (None, [])
+        plan = StepPlan(cancel=tuple(cancel), admit=tuple(batch), run_first=tuple(first), row_limit=limit)
+        outputs = executor.execute(pickle.loads(pickle.dumps(plan)))
+        outputs = pickle.loads(pickle.dumps(outputs))
+        for handle, error in outputs.errors.items():  # failed alone at admission
+            assert handle in dict(batch) and handle not in done and handle not in outputs.stepped
+            done[handle] = error
+        running = [handle for handle in active if handle not in done]
+        if chosen is not None:
+            assert len(outputs.stepped) == min(limit, len(running)) and set(first) <= set(outputs.stepped)
         else:
-            limit, first = chosen
-            step_engine.put_first(first)
-            events = step_engine.step(limit)
-            assert len(events) == min(limit, len(active)) and set(first) <= {e.handle for e in events}
-        for event in events:
-            assert event.handle not in done, f"{event.handle} produced after it ended"
-            assert len(event.new_tokens) == 1
-            streamed.setdefault(event.handle, []).extend(event.new_tokens)
-            if event.done is not None:
-                done[event.handle] = event.done
-                assert event.done.token_ids == streamed[event.handle]
+            assert sorted(outputs.stepped, key=str) == sorted(running, key=str)
+        for handle, token in zip(outputs.stepped, outputs.tokens):
+            assert handle not in done, f"{handle} produced after it ended"
+            streamed.setdefault(handle, []).append(token)
+        for handle, result in outputs.finished.items():
+            done[handle] = result
+            assert result.token_ids == streamed[handle]
+        assert outputs.active_slots == executor.active_slots == len([h for h in running if h not in done])
         step += 1
         assert step < 1000
-    assert step_engine.free_slots == step_engine.cache.slots
+    assert executor.active_slots == 0
     return done
 
 
@@ -140,8 +142,8 @@ def test_greedy_rows_equal_generate_alone_with_staggered_admission(model, reques
     engine = request.getfixturevalue(model)
     count = 12 if model == "embedded" else 6
     requests, arrivals = mixed_arrivals(engine, seed=11, count=count, longest=64 if model == "embedded" else 24)
-    step_engine = StepEngine(engine)
-    results = drive(step_engine, arrivals)
+    executor = StepExecutor(engine.context)
+    results = drive(executor, arrivals)
     greedy = 0
     for name, prepared in requests.items():
         result = results[name]
@@ -160,14 +162,14 @@ def test_rows_that_wait_a_step_resume_exactly_where_they_were(embedded):
     tenant: rows are swapped across slots and wait for steps, and every request still ends
     with the same tokens, greedy (equal to generate alone) and seeded sampling alike."""
     requests, arrivals = mixed_arrivals(embedded, seed=5, count=12, longest=40)
-    reference = drive(StepEngine(embedded), arrivals)
+    reference = drive(StepExecutor(embedded.context), arrivals)
 
     def partial(step, active):
         if step % 3 == 0 or len(active) < 4:
             return None
         return 3, active[-2:]  # the two newest rows to the front, and one more: the rest wait
 
-    results = drive(StepEngine(embedded), arrivals, partial=partial)
+    results = drive(StepExecutor(embedded.context), arrivals, partial=partial)
     for name, prepared in requests.items():
         assert results[name].token_ids == reference[name].token_ids, name
         if prepared.params.strategy == "greedy":
@@ -180,7 +182,7 @@ def test_ids_past_the_tokenizers_vocabulary_stream_and_decode_to_nothing(t5_smal
     INTERNAL on them)."""
     from promptmux.serving.rpc.streaming import TextDeltas
 
-    beyond = t5_small.decodable_ids
+    beyond = t5_small.context.decodable_ids
     assert beyond < t5_small.model.config.vocab_size
     hello = t5_small.tokenizer("hello", add_special_tokens=False)["input_ids"]
     ids = [*hello, beyond, t5_small.model.config.vocab_size - 1]
@@ -194,16 +196,16 @@ def test_demo_tasks_stop_at_eos_and_match_generate(embedded):
     """The trained embedded model ends its answers with EOS: rows leave at their own EOS."""
     texts = {"reverse": "hello42", "upper": "promptmux", "copy": "step by step", "rotate": "abcdefgh",
              "caesar": "xyz", "reverse-upper": "slots"}
-    step_engine = StepEngine(embedded)
+    executor = StepExecutor(embedded.context)
     arrivals = {}
     prepared = {}
     for i, (task, text) in enumerate(texts.items()):
         prepared[task] = embedded.prepare(GenerationRequest(tenant="acme", text=text, task=task, params=GREEDY))
         arrivals.setdefault(i, []).append((task, prepared[task]))
-    results = drive(step_engine, arrivals)
+    results = drive(executor, arrivals)
     assert results["reverse"].text == "24olleh" and results["upper"].text == "PROMPTMUX"
     for task, result in results.items():
-        assert result.finish_reason == "eos" and result.token_ids[-1] == embedded.eos_token_id
+        assert result.finish_reason == "eos" and result.token_ids[-1] == embedded.context.eos_token_id
         assert result.token_ids == alone(embedded, prepared[task]).token_ids
 
 
@@ -214,8 +216,8 @@ def sampled_request(engine: Engine, seed: int | None, rng_seed: int, task: str |
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_full_busy_engine(embedded):
     target = sampled_request(embedded, seed=1234, rng_seed=0)
-    lone = drive(StepEngine(embedded), {0: [("target", target)]})["target"]
-    greedy = drive(StepEngine(embedded), {0: [("greedy", dataclasses.replace(
+    lone = drive(StepExecutor(embedded.context), {0: [("target", target)]})["target"]
+    greedy = drive(StepExecutor(embedded.context), {0: [("greedy", dataclasses.replace(
         target, request=dataclasses.replace(target.request, params=GREEDY)))]})["greedy"]
     assert lone.token_ids != greedy.token_ids[: len(lone.token_ids)]  # it really samples
 
@@ -228,8 +230,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_full_busy_engine(embedded):
         params = dataclasses.replace(params, max_new_tokens=rng.randint(1, 30))
         crowd.append((f"c{i}", prepared_request(embedded, rng, task=rng.choice([None, "p1", "p64"]),
                                                 input_tokens=rng.randint(1, 60), params=params)))
-    step_engine = StepEngine(embedded)
-    results = drive(step_engine, {0: crowd[:4], 2: [("target", target)] + crowd[4:]})
+    executor = StepExecutor(embedded.context)
+    results = drive(executor, {0: crowd[:4], 2: [("target", target)] + crowd[4:]})
     assert results["target"].token_ids == lone.token_ids
     # The static path draws each row from the same per-row stream.
     assert alone(embedded, target).token_ids == lone.token_ids
@@ -252,14 +254,14 @@ def test_cancelled_slot_is_freed_and_neighbours_are_unchanged(embedded):
                                            params=dataclasses.replace(GREEDY, max_new_tokens=40)))
                 for i in range(4)]
     late = ("late", prepared_request(embedded, rng, task="p64", input_tokens=33, params=GREEDY))
-    reference = drive(StepEngine(embedded), {0: requests, 20: [late]})
-    step_engine = StepEngine(embedded)
+    reference = drive(StepExecutor(embedded.context), {0: requests, 20: [late]})
+    executor = StepExecutor(embedded.context)
     # r0 sits in row 0: freeing it moves the last active row into its place.
-    cancelled = drive(step_engine, {0: requests, 20: [late]}, cancel_at={5: ["r0"]})
+    cancelled = drive(executor, {0: requests, 20: [late]}, cancel_at={5: ["r0"]})
     assert cancelled["r0"] is None
     for name in ("r1", "r2", "r3", "late"):
         assert cancelled[name].token_ids == reference[name].token_ids, name
-    assert not step_engine.cancel("never-admitted")
+    assert executor.execute(StepPlan(cancel=("never-admitted",))).active_slots == 0  # an unknown handle is a no-op
 
 
 def test_poisoned_requests_fail_alone_in_admit(embedded):
@@ -274,8 +276,9 @@ def test_poisoned_requests_fail_alone_in_admit(embedded):
         ("p100", 77, dataclasses.replace(GREEDY, strategy="sample", seed=3, temperature=0.7))]]
     deleted = prepared_request(embedded, rng, task="doomed", input_tokens=12, params=GREEDY)
     corrupt = prepared_request(embedded, rng, task="corrupt", input_tokens=12, params=GREEDY)
-    cold = dataclasses.replace(good[0], request=dataclasses.replace(
-        good[0].request, params=GenerationParams(strategy="sample", temperature=1e-300)))  # 0 in float32
+    cold = dataclasses.replace(good[0].request, params=GenerationParams(strategy="sample", temperature=1e-300))
+    with pytest.raises(InvalidRequestError, match="float32"):  # 0 in float32: refused once, at prepare
+        embedded.prepare(cold)
     beam = dataclasses.replace(good[1], request=dataclasses.replace(
         good[1].request, params=GenerationParams(strategy="beam", num_beams=3)))
     # After the requests resolved their versions, before admission: one prompt is deleted, one
@@ -284,23 +287,25 @@ def test_poisoned_requests_fail_alone_in_admit(embedded):
     meta = corrupt.prompts[0]
     store._version_file(meta.tenant, meta.task, meta.version).write_bytes(b"not a safetensors file")
     try:
-        step_engine = StepEngine(Engine(embedded.loaded, store, dataclasses.replace(embedded.config, max_batch_size=8)))
-        events = step_engine.admit([("g0", good[0]), ("deleted", deleted), ("g1", good[1]), ("corrupt", corrupt),
-                                    ("cold", cold), ("beam", beam), ("g2", good[2])])
+        fresh = Engine(embedded.loaded, store, dataclasses.replace(embedded.config, max_batch_size=8))
+        executor = StepExecutor(fresh.context)
+        outputs = executor.execute(StepPlan(admit=(("g0", good[0]), ("deleted", deleted), ("g1", good[1]),
+                                                   ("corrupt", corrupt), ("beam", beam), ("g2", good[2]))))
     finally:
         store.delete("acme", "corrupt")
-    failed = {e.handle: e.done for e in events}
-    assert set(failed) == {"deleted", "corrupt", "cold", "beam"}
-    assert all(e.new_tokens == [] for e in events)
+    failed = outputs.errors
+    assert set(failed) == {"deleted", "corrupt", "beam"}
     assert isinstance(failed["deleted"], TaskNotFoundError)
     assert isinstance(failed["corrupt"], StoredPromptUnreadableError) and "unreadable" in str(failed["corrupt"])
-    assert isinstance(failed["cold"], InvalidRequestError) and "float32" in str(failed["cold"])
-    assert isinstance(failed["beam"], InvalidRequestError) and "Engine.run_batch" in str(failed["beam"])
-    assert step_engine.active_slots == 3 and step_engine.last_stats.admitted == 3
-    assert step_engine.last_stats.encoder_tokens == (23 + 30) + 5 + (100 + 77)
-    results = drive(step_engine, {})
+    assert isinstance(failed["beam"], InvalidRequestError) and "StepPlan.static" in str(failed["beam"])
+    assert executor.active_slots == 3 and outputs.admission.admitted == 3
+    assert outputs.admission.encoder_tokens == (23 + 30) + 5 + (100 + 77)
+    assert sorted(outputs.stepped) == ["g0", "g1", "g2"]  # admitted and stepped in the same call
+    results = dict(outputs.finished)
+    while executor.active_slots:
+        results.update(executor.execute(StepPlan()).finished)
     for name, prepared in zip(("g0", "g1", "g2"), good):
-        lone = drive(StepEngine(embedded), {0: [(name, prepared)]})[name]
+        lone = drive(StepExecutor(embedded.context), {0: [(name, prepared)]})[name]
         assert results[name].token_ids == lone.token_ids, name
     assert results["g0"].token_ids == alone(embedded, good[0]).token_ids
 
@@ -310,23 +315,21 @@ def test_a_prompt_too_big_for_the_bank_fails_alone(embedded):
     rng = random.Random(6)
     oversized = prepared_request(small_bank, rng, task="p100", input_tokens=10, params=GREEDY)
     goods = [prepared_request(small_bank, rng, task=t, input_tokens=20, params=GREEDY) for t in ("p23", None)]
-    step_engine = StepEngine(small_bank)
-    results = drive(step_engine, {0: [("g0", goods[0]), ("big", oversized), ("g1", goods[1])]})
+    executor = StepExecutor(small_bank.context)
+    results = drive(executor, {0: [("g0", goods[0]), ("big", oversized), ("g1", goods[1])]})
     assert isinstance(results["big"], ResourceExhaustedError) and "engine.prompt_cache_rows" in str(results["big"])
     for name, prepared in zip(("g0", "g1"), goods):
         assert results[name].token_ids == alone(embedded, prepared).token_ids
 
 
-def test_admit_refuses_more_requests_than_free_slots(embedded):
-    step_engine = StepEngine(embedded)
+def test_admission_past_the_free_slots_fails_only_the_overflow(embedded):
+    executor = StepExecutor(embedded.context)
     rng = random.Random(2)
     items = [(i, prepared_request(embedded, rng, task=None, input_tokens=3, params=GREEDY)) for i in range(5)]
-    with pytest.raises(InvalidRequestError, match="free_slots"):
-        step_engine.admit(items)
-    assert step_engine.admit(items[:4]) == [] and step_engine.free_slots == 0
-    events = step_engine.step()
-    assert [e.handle for e in events] == [0, 1, 2, 3]
-    assert step_engine.last_stats.tokens == 4 and step_engine.last_stats.active_slots == 4
+    outputs = executor.execute(StepPlan(admit=tuple(items)))
+    assert list(outputs.errors) == [4] and "no free slot" in str(outputs.errors[4])
+    assert isinstance(outputs.errors[4], InvalidRequestError)
+    assert outputs.stepped == [0, 1, 2, 3] and outputs.decode.rows == 4 and outputs.active_slots == 4 - len(outputs.finished)
 
 
 def test_decode_graph_modes_are_refused_off_cuda():
@@ -351,9 +354,9 @@ def test_cuda_decode_modes_equal_eager(mode, tmp_path_factory):
     for m in ("none", mode):
         engine = make_engine("random:t5-small", tmp_path_factory, device="cuda", decode_graphs=m, max_batch_size=8)
         requests, arrivals = mixed_arrivals(engine, seed=3, count=12)
-        step_engine = StepEngine(engine)
-        assert step_engine.decode_graphs == m
-        results[m] = drive(step_engine, arrivals)
+        executor = StepExecutor(engine.context)
+        assert executor.decode_graphs == m
+        results[m] = drive(executor, arrivals)
     for name, result in results["none"].items():
         assert results[mode][name].token_ids == result.token_ids, name
         if requests[name].params.strategy == "greedy":

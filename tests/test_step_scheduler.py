@@ -1,9 +1,12 @@
-"""The step scheduler against a deterministic fake step engine (no model): admission between
+"""The step scheduler against a deterministic fake step executor (no model): admission between
 steps, per-tenant round-robin, the encoder-token budget, deadlines, cancellation freeing the
-slot at the next step, queue bounds, beam routing, close(), no busy loop."""
+slot at the next step, queue bounds, beam routing, close(), no busy loop. The scheduler and
+the executor exchange StepPlans and StepOutputs only; the last tests build plans by hand and
+run them against the real step executor."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from promptmux.prompts.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from conftest import hand_prepared
 from promptmux.serving.engine.types import (
     BatchStats,
     GenerationParams,
@@ -27,23 +31,9 @@ from promptmux.serving.engine.types import (
     PreparedRequest,
 )
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.scheduling.step_scheduler import StepScheduler, build_scheduler
-
-
-@dataclass
-class Event:
-    handle: Hashable
-    new_tokens: list[int]
-    done: GenerationResult | PromptmuxError | None = None
-
-
-@dataclass
-class Stats:
-    active_slots: int = 0
-    admitted: int = 0
-    encoder_tokens: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
+from promptmux.serving.engine.plan import AdmissionStats, DecodeStats, StepOutputs, StepPlan
+from promptmux.serving.scheduling import build_scheduler
+from promptmux.serving.scheduling.step_scheduler import StepScheduler
 
 
 @dataclass
@@ -56,30 +46,24 @@ class Row:
         return self.prepared.request.text
 
 
-@dataclass
-class Output:
-    results: list
-    stats: BatchStats
-
-
 class FakeStepEngine:
-    """Each row emits its text's characters (as ords), one per step, then EOS-finishes;
-    `max_new_tokens` cuts it ("length"). Records every call in `log`; `gate` holds a step."""
+    """A step executor: each row emits its text's characters (as ords), one per step, then
+    EOS-finishes; `max_new_tokens` cuts it ("length"); beam requests (`plan.static`) answer
+    their text reversed. Records every part of every plan in `log`; `gate` holds a step."""
 
     def __init__(self, slots: int = 4, fail_texts=(), crash_on_step: int | None = None) -> None:
         self.slots = slots
-        self.rows: dict[Hashable, Row] = {}
+        self.rows: dict[int, Row] = {}
         self.log: list[tuple[str, list[str]]] = []  # ("admit"|"step"|"cancel"|"batch", texts)
+        self.plans: list[StepPlan] = []
         self.gate = threading.Event()
         self.gate.set()
         self.in_step = threading.Event()
         self.fail_texts = set(fail_texts)
         self.crash_on_step = crash_on_step
         self.steps = 0
-        self.last_stats = Stats()
         self.permits: threading.Semaphore | None = None  # set: each step waits for one permit
 
-    # the StepEngine interface
     @property
     def free_slots(self) -> int:
         return self.slots - len(self.rows)
@@ -88,73 +72,82 @@ class FakeStepEngine:
     def active_slots(self) -> int:
         return len(self.rows)
 
-    def encoder_tokens(self, prepared: PreparedRequest) -> int:
-        return len(prepared.token_ids)
+    # the Executor interface
+    def execute(self, plan: StepPlan, stream=None) -> StepOutputs:
+        pickle.loads(pickle.dumps(plan))  # a plan is plain data
+        self.plans.append(plan)
+        outputs = StepOutputs()
+        for handle in plan.cancel:
+            row = self.rows.pop(handle, None)
+            if row is not None:
+                self.log.append(("cancel", [row.text]))
+        if plan.static:
+            self._batch(plan.static, stream, outputs)
+        if plan.admit:
+            self._admit(plan.admit, outputs)
+        if self.rows:
+            self._step(plan.run_first, plan.row_limit, outputs)
+        outputs.active_slots = len(self.rows)
+        pickle.loads(pickle.dumps(outputs))  # and so are its outputs
+        return outputs
 
-    def supports(self, prepared: PreparedRequest) -> bool:
-        return prepared.params.strategy != "beam"
-
-    def admit(self, items):
+    def _admit(self, items, outputs: StepOutputs) -> None:
         assert len(items) <= self.free_slots, "admitted more requests than free slots"
         self.log.append(("admit", [p.request.text for _, p in items]))
-        events = []
         for handle, prepared in items:
             if prepared.request.text in self.fail_texts:
-                events.append(Event(handle, [], InvalidRequestError(f"cannot admit {prepared.request.text!r}")))
+                outputs.errors[handle] = InvalidRequestError(f"cannot admit {prepared.request.text!r}")
             else:
                 self.rows[handle] = Row(prepared)
-        self.last_stats = Stats(len(self.rows), len(items), sum(len(p.token_ids) for _, p in items), 0.001, 0)
-        return events
+        outputs.admission = AdmissionStats(len(items), sum(len(p.token_ids) for _, p in items), 0.0, 0.001)
 
-    def put_first(self, handles) -> None:
-        first = {handle: self.rows[handle] for handle in handles}
+    def _step(self, run_first, limit, outputs: StepOutputs) -> None:
+        first = {handle: self.rows[handle] for handle in run_first if handle in self.rows}
         self.rows = {**first, **{h: row for h, row in self.rows.items() if h not in first}}
-
-    def step(self, limit=None):
         self.in_step.set()
         if self.permits is not None:
             assert self.permits.acquire(timeout=10), "the test never let this step run"
         self.gate.wait(10)
         self.in_step.clear()
         self.steps += 1
-        if self.crash_on_step == self.steps:
-            raise RuntimeError("device fell over")
         stepping = list(self.rows.items())[:limit]
+        if self.crash_on_step == self.steps:  # the executor's contract: every stepping row fails, its slot freed
+            for handle, _ in stepping:
+                outputs.errors[handle] = PromptmuxError("the engine failed while decoding: device fell over")
+                del self.rows[handle]
+            return
         self.log.append(("step", [row.text for _, row in stepping]))
-        events = []
+        tasks = len({(row.prepared.tenant, row.prepared.prompt_task_ids) for row in self.rows.values()})
+        waiting = len(self.rows) - len(stepping)
         for handle, row in stepping:
             token = ord(row.text[len(row.produced)])
             row.produced.append(token)
-            done = None
-            limit = row.prepared.params.max_new_tokens
-            if len(row.produced) == len(row.text) or len(row.produced) == limit:
+            outputs.stepped.append(handle)
+            outputs.tokens.append(token)
+            cap = row.prepared.params.max_new_tokens
+            if len(row.produced) == len(row.text) or len(row.produced) == cap:
                 reason = "eos" if len(row.produced) == len(row.text) else "length"
-                done = GenerationResult(row.prepared.request.request_id, row.text[: len(row.produced)],
-                                        list(row.produced), reason, 0, len(row.text), len(row.produced))
+                outputs.finished[handle] = GenerationResult(
+                    row.prepared.request.request_id, row.text[: len(row.produced)], list(row.produced), reason, 0,
+                    len(row.text), len(row.produced))
                 del self.rows[handle]
-            events.append(Event(handle, [token], done))
-        self.last_stats = Stats(len(self.rows), 0, 0, 0.001, len(events))
-        return events
+        outputs.decode = DecodeStats(rows=len(stepping), waiting=waiting, distinct_tasks=tasks, seconds=0.001)
 
-    def cancel(self, handle) -> bool:
-        row = self.rows.pop(handle, None)
-        if row is None:
-            return False
-        self.log.append(("cancel", [row.text]))
-        return True
+    def _batch(self, items, stream, outputs: StepOutputs) -> None:
+        """The static path, for beam requests."""
+        self.log.append(("batch", [p.request.text for _, p in items]))
+        for handle, prepared in items:
+            text = prepared.request.text
+            tokens = [ord(c) for c in reversed(text)]
+            if stream is not None:
+                for token in tokens:
+                    stream(handle, token)
+            outputs.finished[handle] = GenerationResult(prepared.request.request_id, text[::-1], tokens, "eos", 0,
+                                                        len(tokens), len(tokens))
+        outputs.static = BatchStats(len(items), 1, 0.0, 0, 0, 0.0, 0.0)
 
-    # Engine.run_batch, for beam requests
-    def run_batch(self, requests, on_token=None):
-        self.log.append(("batch", [r.request.text for r in requests]))
-        results = []
-        for i, r in enumerate(requests):
-            tokens = [ord(c) for c in reversed(r.request.text)]
-            if on_token is not None:
-                for t in tokens:
-                    on_token(i, t)
-            results.append(GenerationResult(r.request.request_id, r.request.text[::-1], tokens, "eos", 0,
-                                            len(tokens), len(tokens)))
-        return Output(results, BatchStats(len(requests), 1, 0.0, 0, 0, 0.0, 0.0))
+    def executor(self, continuous: bool) -> "FakeStepEngine":  # what build_scheduler asks an Engine for
+        return self
 
     def admitted(self) -> list[list[str]]:
         return [texts for kind, texts in self.log if kind == "admit"]
@@ -185,13 +178,13 @@ class Recorder:
     def queue_depth(self, depth) -> None:
         pass
 
-    def admitted(self, items, stats, padding_fraction) -> None:
+    def admitted(self, items, stats) -> None:
         assert all(item.started_at >= item.enqueued_at for item in items)
         self.admissions.append(len(items))
 
-    def step_finished(self, stats, rows, distinct_tasks, waiting=0) -> None:
-        self.steps.append((rows, distinct_tasks))
-        self.waiting.append(waiting)
+    def step_finished(self, stats) -> None:
+        self.steps.append((stats.rows, stats.distinct_tasks))
+        self.waiting.append(stats.waiting)
 
     def first_token(self, item, seconds) -> None:
         assert seconds >= 0
@@ -204,16 +197,15 @@ class Recorder:
 
 
 def prep(tenant: str, text: str, task: str = "t", **params) -> PreparedRequest:
-    request = GenerationRequest(tenant=tenant, text=text, task=task, request_id=f"{tenant}/{text}",
-                                params=GenerationParams(**params))
-    return PreparedRequest(request=request, token_ids=tuple(ord(c) for c in text), prompts=())
+    return hand_prepared(GenerationRequest(tenant=tenant, text=text, task=task, request_id=f"{tenant}/{text}",
+                                           params=GenerationParams(**params)))
 
 
 def make(engine: FakeStepEngine, observer: Recorder | None = None, **overrides) -> StepScheduler:
     settings = dict(max_encoder_tokens_per_step=1000, shared_step_rows=0)
     settings.update(overrides)
     config = ServingConfig(**settings).resolved(engine.slots)
-    return StepScheduler(config, engine, engine.run_batch, observer=observer)
+    return StepScheduler(config, engine, observer=observer)
 
 
 async def until(condition, limit_s: float = 5.0) -> None:
@@ -408,7 +400,7 @@ def test_shared_step_rows_is_auto_a_count_or_off():
         with pytest.raises(ValueError, match=r"serving.shared_step_rows=.* expected \"auto\", 0 \(off\) or a number"):
             ServingConfig(shared_step_rows=bad)
     with pytest.raises(ValueError, match="build_scheduler resolves"):
-        StepScheduler(ServingConfig().resolved(4), FakeStepEngine(), FakeStepEngine().run_batch)
+        StepScheduler(ServingConfig().resolved(4), FakeStepEngine())
 
 
 def test_encoder_token_budget_spreads_a_burst_over_several_steps():
@@ -690,8 +682,6 @@ def real_request(engine, task: str, text: str, **params) -> PreparedRequest:
 
 
 def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(real_engine):
-    from promptmux.serving.engine.step.executor import StepEngine
-
     specs = [("short", "abc", 9), ("long", "a longer input " * 4, 30), ("mid", "x", 1), ("mid", "hello there", 20),
              ("long", "queued behind full slots", 12), ("short", "last one in", 25)]
     requests = [real_request(real_engine, task, text, max_new_tokens=n) for task, text, n in specs]
@@ -702,7 +692,7 @@ def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(
         seen = Recorder()
         config = ServingConfig(max_encoder_tokens_per_step=80, shared_step_rows=0).resolved(
             real_engine.config.max_batch_size)
-        scheduler = StepScheduler(config, StepEngine(real_engine), real_engine.run_batch, observer=seen)
+        scheduler = StepScheduler(config, real_engine.executor(continuous=True), observer=seen)
         streams: list[list[int]] = [[] for _ in range(len(requests) + 1)]
         jobs = []
         for i, request in enumerate([*requests, beam]):  # arrivals spread over several steps
@@ -721,40 +711,40 @@ def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(
 
 
 def test_real_step_engine_frees_a_cancelled_streams_slot_at_the_next_step(real_engine):
-    from promptmux.serving.engine.step.executor import StepEngine
+    from promptmux.serving.engine.step.executor import StepExecutor
 
-    class Gated(StepEngine):
+    class Gated(StepExecutor):
         """Each step waits for a permit, then runs for real."""
 
         permits = threading.Semaphore(0)
         entered = 0  # steps the engine thread has started waiting in
         steps = 0
 
-        def step(self):
+        def _step(self, limit, outputs):
             self.entered += 1
             assert self.permits.acquire(timeout=10)
             self.steps += 1
-            return super().step()
+            return super()._step(limit, outputs)
 
     async def main():
         seen = Recorder()
-        step_engine = Gated(real_engine)
+        step_engine = Gated(real_engine.context)
         config = ServingConfig(shared_step_rows=0).resolved(real_engine.config.max_batch_size)
-        scheduler = StepScheduler(config, step_engine, real_engine.run_batch, observer=seen)
+        scheduler = StepScheduler(config, step_engine, observer=seen)
         tokens: list[int] = []
         request = real_request(real_engine, "mid", "a stream that goes away", max_new_tokens=64)
         job = asyncio.ensure_future(scheduler.submit(request, on_token=tokens.append))
         await until(lambda: step_engine.active_slots == 1)
         step_engine.permits.release()
         await until(lambda: len(tokens) == 1)
-        assert tokens[0] != real_engine.eos_token_id, "pick an input whose first token is not EOS"
+        assert tokens[0] != real_engine.context.eos_token_id, "pick an input whose first token is not EOS"
         await until(lambda: step_engine.entered == 2)  # the engine thread now waits inside step 2
         job.cancel()  # the client went away while the engine thread waits inside step 2
         await asyncio.sleep(0.02)
         assert step_engine.active_slots == 1 and step_engine.steps == 1  # step 2 waits for its permit
         step_engine.permits.release()  # step 2 completes; the slot is freed before any step 3
         await until(lambda: step_engine.active_slots == 0)
-        assert step_engine.free_slots == real_engine.config.max_batch_size
+        assert step_engine.slots - step_engine.active_slots == real_engine.config.max_batch_size
         await until(lambda: seen.freed.get("cancelled") == 1 and seen.active[-1] == 0)
         step_engine.permits.release(5)
         await asyncio.sleep(0.1)

@@ -1,7 +1,7 @@
 """The engine in this process as a benchmark target: no gRPC, no Ray.
 
 Requests go through the serving layer's own scheduler for the variant's `serving.batching`
-(the StepScheduler over a StepEngine for continuous batching, the Batcher into
+(the StepScheduler over the step executor for continuous batching, the Batcher into
 `Engine.run_batch` otherwise), so batches form exactly as on a replica and the difference
 against a server run is the cost of gRPC and Ray Serve alone.
 """
@@ -18,7 +18,7 @@ from promptmux.prompts.records import content_hash
 from promptmux.serving.engine.core import Engine
 from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.scheduling.step_scheduler import build_scheduler
+from promptmux.serving.scheduling import build_scheduler
 
 from .request_records import BatchSample, ServerStats
 from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo

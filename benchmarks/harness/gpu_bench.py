@@ -217,18 +217,18 @@ def batch_runner(engine, mode: str) -> Callable[[list], int]:
     check_mode(mode)
     if mode == "static":
         return lambda requests: engine.run_batch(requests).stats.output_tokens
-    from promptmux.serving.engine.step.executor import StepEngine
+    from promptmux.serving.engine.plan import StepPlan
 
-    steps = StepEngine(engine)  # its slot cache is allocated once, for every batch
+    steps = engine.executor(continuous=True)  # its slot cache is allocated once, for every batch
 
     def run(requests) -> int:
-        events = steps.admit([(i, engine.prepare(r)) for i, r in enumerate(requests)])
-        failed = [e.done for e in events if isinstance(e.done, Exception)]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {len(requests)} requests failed admission: {failed[0]}")
-        generated = 0
+        outputs = steps.execute(StepPlan(admit=tuple((i, engine.prepare(r)) for i, r in enumerate(requests))))
+        if outputs.errors:
+            first = next(iter(outputs.errors.values()))
+            raise RuntimeError(f"{len(outputs.errors)} of {len(requests)} requests failed admission: {first}")
+        generated = len(outputs.tokens)
         while steps.active_slots:
-            generated += sum(len(e.new_tokens) for e in steps.step())
+            generated += len(steps.execute(StepPlan()).tokens)
         return generated
 
     return run

@@ -4,7 +4,7 @@ The same requests run two ways on one Engine, with `engine.max_batch_size` slots
 - static: batches of max_batch_size requests in arrival order, each run to completion by
   `Engine.run_batch` (encoder once, then Hugging Face `generate`): a batch lasts as long as
   its longest row, and finished rows keep computing padding;
-- continuous: `StepEngine`, admitting queued requests into free slots before every step, so
+- continuous: the step executor (`StepExecutor`), admitting queued requests into free slots before every step, so
   a finished row's slot takes the next request at once.
 Output lengths are uniform in 4..64 (each request's own max_new_tokens, EOS ignored on both
 paths, as load generators do), prompts come from 64 tasks, greedy. The figure is generated
@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from promptmux.serving.engine.core import Engine
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest, PreparedRequest
-from promptmux.serving.engine.step.executor import StepEngine
+from promptmux.serving.engine.plan import StepPlan
+from promptmux.serving.engine.step.executor import StepExecutor
 
 from ..engine_direct import DirectEngine, register_random_prompts
 from ..machine import machine_info
@@ -55,12 +56,12 @@ def eos_ignored(engine: Engine):
     """Every row runs to its own max_new_tokens on both paths (an id no row can produce)."""
     model = engine.model
     never = model.config.vocab_size + 1
-    saved = (model.config.eos_token_id, model.generation_config.eos_token_id, engine.eos_token_id)
-    model.config.eos_token_id = model.generation_config.eos_token_id = engine.eos_token_id = never
+    saved = (model.config.eos_token_id, model.generation_config.eos_token_id, engine.context.eos_token_id)
+    model.config.eos_token_id = model.generation_config.eos_token_id = engine.context.eos_token_id = never
     try:
         yield
     finally:
-        model.config.eos_token_id, model.generation_config.eos_token_id, engine.eos_token_id = saved
+        model.config.eos_token_id, model.generation_config.eos_token_id, engine.context.eos_token_id = saved
 
 
 def run_static(engine: Engine, requests: list[PreparedRequest]) -> int:
@@ -71,7 +72,7 @@ def run_static(engine: Engine, requests: list[PreparedRequest]) -> int:
     return tokens
 
 
-def run_continuous(step_engine: StepEngine, requests: list[PreparedRequest]) -> tuple[int, int, float]:
+def run_continuous(executor: StepExecutor, requests: list[PreparedRequest]) -> tuple[int, int, float]:
     """Returns (all tokens, tokens while saturated, CPU seconds while saturated). Saturated:
     from step MAX_NEW (by then every slot of the first fill has turned over at least once, so
     slot ages are mixed) until the queue runs dry: every freed slot is refilled at once, as on
@@ -80,15 +81,14 @@ def run_continuous(step_engine: StepEngine, requests: list[PreparedRequest]) -> 
     tokens = saturated_tokens = step = 0
     window_start = window_tokens = None
     saturated_seconds = 0.0
-    while queue or step_engine.active_slots:
+    while queue or executor.active_slots:
         if step == MAX_NEW:
             window_start, window_tokens = time.process_time(), tokens
-        take = min(step_engine.free_slots, len(queue))
-        if take:
-            failed = step_engine.admit(queue[:take])
-            assert not failed, failed
-            queue = queue[take:]
-        tokens += sum(len(event.new_tokens) for event in step_engine.step())
+        take = min(executor.slots - executor.active_slots, len(queue))
+        outputs = executor.execute(StepPlan(admit=tuple(queue[:take])))
+        assert not outputs.errors, outputs.errors
+        queue = queue[take:]
+        tokens += len(outputs.tokens)
         step += 1
         if queue and window_start is not None:
             saturated_tokens, saturated_seconds = tokens - window_tokens, time.process_time() - window_start
@@ -109,27 +109,27 @@ def bench_model(source: str, args, bar) -> dict:
     with direct as engine, torch.inference_mode():
         requests = build_workload(engine, args.tasks, args.requests, seed=0)
         expected = sum(r.params.max_new_tokens for r in requests)
-        step_engine = StepEngine(engine)
+        executor = engine.executor(continuous=True)
         # One full batch where every row wants MAX_NEW tokens: nothing for continuous batching
         # to win, so this ratio is the step loop's own speed against generate's.
         equal = [dataclasses.replace(r, request=dataclasses.replace(
             r.request, params=GenerationParams(max_new_tokens=MAX_NEW))) for r in requests[: args.slots]]
         with eos_ignored(engine):
             run_static(engine, requests[: args.slots])  # warm-up
-            run_continuous(step_engine, requests[: args.slots])
+            run_continuous(executor, requests[: args.slots])
             rounds, equal_rounds = [], []
             for _ in range(args.rounds):
                 static_cpu, static_wall, static_tokens = timed(run_static, engine, requests)
                 bar.update(1)
                 continuous_cpu, continuous_wall, (continuous_tokens, saturated_tokens, saturated_cpu) = timed(
-                    run_continuous, step_engine, requests)
+                    run_continuous, executor, requests)
                 bar.update(1)
                 assert static_tokens == continuous_tokens == expected, (static_tokens, continuous_tokens, expected)
                 assert saturated_tokens, "the queue ran dry before the first fill turned over: send more --requests"
                 rounds.append((expected / static_cpu, saturated_tokens / saturated_cpu, expected / continuous_cpu,
                                static_wall / continuous_wall))
                 static_cpu, _, _ = timed(run_static, engine, equal)
-                continuous_cpu, _, _ = timed(run_continuous, step_engine, equal)
+                continuous_cpu, _, _ = timed(run_continuous, executor, equal)
                 equal_rounds.append(static_cpu / continuous_cpu)
     return {
         "model": source,
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         f"{info.load_average[0]:.1f} before, {after[0]:.1f} after (other jobs shared the cores).",
         f"Workload: {args.requests} requests over {args.tasks} tasks (prompts of 10-30 rows, inputs of 9-49 tokens), "
         f"output lengths uniform in {MIN_NEW}..{MAX_NEW} (EOS ignored), greedy, fp32, {args.slots} slots; "
-        f"static = `Engine.run_batch` on batches of {args.slots} in arrival order, continuous = `StepEngine` "
+        f"static = `Engine.run_batch` on batches of {args.slots} in arrival order, continuous = `StepExecutor` "
         "refilling free slots before every step. Rounds alternate the two modes.",
         "",
         "Tokens/s are per CPU second of the benchmark process (one torch thread, so that is the work "

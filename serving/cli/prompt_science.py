@@ -6,7 +6,7 @@ factorized prompts on the frozen model.
     promptmux prompts train-factorized --tenant acme --data pairs.jsonl --dev pairs-dev.jsonl
 
 `prompts train --init retrieved|best-of-k` (serving/cli/train.py) ranks sources the same way;
-serving/cli/main.py hands it `visible_tasks` so visibility is decided by the PromptIndex alone.
+serving/cli/main.py hands it `visible_tasks` so visibility is decided by the store's task table alone.
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from .common import DEFAULT_TENANT, add_model_arguments, config_from_args
 
 def visible_tasks(store, tenant: str):
     """(name to call it by, metadata) of every task `tenant` can call, exactly as serving resolves them."""
-    from ..engine.prompt_index import PromptIndex
+    return _current_tasks(store).callable_by(tenant)
 
-    return PromptIndex.from_store(store).visible_to(tenant)
+
+def _current_tasks(store):
+    store.tasks.refresh()
+    return store.tasks
 
 
 def add_prompt_science_parsers(prompt_commands) -> None:
@@ -110,13 +113,12 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_similar(args: argparse.Namespace) -> int:
     from promptmux.prompts.tuning import read_jsonl
 
-    from ..engine.prompt_index import PromptIndex
     from ..replica.task_similarity import TaskSimilarity
 
     settings, loaded, store = _model_and_store(args)
     examples = read_jsonl(args.data)[: settings.task_embedding.max_examples]
     answer = TaskSimilarity(loaded, store, settings.task_embedding).similar(
-        PromptIndex.from_store(store), args.tenant, examples, args.top_k)
+        _current_tasks(store), args.tenant, examples, args.top_k)
     ranking = answer.ranking
     if args.json:
         print(json.dumps({

@@ -145,7 +145,7 @@ def handle_train(args: argparse.Namespace) -> int:
 
 def _transfer_init(args, config: TrainConfig, recipe: EmbeddingRecipe, loaded, store: PromptStore, train, dev,
                    embedding) -> TransferInit:
-    """Rank what the tenant can see (serving's PromptIndex, handed in as `visible_tasks`), then
+    """Rank what the tenant can see (the store's task table, handed in as `visible_tasks`), then
     average or probe the top K."""
     visible = getattr(args, "visible_tasks", None)
     if visible is None:

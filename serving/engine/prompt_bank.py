@@ -7,9 +7,12 @@ than a page spans several pages, which become several (offset, length) segments.
 holds a lease that pins its prompts, so eviction never disturbs a batch in flight.
 Versions are immutable, so entries are keyed by (tenant, task, version) and never go stale.
 
-Below it sits an optional host-memory tier (host_prompt_cache.py): a miss here copies the
+Below it sits an optional host-memory tier (`HostPromptCache`): a miss here copies the
 prompt's rows from host memory, and `prefetch` fills that tier when a request is admitted, so
 a batch does not read the disk for a cold task. `tier_stats` reports both tiers.
+
+Under both sits the store, read through `load_stored_prompt`: the one place a version's
+tensor is read and checked against what the index promised and what the model needs.
 """
 from __future__ import annotations
 
@@ -20,13 +23,88 @@ from typing import Callable, Sequence
 
 import torch
 
+from promptmux.prompts.errors import (
+    PromptmuxError,
+    PromptUnusableError,
+    ResourceExhaustedError,
+    TaskNotFoundError,
+)
 from promptmux.prompts.records import PromptMeta
-
-from promptmux.prompts.errors import ResourceExhaustedError
-from .host_prompt_cache import HostPromptCache, TierStats
+from promptmux.prompts.store import PromptStore
 
 Segment = tuple[int, int]  # (first bank row, rows)
 VersionKey = tuple[str, str, int]
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    rows_in_use: int = 0
+    capacity_rows: int = 0
+
+
+class HostPromptCache:
+    """The host-memory tier, between the device bank and the store on disk: a bounded LRU of
+    prompt tensors `[L, D]`.
+
+    A request's prompts are read into it when the request is admitted (`prefetch`, from
+    Engine.prepare, on a worker thread), so the batch that runs it only copies host rows to the
+    device: a cold task costs its batch-mates a host-to-device copy, never a disk read. Tensors
+    are kept in the bank's dtype, and in pinned (page-locked) memory when the bank is on CUDA,
+    so that copy is a direct DMA that does not block the host (`non_blocking=True`). The
+    capacity is in rows of d_model (`engine.prompt_host_cache_rows`; 0 turns the tier off)."""
+
+    def __init__(
+        self,
+        *,
+        capacity_rows: int,
+        dtype: torch.dtype,
+        pin: bool,
+        loader: Callable[[PromptMeta], torch.Tensor],
+    ) -> None:
+        self.capacity_rows = capacity_rows
+        self.dtype = dtype
+        self.pin = pin
+        self._loader = loader
+        self._entries: OrderedDict[VersionKey, torch.Tensor] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self.stats = TierStats(capacity_rows=capacity_rows)
+
+    def get(self, meta: PromptMeta) -> torch.Tensor:
+        """The prompt's rows `[L, D]` on the host (pinned on CUDA), from this tier or the store."""
+        key = (meta.tenant, meta.task, meta.version)
+        with self._lock:
+            tensor = self._entries.get(key)
+            if tensor is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                return tensor
+            self.stats.misses += 1
+        tensor = self._load(meta)  # disk I/O outside the lock: other lookups proceed meanwhile
+        with self._lock:
+            if key not in self._entries and tensor.shape[0] <= self.capacity_rows:
+                while self.stats.rows_in_use + tensor.shape[0] > self.capacity_rows:
+                    _, victim = self._entries.popitem(last=False)
+                    self.stats.rows_in_use -= victim.shape[0]
+                    self.stats.evictions += 1
+                self._entries[key] = tensor
+                self.stats.rows_in_use += tensor.shape[0]
+        return tensor
+
+    def prefetch(self, metas: Sequence[PromptMeta]) -> None:
+        """Read each prompt into this tier now (at admission), so a batch never waits on disk.
+        Raises the store's error (e.g. an unreadable version) for this request alone."""
+        for meta in metas:
+            self.get(meta)
+
+    def _load(self, meta: PromptMeta) -> torch.Tensor:
+        tensor = self._loader(meta).to(self.dtype).contiguous()  # [L, D]
+        return tensor.pin_memory() if self.pin else tensor
+
+    def __contains__(self, key: VersionKey) -> bool:
+        return key in self._entries
 
 
 @dataclass
@@ -208,3 +286,31 @@ def merge_leases(leases: Sequence[Lease]) -> Lease:
         evictions=sum(lease.evictions for lease in leases),
         keys=[],  # never released itself
     )
+
+
+def load_stored_prompt(store: PromptStore, d_model: int, meta: PromptMeta) -> torch.Tensor:
+    """A prompt version's tensor `[L, D]` on the host, checked against what the index promised
+    (`meta`) and what this model needs; any failure names the prompt and fails only the
+    requests that use it. The bank's loader: `partial(load_stored_prompt, store, d_model)`."""
+    name = f"prompt {meta.task!r} of tenant {meta.tenant!r} (version {meta.version})"
+    try:
+        tensor = store.get(meta.tenant, meta.task, meta.version).tensor  # [L, D] on the host
+    except TaskNotFoundError:
+        raise TaskNotFoundError(
+            f"the {name} was deleted after this request was accepted; register the task again or "
+            "send the request to a task that exists"
+        ) from None
+    except PromptmuxError:
+        raise
+    except Exception as error:  # unreadable or corrupt file
+        raise PromptUnusableError(
+            f"the {name} cannot be read ({type(error).__name__}: {error}); register it again"
+        ) from error
+    if tensor.dim() != 2 or tensor.shape[1] != d_model or tensor.shape[0] != meta.length:
+        raise PromptUnusableError(
+            f"the stored {name} has shape {list(tensor.shape)}, but this model needs "
+            f"[{meta.length}, {d_model}] (d_model {d_model}); register a prompt made for this model"
+        )
+    if not torch.isfinite(tensor).all():
+        raise PromptUnusableError(f"the stored {name} has non-finite values; register it again")
+    return tensor

@@ -1,7 +1,7 @@
 """Per-row sampling: greedy, or temperature + top-p with each row's own random stream.
 
 One function, `sample_rows`, picks the next token of every row of a decode step at once; the
-step loop (step_engine.py) and the static path (decoding.PerRowSampler, inside Hugging Face
+step loop (step/executor.py) and the static path (static_decoding.PerRowSampler, inside Hugging Face
 `generate`) both call it, so a request samples the same way on either path.
 
 Each row's randomness is a counter-based generator: the uniform draw for a row's k-th token
@@ -15,41 +15,18 @@ Rows without a seed get one drawn from torch's default generator at admission, s
 `torch.manual_seed` still makes a whole run reproducible.
 
 Sampling runs in float32 whatever the model's dtype. Parameters are checked in that dtype
-(`check_sampling_params`): a temperature of 1e-300 is a valid Python float but 0 in float32.
+once, when the request is prepared (`GenerationParams.validate`): a temperature of 1e-300 is a
+valid Python float but 0 in float32.
 """
 from __future__ import annotations
 
 import torch
 
-from promptmux.prompts.errors import InvalidRequestError
 from .types import GenerationParams
 
 SAMPLING_DTYPE = torch.float32
 _MASK32 = 0xFFFFFFFF
 _SEED_SPACE = 2**62  # seeds drawn for unseeded rows
-
-
-def check_sampling_params(params: GenerationParams) -> None:
-    """Raise InvalidRequestError for sampling parameters that break in float32.
-
-    `GenerationParams.validate` checks them as Python floats; this checks what the sampler
-    really computes with."""
-    if params.strategy != "sample":
-        return
-    tiny = torch.finfo(SAMPLING_DTYPE).tiny
-    temperature = torch.tensor(params.temperature, dtype=SAMPLING_DTYPE).item()
-    if not (temperature >= tiny and temperature != float("inf")):
-        raise InvalidRequestError(
-            f"temperature={params.temperature!r} is {temperature!r} in float32, where sampling runs; "
-            f"expected a value between {tiny:.3g} and {torch.finfo(SAMPLING_DTYPE).max:.3g} "
-            "(use strategy='greedy' for deterministic output)"
-        )
-    top_p = torch.tensor(params.top_p, dtype=SAMPLING_DTYPE).item()
-    if not top_p >= tiny:
-        raise InvalidRequestError(
-            f"top_p={params.top_p!r} is {top_p!r} in float32, where sampling runs; expected 0 < top_p <= 1 "
-            f"with top_p >= {tiny:.3g} (a tiny top_p keeps only the most likely token)"
-        )
 
 
 def row_seed(params: GenerationParams) -> int:

@@ -1,7 +1,11 @@
-"""Decoding programs for rows of a mixed batch that share an encoder pass.
+"""The static path: whole batches decoded to completion inside Hugging Face `generate`.
 
-Choice: the whole batch is encoded once; rows are then decoded in groups that share a
-decoding program, with per-row parameters inside each group:
+It runs every batch of the `mixed` and `per_task` modes, and the beam-search requests the step
+loop does not run, behind the same boundary as the step executor (`execute(StepPlan) ->
+StepOutputs`, engine/plan.py). A bad request fails alone; the rest of the batch still runs.
+
+Choice: the whole batch is encoded once (engine/encode.py); rows are then decoded in groups
+that share a decoding program, with per-row parameters inside each group:
 - greedy rows: one loop, per-row max_new_tokens;
 - sampling rows: one loop, per-row temperature, top-p, max_new_tokens and random stream
   (PerRowSampler: each row draws from its own seed, so its tokens never depend on its
@@ -13,16 +17,25 @@ task or per request.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutput
 
 from promptmux.prompts.errors import InvalidRequestError
-from .types import GenerationParams
-from .sampling import SAMPLING_DTYPE, check_sampling_params, sample_rows, seed_words
+
+from .context import ModelContext
+from .encode import Encoded, encode, own_failure
+from .plan import Handle, StepOutputs, StepPlan, TokenStream
+from .sampling import SAMPLING_DTYPE, row_seed, sample_rows, seed_words
+from .types import BatchStats, GenerationParams, PreparedRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,11 +101,6 @@ class PerRowSampler(LogitsProcessor):
 
     def __init__(self, params: Sequence[GenerationParams], seeds: Sequence[int], device: torch.device,
                  start_length: int) -> None:
-        for p in params:  # validation refuses these; a row that skipped it must not decode garbage
-            try:
-                check_sampling_params(p)
-            except InvalidRequestError as error:
-                raise ValueError(f"a sampling row reached the decoder unvalidated: {error}") from None
         self.temperature = torch.tensor([p.temperature for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
         self.top_p = torch.tensor([p.top_p for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
         self.seeds = torch.tensor([seed_words(s) for s in seeds], dtype=torch.long).to(device)  # [Bg, 2]
@@ -134,3 +142,137 @@ class TokenStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+class StaticExecutor:
+    """Runs a plan's `static` batch to completion; the executor of the `mixed` and `per_task`
+    modes, and the step executor's path for beam search. Any thread, one call at a time."""
+
+    slots = 0  # holds no request between calls
+
+    def __init__(self, context: ModelContext) -> None:
+        self.context = context
+
+    def execute(self, plan: StepPlan, stream: TokenStream | None = None) -> StepOutputs:
+        if plan.admit or plan.cancel or plan.run_first:
+            raise ValueError(
+                "the static executor runs whole batches only (plan.static); admissions, cancellations and "
+                "decoder steps need the step executor (serving.batching: continuous)"
+            )
+        return self.run(plan.static, stream)
+
+    @torch.inference_mode()
+    def run(self, items: Sequence[tuple[Handle, PreparedRequest]], stream: TokenStream | None = None) -> StepOutputs:
+        """Encode the batch once, decode it in groups (see the module docstring). Every request
+        ends in `finished` or `errors`; `stream` gets each row's tokens as they come."""
+        config = self.context.config
+        if len(items) > config.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {len(items)} requests exceeds engine.max_batch_size={config.max_batch_size}; split it"
+            )
+        outputs = StepOutputs(static=BatchStats(0, 0, 0.0, 0, 0, 0.0, 0.0))
+        if not items:
+            return outputs
+        started = time.perf_counter()
+        encoded, failed = encode(self.context, [prepared for _, prepared in items])
+        for position, error in failed.items():
+            outputs.errors[items[position][0]] = error
+        if encoded is None:
+            return outputs
+        encode_seconds = time.perf_counter() - started
+        rows = [items[position] for position in encoded.rows]  # row j of `encoded` holds rows[j]
+        groups: dict[DecodeGroupKey, list[int]] = {}
+        for j, (_, prepared) in enumerate(rows):
+            groups.setdefault(group_key(prepared.params), []).append(j)
+        streamed: set[Handle] = set()  # rows that already streamed tokens
+        tracked = None
+        if stream is not None:
+            def tracked(handle: Handle, token: int) -> None:
+                streamed.add(handle)
+                stream(handle, token)
+        produced = 0
+        for key, group in groups.items():
+            try:
+                produced += self._decode_group(key, group, encoded, rows, outputs, tracked)
+            except Exception as error:  # e.g. one row's scores not finite: sampling raises for the group
+                produced += self._decode_rows_alone(key, group, encoded, rows, outputs, tracked, error, streamed)
+        tasks = {(m.tenant, m.task) for _, p in rows for m in p.prompts}
+        outputs.static = BatchStats(
+            batch_size=len(rows),
+            distinct_tasks=len(tasks),
+            padding_fraction=encoded.padding_fraction,
+            input_tokens=sum(len(p.token_ids) for _, p in rows),
+            output_tokens=produced,
+            encode_seconds=encode_seconds,
+            decode_seconds=time.perf_counter() - started - encode_seconds,
+            cache_hits=encoded.cache_hits,
+            cache_misses=encoded.cache_misses,
+            cache_evictions=encoded.cache_evictions,
+        )
+        return outputs
+
+    def _decode_rows_alone(self, key, group, encoded, rows, outputs, stream, error: Exception,
+                           streamed: set[Handle]) -> int:
+        """A decoding group failed: decode each of its rows alone, so that a failure belonging
+        to one row fails that row only. Rows that already streamed tokens cannot restart
+        without repeating them, so they fail with the group's error."""
+        log.warning("a decoding group of %d rows failed (%s: %s); decoding its rows one by one",
+                    len(group), type(error).__name__, error)
+        produced = 0
+        for j in group:
+            handle = rows[j][0]
+            if handle in streamed or len(group) == 1:
+                outputs.errors[handle] = own_failure(error, "decoding")
+                continue
+            try:
+                produced += self._decode_group(key, [j], encoded, rows, outputs, stream)
+            except Exception as row_error:
+                outputs.errors[handle] = own_failure(row_error, "decoding")
+        return produced
+
+    def _decode_group(self, key: DecodeGroupKey, group: list[int], encoded: Encoded,
+                      rows: list[tuple[Handle, PreparedRequest]], outputs: StepOutputs,
+                      stream: TokenStream | None) -> int:
+        context = self.context
+        handles = [rows[j][0] for j in group]
+        prepared = [rows[j][1] for j in group]
+        params = [p.params for p in prepared]
+        width = max(encoded.lengths[j] for j in group)  # drop columns that are padding for every row
+        select = torch.tensor(group, device=encoded.hidden.device)
+        hidden = encoded.hidden.index_select(0, select)[:, :width]  # [Bg, Sg, D]
+        mask = encoded.attention_mask.index_select(0, select.to(encoded.attention_mask.device))[:, :width]  # [Bg, Sg]
+        config = generation_config(key, params, context.model.generation_config)
+        kwargs: dict = {}
+        if key.strategy != "beam":
+            limits = torch.tensor([p.max_new_tokens for p in params], device=hidden.device)
+            kwargs["stopping_criteria"] = [PerRowMaxNewTokens(limits, start_length=1)]
+        if key.strategy == "sample":
+            # Each row its own random stream: a seeded row no longer depends on its batch-mates.
+            seeds = [row_seed(p) for p in params]
+            kwargs["logits_processor"] = [PerRowSampler(params, seeds, hidden.device, start_length=1)]
+        if stream is not None and key.strategy != "beam":
+            kwargs["streamer"] = TokenStreamer(
+                lambda row, token: stream(handles[row], token), [p.max_new_tokens for p in params],
+                context.eos_token_id,
+            )
+        sequences = context.model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            generation_config=config,
+            **kwargs,
+        )
+        generated = sequences[:, 1:].tolist()  # drop the decoder start token; one host sync per group
+        produced = 0
+        eos = context.eos_token_id
+        for handle, item, tokens in zip(handles, prepared, generated):
+            tokens = tokens[: item.params.max_new_tokens]
+            finish = "length"
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+                finish = "eos"
+            produced += len(tokens)
+            outputs.finished[handle] = context.result(item, tokens, finish)
+            if stream is not None and key.strategy == "beam":
+                for token in tokens:
+                    stream(handle, token)
+        return produced

@@ -135,24 +135,30 @@ class GenerationRequest:
 class PreparedRequest:
     """A request that passed validation, tokenized once, with its prompt versions resolved.
 
-    `Engine.prepare` makes it off the event loop when the request is admitted; the batcher
-    and the engine pass it on and never validate or tokenize it again."""
+    `Engine.prepare` makes it off the event loop when the request is admitted; the schedulers
+    and the executors pass it on and never validate or tokenize it again. What they need to
+    know about it is a field, derived once here from the three given ones."""
 
     request: GenerationRequest
     token_ids: tuple[int, ...]  # after truncation
     prompts: tuple[PromptMeta, ...]  # in concatenation order (language, then task)
+    tenant: str = field(init=False)
+    params: GenerationParams = field(init=False)
+    prompt_task_ids: tuple[str, ...] = field(init=False)  # the task references as the caller named them
+    encoder_tokens: int = field(init=False)  # prompt rows + input tokens: what its admission costs the encoder
+    steppable: bool = field(init=False)  # runs in the step loop; False for beam search (the static path runs it)
 
-    @property
-    def tenant(self) -> str:
-        return self.request.tenant
-
-    @property
-    def prompt_task_ids(self) -> tuple[str, ...]:
-        return self.request.prompt_task_ids
-
-    @property
-    def params(self) -> GenerationParams:
-        return self.request.params
+    def __post_init__(self) -> None:
+        request, params = self.request, self.request.params
+        derived = {
+            "tenant": request.tenant,
+            "params": params,
+            "prompt_task_ids": request.prompt_task_ids,
+            "encoder_tokens": sum(m.length for m in self.prompts) + len(self.token_ids),
+            "steppable": not (params.strategy == "beam" and params.num_beams > 1),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from ..engine.plan import AdmissionStats, DecodeStats
 from ..scheduling.tenant_queues import QueuedRequest
 from ..engine.types import BatchStats, GenerationRequest, GenerationResult
 
@@ -171,23 +172,25 @@ class ServingMetrics:
                 counter.inc(value)
 
     # ------------------------------------------------------------------ StepObserver
-    def admitted(self, items: Sequence[QueuedRequest], stats, padding_fraction: float) -> None:
+    def admitted(self, items: Sequence[QueuedRequest], stats: AdmissionStats | None) -> None:
+        """Requests picked for admission (`stats`: what the admission computed; None when every
+        one of them failed before the encoder ran)."""
         for item in items:
             wait = item.started_at - item.enqueued_at
             self.queue_wait.observe(wait, tags={"tenant": item.tenant})
             self.admission_wait.observe(wait, tags={"tenant": item.tenant})
-        self.step_time.observe(stats.seconds, tags={"phase": "encode"})
-        self.padding.observe(padding_fraction)
+        if stats is not None:
+            self.step_time.observe(stats.seconds, tags={"phase": "encode"})
+            self.padding.observe(stats.padding_fraction)
 
-    def step_finished(self, stats, rows: int, distinct_tasks: int, waiting: int = 0) -> None:
+    def step_finished(self, stats: DecodeStats) -> None:
         self.step_time.observe(stats.seconds, tags={"phase": "decode"})
-        if waiting:
-            self.rows_waiting.inc(waiting)
-        if rows:
-            self.batch_size.observe(rows)
-            self.batch_tasks.observe(distinct_tasks)
-        if stats.tokens:
-            self.generated.inc(stats.tokens)
+        if stats.waiting:
+            self.rows_waiting.inc(stats.waiting)
+        if stats.rows:
+            self.batch_size.observe(stats.rows)
+            self.batch_tasks.observe(stats.distinct_tasks)
+            self.generated.inc(stats.rows)  # each row that ran produced one token
 
     def first_token(self, item: QueuedRequest, seconds: float) -> None:
         self.time_to_first_token.observe(seconds, tags={"tenant": item.tenant})
@@ -198,7 +201,7 @@ class ServingMetrics:
             self.slots_freed.inc(count, tags={"reason": reason})
 
     def prompt_tiers(self, tiers: dict, published: dict) -> dict:
-        """Publish each tier's TierStats (serving/engine/host_prompt_cache.py): counters by their growth
+        """Publish each tier's TierStats (serving/engine/prompt_bank.py): counters by their growth
         since `published` (what the previous call returned), gauges as they are. Returns `tiers`."""
         for tier, stats in tiers.items():
             tags = {"tier": tier}

@@ -53,7 +53,7 @@ from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from ..rpc.pagination import page
 from .prompt_admin import PromptAdmin
-from ..scheduling.step_scheduler import build_scheduler
+from ..scheduling import build_scheduler
 from ..rpc.streaming import TextDeltas
 from .task_similarity import TaskSimilarity
 from ..scheduling.tenant_queues import refuse_batch_over_tenant_limit
@@ -189,7 +189,7 @@ class ReplicaParts:
         engine.refresh_prompts()
         return cls(
             engine=engine,
-            prompts=PromptAdmin(engine.store, engine.index),
+            prompts=PromptAdmin(engine.store, engine.tasks),
             similarity=TaskSimilarity(engine.loaded, engine.store, config.promptmux.task_embedding),
             keys=keys,
         )
@@ -211,8 +211,8 @@ class PromptmuxServer:
         self._similarity = parts.similarity
         self._metrics = ServingMetrics()
         # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
-        self._batcher = build_scheduler(serving, self._engine, observer=self._metrics)
-        self._health = ReplicaHealth(serving, self._batcher, config.promptmux.store.root)
+        self._scheduler = build_scheduler(serving, self._engine, observer=self._metrics)
+        self._health = ReplicaHealth(serving, self._scheduler, config.promptmux.store.root)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
         self._refresher.start()
@@ -251,7 +251,7 @@ class PromptmuxServer:
     async def shutdown(self) -> None:
         """Refuse new work (UNAVAILABLE), let queued work finish within serving.shutdown_grace_s."""
         self._stop.set()
-        await self._batcher.close()
+        await self._scheduler.close()
 
     def __del__(self):
         # Serve calls __del__ on shutdown from the replica's event loop and awaits what it
@@ -292,7 +292,7 @@ class PromptmuxServer:
 
     async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
         request, prepared = await self._prepare(request_pb, principal, call)
-        result = await self._batcher.submit(prepared)
+        result = await self._scheduler.submit(prepared)
         self._metrics.tokens(request, result)
         return result
 
@@ -307,7 +307,7 @@ class PromptmuxServer:
         principal = self._authenticate(grpc_context, call)
         generation, prepared = await self._prepare(request, principal, call)
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        job = asyncio.ensure_future(self._batcher.submit(prepared, on_token=tokens.put_nowait))
+        job = asyncio.ensure_future(self._scheduler.submit(prepared, on_token=tokens.put_nowait))
         job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
         deltas = TextDeltas(self._engine.detokenize)
         try:
@@ -443,7 +443,7 @@ class PromptmuxServer:
         examples, top_k = similar_request_from_pb(request)
         self._similarity.check_examples(examples)  # fail fast, before a worker thread is taken
         # A short tuning run: off the event loop, so generation keeps batching meanwhile.
-        answer = await asyncio.to_thread(self._similarity.similar, self._prompts.index, principal.tenant, examples,
+        answer = await asyncio.to_thread(self._similarity.similar, self._prompts.tasks, principal.tenant, examples,
                                          top_k)
         return similar_reply_to_pb(answer)
 
@@ -451,9 +451,9 @@ class PromptmuxServer:
     async def Health(self, request, grpc_context, call: _Call):
         model = self._config.promptmux.model.source
         return pb.HealthReply(
-            status="NOT_SERVING" if self._batcher.closing else "SERVING",
+            status="NOT_SERVING" if self._scheduler.closing else "SERVING",
             model=model,
             d_model=self._prompts.d_model,
-            queue_depth=self._batcher.queue_depth,
+            queue_depth=self._scheduler.queue_depth,
             batching=self._config.serving.batching,
         )

@@ -1,7 +1,7 @@
 """Which stored tasks resemble a new one: task embeddings ranked for a tenant.
 
 Used by `promptmux prompts similar` and the SimilarTasks RPC. The candidates are exactly the
-tasks the tenant can call, as the PromptIndex says (`visible_to`); nothing here decides
+tasks the tenant can call, as the store's task table says (`callable_by`); nothing here decides
 visibility. Computing the new task's embedding is a short prompt-tuning run (the config's
 `task_embedding` recipe), so the RPC runs it in a worker thread, one at a time per replica.
 """
@@ -17,10 +17,10 @@ from promptmux.prompts.retrieval import EmbeddingCache, Ranking, rank_tasks
 from promptmux.prompts.store import PromptStore
 from promptmux.prompts.synthetic_tasks import Example
 from promptmux.prompts.task_embedding import EmbeddingRecipe, compute_task_embedding, shared_init
+from promptmux.prompts.task_table import TaskTable
 
 from promptmux.prompts.errors import InvalidRequestError, ResourceExhaustedError
 from ..model.loading import LoadedModel
-from ..engine.prompt_index import PromptIndex
 
 MAX_TOP_K = 100
 MAX_WAITING = 4  # calls queued behind the running one; more are refused, not queued without bound
@@ -77,12 +77,12 @@ class TaskSimilarity:
             with self._admission:
                 self._pending -= 1
 
-    def similar(self, index: PromptIndex, tenant: str, examples: Sequence[Example], top_k: int) -> SimilarityAnswer:
+    def similar(self, tasks: TaskTable, tenant: str, examples: Sequence[Example], top_k: int) -> SimilarityAnswer:
         """The tenant's visible tasks, most similar to the task `examples` show first."""
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidRequestError(f"top_k={top_k} is out of range; expected 1..{MAX_TOP_K}")
         query = self.embed(examples)
         with self._lock:  # the cache is shared by concurrent callers
-            ranking = rank_tasks(query, index.visible_to(tenant), self.embeddings, init=self.init(),
+            ranking = rank_tasks(query, tasks.callable_by(tenant), self.embeddings, init=self.init(),
                                  recipe=self.recipe, model_name=self.loaded.name, top_k=top_k)
         return SimilarityAnswer(ranking=ranking, recipe=self.recipe, examples_used=len(examples))

@@ -13,7 +13,8 @@ its deadline is dropped before compute (DEADLINE_EXCEEDED); one whose caller wen
 requests get UNAVAILABLE.
 
 The engine runs in one dedicated thread, one batch at a time, so the event loop stays free
-to admit requests while a batch computes.
+to admit requests while a batch computes: each batch is one `StepPlan(static=...)` for the
+static executor (engine/static_decoding.py), the boundary the step scheduler uses too.
 """
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from promptmux.prompts.errors import PromptmuxError, UnavailableError
+
 from ..config import ServingConfig
-from .tenant_queues import QueuedRequest, RunBatch, TenantQueues, expired_error
+from ..engine.plan import Executor, StepPlan
+from .tenant_queues import QueuedRequest, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)
 
 
 class Batcher(TenantQueues):
-    def __init__(self, config: ServingConfig, run_batch: RunBatch, **kwargs) -> None:
-        super().__init__(config, run_batch, **kwargs)
+    def __init__(self, config: ServingConfig, executor: Executor, **kwargs) -> None:
+        super().__init__(config, executor, **kwargs)
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmux-engine")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmux-engine")
         self._worker: asyncio.Task | None = None
         self._running = False  # a batch is in the engine
 
@@ -65,7 +68,7 @@ class Batcher(TenantQueues):
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ admission
     def _enqueue(self, item: QueuedRequest) -> None:
@@ -186,23 +189,22 @@ class Batcher(TenantQueues):
         self._progress_at = started
         for item in batch:
             item.started_at = started
-        sinks = {i: item.on_token for i, item in enumerate(batch) if item.on_token is not None}
+        sinks = {item.handle: item.on_token for item in batch if item.on_token is not None}
 
-        def on_token(index: int, token: int) -> None:  # runs on the engine thread
-            sink = sinks.get(index)
-            if sink is not None:
-                loop.call_soon_threadsafe(sink, token)
+        def stream(handle: int, token: int) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(sinks[handle], token)
 
-        requests = [item.request for item in batch]
+        plan = StepPlan(static=tuple((item.handle, item.request) for item in batch))
         try:
             try:
-                output = await loop.run_in_executor(
-                    self._executor, self._run_batch, requests, on_token if sinks else None
+                outputs = await loop.run_in_executor(
+                    self._thread, self._executor.execute, plan, stream if sinks else None
                 )
             finally:
                 self._progress_at = self._clock()
-            if len(output.results) != len(batch):
-                raise RuntimeError(f"the engine returned {len(output.results)} results for {len(batch)} requests")
+            missing = [item for item in batch if item.handle not in outputs.finished and item.handle not in outputs.errors]
+            if missing:
+                raise RuntimeError(f"the engine returned no outcome for {len(missing)} of {len(batch)} requests")
         except asyncio.CancelledError:  # close() stopped waiting for this batch
             for item in batch:
                 self._fail(item, UnavailableError("the replica shut down while running this request; retry it"))
@@ -215,12 +217,12 @@ class Batcher(TenantQueues):
                 self._fail(item, failure, report=False)
             return
         compute_seconds = self._clock() - started
-        for item, result in zip(batch, output.results):
+        for item in batch:
             if item.future.done():
                 continue  # the caller went away mid-batch
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
+            if item.handle in outputs.errors:
+                item.future.set_exception(outputs.errors[item.handle])
             else:
-                item.future.set_result(result)
+                item.future.set_result(outputs.finished[item.handle])
         if self._observer is not None:
-            self._observer.batch_finished(batch, output.stats, compute_seconds)
+            self._observer.batch_finished(batch, outputs.static, compute_seconds)

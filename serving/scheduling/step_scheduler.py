@@ -1,21 +1,27 @@
-"""The step scheduler: iteration-level batching in front of the step engine, one per replica.
+"""The step scheduler: iteration-level batching in front of the step executor, one per replica.
 
 Where the Batcher (serving/scheduling/batcher.py) runs a batch to completion, this scheduler makes the
-decoder step the unit of scheduling. One dedicated engine thread runs the loop:
+decoder step the unit of scheduling. One dedicated engine thread runs the loop the way vLLM v1's
+engine core does: `schedule()` makes one StepPlan, the executor runs it
+(`execute(plan) -> StepOutputs`, engine/plan.py), `update()` delivers what came back. The
+scheduler holds no tensors and calls nothing else on the executor. A plan:
 
-1. free the slots of requests whose callers went away (StepEngine.cancel);
-2. admit newcomers into free slots, the tenant holding the fewest slots first and
+1. frees the slots of requests whose callers went away;
+2. admits newcomers into free slots, the tenant holding the fewest slots first and
    round-robin among equals (the rotation carries over between steps), within
    `serving.max_encoder_tokens_per_step` encoder tokens (a single bigger request is admitted
    alone), so a burst of long inputs spreads over several steps and decoding never stalls
    for long. Fewest-slots-first is what keeps a light tenant's latency near its latency
    alone: a flood's tenant holds most slots, so the next freed slot goes to the newcomer,
    however many of the flood's requests queued before it;
-3. run beam-search requests, which the step loop does not run, on today's static path
-   (Engine.run_batch) between steps;
-4. one StepEngine.step() for every active slot;
-5. hand each row's new tokens to its stream and complete finished requests, in one callback
-   onto the event loop per engine call.
+3. runs beam-search requests, which the step loop does not run, on the static path between
+   steps (`StepPlan.static`);
+4. runs one decoder step over the active slots (while a light tenant decodes next to a heavier
+   one, over the light tenant's rows first and a limited number of rows: `run_first`,
+   `row_limit`).
+
+`update` hands each row's new tokens to its stream and completes finished requests, in one
+callback onto the event loop per engine call.
 
 Admission is bounded exactly as in the Batcher, with the same messages: a full queue, or a
 tenant at its in-flight limit, answers RESOURCE_EXHAUSTED at once. A request that waited
@@ -31,19 +37,19 @@ Futures, token sinks and the observer are touched on the event loop only.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from .batcher import Batcher
 from promptmux.prompts.errors import PromptmuxError, UnavailableError
-from ..engine.types import GenerationResult, PreparedRequest
+
 from ..config import ServingConfig
-from .tenant_queues import BatchObserver, QueuedRequest, RunBatch, TenantQueues, expired_error
+from ..engine.plan import AdmissionStats, DecodeStats, Executor, StepOutputs, StepPlan
+from ..engine.types import GenerationResult
+from .tenant_queues import BatchObserver, QueuedRequest, TenantQueues, expired_error
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +57,13 @@ log = logging.getLogger(__name__)
 _EXPIRY_SWEEP_S = 0.05
 
 
-class StepEngineLike(Protocol):
-    """What the scheduler uses of serving/engine/step/executor.py's StepEngine."""
-
-    @property
-    def free_slots(self) -> int: ...
-
-    @property
-    def active_slots(self) -> int: ...
-
-    @property
-    def last_stats(self) -> Any: ...  # StepStats
-
-    def encoder_tokens(self, prepared: PreparedRequest) -> int: ...
-
-    def supports(self, prepared: PreparedRequest) -> bool: ...
-
-    def admit(self, items: Sequence[tuple[Hashable, PreparedRequest]]) -> list: ...  # [StepEvent]
-
-    def step(self, limit: int | None = None) -> list: ...  # [StepEvent]
-
-    def put_first(self, handles: Sequence[Hashable]) -> None: ...
-
-    def cancel(self, handle: Hashable) -> bool: ...
-
-
 class StepObserver(BatchObserver, Protocol):
     """What the scheduler reports, for metrics, beyond the Batcher's reports (which it also
     makes: queue depth, drops, and the static batches of beam requests)."""
 
-    def admitted(self, items: Sequence["ScheduledRequest"], stats: Any, padding_fraction: float) -> None: ...
+    def admitted(self, items: Sequence["ScheduledRequest"], stats: AdmissionStats | None) -> None: ...
 
-    def step_finished(self, stats: Any, rows: int, distinct_tasks: int, waiting: int = 0) -> None: ...
+    def step_finished(self, stats: DecodeStats) -> None: ...
 
     def first_token(self, item: "ScheduledRequest", seconds: float) -> None: ...
 
@@ -91,14 +72,11 @@ class StepObserver(BatchObserver, Protocol):
 
 @dataclass(eq=False)
 class ScheduledRequest(QueuedRequest):
-    """A queued request, then a slot's occupant. It is its own handle in the step engine."""
+    """A queued request, then a slot's occupant (named by its `handle` in plans)."""
 
     first_token_at: float | None = None
     withdrawn: bool = False  # the caller went away; never start it, free its slot
-    finished: bool = False  # its last event was handled (engine thread)
-
-    def __hash__(self) -> int:
-        return id(self)
+    finished: bool = False  # its last outcome was handled (engine thread)
 
 
 # (item, new tokens, done) for one request, from one engine call
@@ -108,17 +86,16 @@ _Delivery = tuple[ScheduledRequest, list[int], GenerationResult | PromptmuxError
 class StepScheduler(TenantQueues):
     item_type = ScheduledRequest
 
-    def __init__(self, config: ServingConfig, step_engine: StepEngineLike, run_batch: RunBatch, **kwargs) -> None:
-        super().__init__(config, run_batch, **kwargs)
+    def __init__(self, config: ServingConfig, executor: Executor, **kwargs) -> None:
+        super().__init__(config, executor, **kwargs)
         if config.shared_step_rows == "auto":
             raise ValueError("StepScheduler needs serving.shared_step_rows as a number of rows: build_scheduler "
                              "resolves \"auto\" for the engine's device")
-        self._engine = step_engine
         self._lock = threading.Lock()
         self._wake = threading.Event()
         # Shared with the engine thread, under _lock: the tenant queues, the rotation, the
         # queued count and the progress time of TenantQueues, and:
-        self._active: set[ScheduledRequest] = set()
+        self._active: dict[int, ScheduledRequest] = {}  # handle -> request holding a slot
         self._to_cancel: list[ScheduledRequest] = []
         self._running = False  # the engine thread is inside an engine call
         self._stopping = False
@@ -126,13 +103,13 @@ class StepScheduler(TenantQueues):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Engine thread only:
-        self._active_tasks: Counter = Counter()  # (tenant, prompt ids) -> active rows
         self._held: Counter = Counter()  # tenant -> slots it holds
+        self._orphans: list[int] = []  # handles a failed engine call may have left in slots
         # Rows the last step was limited to while a light tenant decoded (None: every row).
         self._limit: int | None = None
         self._next_sweep = 0.0
-        # Rows a step may hold: the engine's slots, capped by serving.max_batch_size.
-        self._max_rows = config.max_batch_size
+        # Rows a step may hold: the executor's slots, capped by serving.max_batch_size.
+        self._max_rows = min(executor.slots, config.max_batch_size)
 
     # ------------------------------------------------------------------ public
     @property
@@ -149,13 +126,6 @@ class StepScheduler(TenantQueues):
             since = self._progress_at
         return max(0.0, (self._clock() if now is None else now) - since)
 
-    def _check_submittable(self, request) -> None:
-        if not isinstance(request, PreparedRequest):
-            raise TypeError(
-                f"StepScheduler.submit takes a PreparedRequest (Engine.prepare), got {type(request).__name__}; "
-                "requests are prepared once, off the event loop, before they are queued"
-            )
-
     async def close(self, grace_s: float | None = None) -> None:
         """Refuse new requests; let queued and running ones finish for up to `grace_s`, then
         fail the rest with UNAVAILABLE."""
@@ -167,7 +137,7 @@ class StepScheduler(TenantQueues):
         with self._lock:
             self._stopping = True
             queued = [item for queue in self._queues.values() for item in queue]
-            running = list(self._active)
+            running = list(self._active.values())
             self._queues.clear()
             self._rotation.clear()
             self._queued = 0
@@ -203,7 +173,7 @@ class StepScheduler(TenantQueues):
         with self._lock:
             item.withdrawn = True
             dropped = self._remove_queued(item)
-            if not dropped and item in self._active:
+            if not dropped and item.handle in self._active:
                 self._to_cancel.append(item)
         if dropped:
             self._report_depth()
@@ -266,29 +236,107 @@ class StepScheduler(TenantQueues):
                     return
 
     def _iterate(self) -> bool:
-        """One loop turn: cancellations, admission, beam batch, one step. False: nothing ran."""
-        self._free_withdrawn()
+        """One engine call: schedule, execute, update. False: there was nothing to run."""
+        scheduled = self.schedule()
+        if scheduled is None:
+            return False
+        plan, admits, beams, cancelled = scheduled
+        streamed: dict[int, list[int]] = {item.handle: [] for item in beams if item.on_token is not None}
+
+        def stream(handle: int, token: int) -> None:  # static-path tokens, delivered with their result
+            if handle in streamed:
+                streamed[handle].append(token)
+
+        with self._lock:
+            self._running = True
+        try:
+            outputs = self._executor.execute(plan, stream if streamed else None)
+        except Exception as error:  # a bug or a broken device: this call's requests learn why
+            self._engine_failed(admits + beams, error)
+            return True
+        finally:
+            self._end_call()
+        self.update(outputs, admits, beams, streamed, cancelled)
+        return True
+
+    def schedule(self) -> tuple[StepPlan, list[ScheduledRequest], list[ScheduledRequest], int] | None:
+        """The next engine call's plan (and the requests it admits, the beam requests it runs,
+        how many slots it frees for callers that left), or None when nothing is to run."""
+        cancel, cancelled = self._take_withdrawn()
         now = self._clock()
         with self._lock:
             if self._stopping:
-                return False
+                return None
             expired = self._sweep_expired(now) if now >= self._next_sweep else []
             admits, beams = self._pick(now, expired)
             depth_changed = bool(expired or admits or beams)
         if expired or depth_changed:
             self._post(self._deliver, [(item, [], expired_error(now - item.enqueued_at)) for item in expired],
                        self._report_after_pick(expired))
-        ran = False
-        if beams:
-            self._run_beams(beams)
-            ran = True
-        if admits:
-            self._admit(admits)
-            ran = True
-        if self._active:
-            self._step()
-            ran = True
-        return ran
+        if not (cancel or admits or beams or self._active):
+            return None
+        limit, light = self._step_limit()
+        self._limit = limit
+        plan = StepPlan(
+            cancel=tuple(cancel),
+            static=tuple((item.handle, item.request) for item in beams),
+            admit=tuple((item.handle, item.request) for item in admits),
+            run_first=tuple(item.handle for item in light),
+            row_limit=limit,
+        )
+        return plan, admits, beams, cancelled
+
+    def update(self, outputs: StepOutputs, admits: list[ScheduledRequest], beams: list[ScheduledRequest],
+               streamed: dict[int, list[int]], cancelled: int) -> None:
+        """Deliver one engine call's outputs: tokens to streams, results and errors to their
+        callers (their slots are free already), metrics to the observer."""
+        now = self._clock()
+        deliveries: list[_Delivery] = []
+        freed: Counter = Counter()
+        if cancelled:
+            freed["cancelled"] = cancelled
+        ends = {**outputs.finished, **outputs.errors}
+        firsts: list[ScheduledRequest] = []
+        for handle, token in zip(outputs.stepped, outputs.tokens):
+            item = self._active.get(handle)
+            if item is None or item.finished:
+                continue
+            if item.first_token_at is None:
+                item.first_token_at = now
+                firsts.append(item)
+            done = ends.pop(handle, None)
+            deliveries.append((item, [token], done))
+            if done is not None:
+                self._release(item)
+                freed[_freed_reason(done)] += 1
+        for handle, done in ends.items():  # requests that ended without a step token this call
+            item = self._active.get(handle)
+            if item is not None:
+                if item.finished:
+                    continue
+                self._release(item)
+                freed[_freed_reason(done)] += 1
+                deliveries.append((item, [], done))
+        for item in beams:
+            if item.handle in ends:
+                deliveries.append((item, streamed.get(item.handle, []), ends[item.handle]))
+        if not deliveries and not freed and outputs.admission is None and outputs.decode is None:
+            return
+        observer, active = self._observer, outputs.active_slots
+
+        def report() -> None:
+            if outputs.static is not None:
+                seconds = outputs.static.encode_seconds + outputs.static.decode_seconds
+                observer.batch_finished(beams, outputs.static, seconds)
+            if admits:
+                observer.admitted(admits, outputs.admission)
+            if outputs.decode is not None:
+                observer.step_finished(outputs.decode)
+            for item in firsts:
+                observer.first_token(item, item.first_token_at - item.enqueued_at)
+            observer.slots(active, dict(freed))
+
+        self._post(self._deliver, deliveries, report)
 
     def _report_after_pick(self, expired: list[ScheduledRequest]) -> Callable[[], None]:
         observer = self._observer
@@ -325,7 +373,7 @@ class StepScheduler(TenantQueues):
         requests into one static batch. Heads past their deadline go to `expired` on the way.
         Picked step requests hold their slots from here on, so a caller leaving now frees its
         slot at the next step."""
-        free = min(self._engine.free_slots, self._max_rows - len(self._active))
+        free = self._max_rows - len(self._active)
         budget = self.config.max_encoder_tokens_per_step
         admits: list[ScheduledRequest] = []
         beams: list[ScheduledRequest] = []
@@ -347,8 +395,8 @@ class StepScheduler(TenantQueues):
                 expired.append(item)
                 self._pop_head(tenant, now, rotate=False)
                 continue
-            if self._engine.supports(item.request):
-                cost = self._engine.encoder_tokens(item.request)
+            if item.request.steppable:
+                cost = item.request.encoder_tokens
                 if len(admits) >= free or (admits and spent + cost > budget):
                     break
                 spent += cost
@@ -361,7 +409,7 @@ class StepScheduler(TenantQueues):
             self._pop_head(tenant, now)
             if spent >= budget:
                 break
-        self._active.update(admits)
+        self._active.update((item.handle, item) for item in admits)
         return admits, beams
 
     def _pop_head(self, tenant: str, now: float, rotate: bool = True) -> None:
@@ -376,31 +424,7 @@ class StepScheduler(TenantQueues):
         else:
             self._drop_tenant(tenant)
 
-    # -- engine calls (outside _lock)
-    def _admit(self, items: list[ScheduledRequest]) -> None:
-        with self._lock:
-            self._running = True
-        for item in items:
-            self._active_tasks[item.group] += 1
-        try:
-            events = self._engine.admit([(item, item.request) for item in items])
-        except Exception as error:  # the whole admission failed: each request learns why
-            self._engine_failed(items, error, "admitting")
-            return
-        finally:
-            self._end_call()
-        stats = self._engine.last_stats
-        deliveries, freed = self._collect(events)
-        lengths = [self._engine.encoder_tokens(item.request) for item in items]
-        padding = 1.0 - sum(lengths) / (len(lengths) * max(lengths)) if lengths and max(lengths) else 0.0
-        observer, active = self._observer, len(self._active)
-
-        def report() -> None:
-            observer.admitted(items, stats, padding)
-            observer.slots(active, freed)
-
-        self._post(self._deliver, deliveries, report)
-
+    # -- the step's rows (engine thread)
     def _light_max(self) -> float:
         """The most slots a light tenant holds: half an equal share of the slots in use. (A
         fixed count would not do: a light tenant whose requests were slowed by a flood holds
@@ -416,136 +440,54 @@ class StepScheduler(TenantQueues):
         if not cap or len(self._active) <= cap:
             return None, []
         light_max = self._light_max()
-        light = [item for item in self._active if self._held[item.tenant] <= light_max]
+        light = [item for item in self._active.values() if self._held[item.tenant] <= light_max]
         if not light or len(light) == len(self._active):
             return None, []
         limit = max(cap, len(light) + cap // 4)
         return (limit, light) if limit < len(self._active) else (None, [])
 
-    def _step(self) -> None:
-        limit, light = self._step_limit()
-        self._limit = limit
-        rows = len(self._active) if limit is None else limit
-        waiting = len(self._active) - rows  # rows that keep their slots and wait this step
-        tasks = len(self._active_tasks)
-        with self._lock:
-            self._running = True
-        try:
-            if limit is None:
-                events = self._engine.step()
-            else:
-                self._engine.put_first(light)
-                events = self._engine.step(limit)
-        except Exception as error:
-            self._engine_failed(list(self._active), error, "decoding")
-            return
-        finally:
-            self._end_call()
-        stats = self._engine.last_stats
-        now = self._clock()
-        firsts = []
-        for event in events:
-            item = event.handle
-            if event.new_tokens and item.first_token_at is None:
-                item.first_token_at = now
-                firsts.append(item)
-        deliveries, freed = self._collect(events)
-        observer, active = self._observer, len(self._active)
-
-        def report() -> None:
-            observer.step_finished(stats, rows, tasks, waiting)
-            for item in firsts:
-                observer.first_token(item, item.first_token_at - item.enqueued_at)
-            observer.slots(active, freed)
-
-        self._post(self._deliver, deliveries, report)
-
-    def _collect(self, events: list) -> tuple[list[_Delivery], dict[str, int]]:
-        """Deliveries for the loop; requests with a done-event leave their slots."""
-        deliveries: list[_Delivery] = []
-        freed: Counter = Counter()
-        for event in events:
-            item = event.handle
-            if item.finished:
-                continue
-            deliveries.append((item, list(event.new_tokens), event.done))
-            if event.done is not None:
-                freed["error" if isinstance(event.done, BaseException) else event.done.finish_reason] += 1
-                self._release(item)
-        return deliveries, dict(freed)
-
+    # -- bookkeeping (engine thread)
     def _release(self, item: ScheduledRequest) -> None:
         item.finished = True
         with self._lock:
-            self._active.discard(item)
+            self._active.pop(item.handle, None)
             self._held[item.tenant] -= 1
             if not self._held[item.tenant]:
                 del self._held[item.tenant]
-        self._active_tasks[item.group] -= 1
-        if not self._active_tasks[item.group]:
-            del self._active_tasks[item.group]
 
-    def _free_withdrawn(self) -> None:
-        """Callers that went away leave their slots before the next step."""
+    def _take_withdrawn(self) -> tuple[list[int], int]:
+        """(handles whose slots the next plan frees, how many of them were callers that went
+        away): requests withdrawn since the last plan leave their slots before the next step,
+        and so do the slots a failed engine call may have left taken."""
         with self._lock:
             withdrawn, self._to_cancel = self._to_cancel, []
-        if not withdrawn:
-            return
+        handles, self._orphans = self._orphans, []
         cancelled = 0
         for item in withdrawn:
             if item.finished:
                 continue
-            self._engine.cancel(item)
             self._release(item)
+            handles.append(item.handle)
             cancelled += 1
-        self._touch()
-        if cancelled and self._observer is not None:
-            observer, active = self._observer, len(self._active)
-            self._post(self._deliver, [], lambda: observer.slots(active, {"cancelled": cancelled}))
+        if withdrawn:
+            self._touch()
+        return handles, cancelled
 
-    def _run_beams(self, items: list[ScheduledRequest]) -> None:
-        """Beam requests on the static path, as one batch between steps."""
-        with self._lock:
-            self._running = True
-        streamed: dict[int, list[int]] = {i: [] for i, item in enumerate(items) if item.on_token is not None}
-
-        def on_token(index: int, token: int) -> None:
-            if index in streamed:
-                streamed[index].append(token)
-
-        started = self._clock()
-        try:
-            output = self._run_batch([item.request for item in items], on_token if streamed else None)
-            if len(output.results) != len(items):
-                raise RuntimeError(f"the engine returned {len(output.results)} results for {len(items)} requests")
-        except Exception as error:
-            failure = error if isinstance(error, PromptmuxError) else PromptmuxError(
-                f"the engine failed on a batch of {len(items)} beam-search requests: {type(error).__name__}: {error}"
-            )
-            self._post(self._deliver, [(item, [], failure) for item in items])
-            return
-        finally:
-            self._end_call()
-        seconds = self._clock() - started
-        deliveries = [(item, streamed.get(i, []), result) for i, (item, result) in enumerate(zip(items, output.results))]
-        observer = self._observer
-        self._post(self._deliver, deliveries, lambda: observer.batch_finished(items, output.stats, seconds))
-
-    def _engine_failed(self, items: list[ScheduledRequest], error: Exception, doing: str) -> None:
-        """An engine call raised: its requests fail and leave their slots; serving goes on."""
-        log.exception("the step engine failed while %s %d requests", doing, len(items), exc_info=error)
+    def _engine_failed(self, items: list[ScheduledRequest], error: Exception) -> None:
+        """An engine call raised: its requests and every active one fail and leave their slots
+        (the next plan frees them in the executor too); serving goes on."""
+        failing = list(dict.fromkeys([*items, *self._active.values()]))
+        log.exception("the step executor failed on an engine call of %d requests", len(failing), exc_info=error)
         failure = error if isinstance(error, PromptmuxError) else PromptmuxError(
-            f"the engine failed while {doing} {len(items)} requests: {type(error).__name__}: {error}"
+            f"the engine failed while running {len(failing)} requests: {type(error).__name__}: {error}"
         )
-        for item in items:
-            try:
-                self._engine.cancel(item)
-            except Exception:
-                log.exception("freeing a failed request's slot failed")
+        stepping = [item for item in failing if item.handle in self._active]
+        for item in stepping:
             self._release(item)
-        observer, active = self._observer, len(self._active)
-        report = (lambda: observer.slots(active, {"error": len(items)})) if observer is not None else None
-        self._post(self._deliver, [(item, [], failure) for item in items], report)
+        self._orphans.extend(item.handle for item in stepping)
+        observer = self._observer
+        report = (lambda: observer.slots(0, {"error": len(stepping)})) if observer is not None else None
+        self._post(self._deliver, [(item, [], failure) for item in failing], report)
 
     def _end_call(self) -> None:
         with self._lock:
@@ -557,13 +499,5 @@ class StepScheduler(TenantQueues):
             self._progress_at = self._clock()
 
 
-def build_scheduler(config: ServingConfig, engine, observer=None):
-    """The replica's scheduler for `serving.batching`: the StepScheduler over a StepEngine
-    for "continuous", the batch-at-a-time Batcher for "mixed" and "per_task"."""
-    if config.batching == "continuous":
-        from ..engine.step.executor import StepEngine
-
-        if config.shared_step_rows == "auto":
-            config = dataclasses.replace(config, shared_step_rows=0 if engine.device.type == "cuda" else 16)
-        return StepScheduler(config, StepEngine(engine), engine.run_batch, observer=observer)
-    return Batcher(config, engine.run_batch, observer=observer)
+def _freed_reason(done: GenerationResult | PromptmuxError) -> str:
+    return "error" if isinstance(done, BaseException) else done.finish_reason

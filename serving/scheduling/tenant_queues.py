@@ -3,23 +3,31 @@ rotation over the tenants with queued requests, the admission bounds and the in-
 bookkeeping of `submit`.
 
 A subclass decides when queued requests run (`_enqueue` wakes its worker) and how a caller
-that went away is taken back (`_withdraw`).
+that went away is taken back (`_withdraw`). Both drive an executor (engine/plan.py) with plans
+and nothing else: a request reaches it as its handle and its prepared form.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Hashable, Protocol, Sequence
+from typing import Callable, ClassVar, Hashable, Protocol, Sequence
 
-from promptmux.prompts.errors import DeadlineExceededError, InvalidRequestError, PromptmuxError, ResourceExhaustedError, UnavailableError
-from ..engine.types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
+from promptmux.prompts.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    PromptmuxError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
 from ..config import ServingConfig
+from ..engine.plan import Executor
+from ..engine.types import BatchStats, GenerationResult, PreparedRequest
 
 TokenSink = Callable[[int], None]  # called on the event loop with each new token id
-Submittable = GenerationRequest | PreparedRequest  # prepared ones are never tokenized again
-RunBatch = Callable[[list[Submittable], Callable[[int, int], None] | None], Any]  # -> BatchOutput
 
 
 class BatchObserver(Protocol):
@@ -69,17 +77,15 @@ def expired_error(waited_s: float) -> DeadlineExceededError:
 
 @dataclass(eq=False)
 class QueuedRequest:
-    request: Submittable
+    request: PreparedRequest
+    handle: int  # how plans name it (engine/plan.py)
+    tenant: str
     group: Hashable  # (tenant, prompt ids): requests of one group may share a per_task batch
     enqueued_at: float
     deadline: float
     future: asyncio.Future
     on_token: TokenSink | None = None
     started_at: float | None = None
-
-    @property
-    def tenant(self) -> str:
-        return self.request.tenant
 
 
 class TenantQueues:
@@ -90,7 +96,7 @@ class TenantQueues:
     def __init__(
         self,
         config: ServingConfig,
-        run_batch: RunBatch,
+        executor: Executor,
         *,
         observer: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -98,7 +104,8 @@ class TenantQueues:
         if config.max_batch_size is None:
             raise ValueError(f"{type(self).__name__} needs a resolved ServingConfig (call config.resolved(...) first)")
         self.config = config
-        self._run_batch = run_batch
+        self._executor = executor
+        self._handles = itertools.count()
         self._observer = observer
         self._clock = clock
         self._queues: dict[str, deque[QueuedRequest]] = {}
@@ -123,13 +130,17 @@ class TenantQueues:
 
     async def submit(
         self,
-        request: Submittable,
+        request: PreparedRequest,
         *,
         on_token: TokenSink | None = None,
         deadline: float | None = None,
     ) -> GenerationResult:
         """Queue one request and wait for its result. Raises the request's PromptmuxError."""
-        self._check_submittable(request)
+        if not isinstance(request, PreparedRequest):
+            raise TypeError(
+                f"{type(self).__name__}.submit takes a PreparedRequest (Engine.prepare), got {type(request).__name__}; "
+                "requests are prepared once, off the event loop, before they are queued"
+            )
         tenant = request.tenant
         in_flight = self._in_flight.get(tenant, 0)
         refuse_if_over_limits(self.config, self._closing, self._queued, in_flight, tenant)
@@ -138,6 +149,8 @@ class TenantQueues:
         limit = now + self.config.max_queue_wait_s
         item = self.item_type(
             request=request,
+            handle=next(self._handles),
+            tenant=tenant,
             group=(tenant, request.prompt_task_ids),
             enqueued_at=now,
             deadline=limit if deadline is None else min(deadline, limit),
@@ -156,9 +169,6 @@ class TenantQueues:
                 del self._in_flight[tenant]
 
     # ------------------------------------------------------------------ for subclasses
-    def _check_submittable(self, request: Submittable) -> None:
-        """Raise TypeError for a request this scheduler cannot queue."""
-
     def _enqueue(self, item: QueuedRequest) -> None:
         raise NotImplementedError
 

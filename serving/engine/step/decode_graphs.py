@@ -21,6 +21,7 @@ Not yet run on a GPU (none was lent while this was written). Check there first:
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Literal
 
 import torch
@@ -74,12 +75,12 @@ def padded_shape(cache: SlotCache, rows: int, columns: int, width: int) -> tuple
     )
 
 
-class EagerRunner:
-    def __init__(self, decoder: T5DecoderStep, cache: SlotCache) -> None:
-        self.decoder, self.cache = decoder, cache
+class EagerRunner(partial):
+    """`T5DecoderStep.forward` bound to the cache: `runner(rows, columns, width)` is the
+    forward itself, with no frame of its own per step."""
 
-    def __call__(self, rows: int, columns: int, width: int) -> torch.Tensor:
-        return self.decoder.forward(self.cache, rows, columns, width)  # [rows, V]
+    def __new__(cls, decoder: T5DecoderStep, cache: SlotCache) -> "EagerRunner":
+        return super().__new__(cls, decoder.forward, cache)
 
     def reset(self) -> None:
         pass
