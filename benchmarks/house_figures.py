@@ -1,8 +1,13 @@
-"""The house's shape in figures: which folder imports which, module cycles, lines per folder.
+"""The house's shape in figures: which folder imports which, module cycles, lines per folder
+and per room of serving/, and the hand-written files one Generate passes.
 
-Run from the repository root (no project import needed, it reads the files):
+Run from the repository root:
 
     python benchmarks/house_figures.py            # Markdown on stdout
+    python benchmarks/house_figures.py --no-trace # the static figures only (no project import)
+
+The static figures read the files with `ast`; the trace (benchmarks/request_trace.py) runs one
+Generate through a replica built in this process.
 
 Every import counts, function-local ones included; imports under `if TYPE_CHECKING:` are
 left out (they run only in a type checker, so they make no import-time dependency).
@@ -20,6 +25,8 @@ from pathlib import Path
 
 # The one allowed direction: a folder may import the ones before it in this list, never after.
 FOLDERS = ("kernels", "prompts", "serving", "benchmarks")
+# Inside serving/ the same rule between rooms ("" is serving/'s root: config.py).
+ROOMS = ("", "model", "engine", "engine/step", "rpc", "scheduling", "demo", "replica", "cli")
 NAMESPACE = "promptmux"
 
 
@@ -105,6 +112,35 @@ def folder_of(module: str) -> str:
     return module.split(".")[1]
 
 
+def room_of(module: str) -> str | None:
+    """The room of serving/ a module lies in (its package, for a package's __init__); None
+    outside serving/. `promptmux.serving.engine.step.executor` -> `engine/step`."""
+    parts = module.split(".")
+    if parts[1] != "serving":
+        return None
+    inside = parts[2:]
+    for depth in (2, 1):
+        room = "/".join(inside[:depth])
+        if room in ROOMS and len(inside) >= depth:
+            return room
+    return ""
+
+
+def upward_room_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, imported module) pairs inside serving/ that import a room later in ROOMS."""
+    rank = {room: i for i, room in enumerate(ROOMS)}
+    found = []
+    for module, targets in graph.items():
+        here = room_of(module)
+        if here is None:
+            continue
+        for target in targets:
+            there = room_of(target)
+            if there is not None and rank[there] > rank[here]:
+                found.append((module, target))
+    return sorted(found)
+
+
 def folder_edges(graph: dict[str, set[str]]) -> Counter:
     """(from folder, to folder) -> number of module-to-module import edges, across folders only."""
     edges: Counter = Counter()
@@ -181,6 +217,36 @@ def folder_lines(root: Path) -> dict[str, tuple[int, int]]:
     return figures
 
 
+def room_lines(root: Path) -> dict[str, tuple[int, int]]:
+    """Each room of serving/ (a subfolder, its own subfolders counted apart) and its root ->
+    (python files, python lines)."""
+    serving = root / "serving"
+    rooms: dict[str, list[Path]] = {}
+    for path in serving.rglob("*.py"):
+        if "__pycache__" in path.parts or "proto_gen" in path.parts:
+            continue
+        room = str(path.parent.relative_to(root))
+        rooms.setdefault(room, []).append(path)
+    return {room: (len(files), sum(len(p.read_text().splitlines()) for p in files))
+            for room, files in sorted(rooms.items())}
+
+
+def trace_report() -> str:
+    """The files one Generate passes (benchmarks/request_trace.py), and which are entered more
+    than once."""
+    import os
+
+    os.environ.setdefault("RAY_DISABLE_METRICS", "1")
+    from promptmux.benchmarks.request_trace import report as trace_table, trace_generate
+
+    root = Path(__file__).resolve().parents[1]
+    trace = trace_generate(root)
+    summary = trace.summary()
+    many = ", ".join(f"`{f}`" for f in summary["entered_more_than_once"]) or "none"
+    return ("## One Generate, traced\n\n" + trace_table(trace) +
+            f"\nFiles entered more than once: {many}\n")
+
+
 def report(root: Path) -> str:
     graph = import_graph(root)
     edges = folder_edges(graph)
@@ -195,12 +261,20 @@ def report(root: Path) -> str:
     upward = upward_imports(graph)
     lines += ["", f"Upward imports (against the direction): {len(upward)}", ""]
     lines += [f"- `{module}` -> `{target}`" for module, target in upward]
+    upward_rooms = upward_room_imports(graph)
+    lines += ["", f"Imports against the room order of serving/ ({' <- '.join(r or 'config' for r in ROOMS)}): "
+              f"{len(upward_rooms)}", ""]
+    lines += [f"- `{module}` -> `{target}`" for module, target in upward_rooms]
     cycles = module_cycles(graph)
     lines += ["", f"Module import cycles (strongly connected groups): {len(cycles)}", ""]
     lines += ["- " + ", ".join(f"`{m}`" for m in cycle) for cycle in cycles]
     lines += ["", "## Lines per folder", "", "| folder | .py files | lines |", "|---|---:|---:|"]
     for folder, (count, total) in folder_lines(root).items():
         lines.append(f"| {folder} | {count} | {total} |")
+    rooms = room_lines(root)
+    lines += ["", "## Rooms of serving/", "", "| room | .py files | lines |", "|---|---:|---:|"]
+    for room, (count, total) in rooms.items():
+        lines.append(f"| `{room}/` | {count} | {total} |")
     return "\n".join(lines) + "\n"
 
 
@@ -208,8 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
                         help="repository root (default: this checkout)")
+    parser.add_argument("--no-trace", action="store_true", help="skip the traced Generate (needs no model)")
     args = parser.parse_args(argv)
     sys.stdout.write(report(args.root))
+    if not args.no_trace:
+        sys.stdout.write("\n" + trace_report())
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ from pathlib import Path
 
 from promptmux.benchmarks.house_figures import (
     FOLDERS,
+    ROOMS,
     folder_of,
     import_graph,
     imported_modules,
     module_cycles,
+    room_of,
     upward_imports,
+    upward_room_imports,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +29,26 @@ def test_every_folder_imports_only_folders_to_its_left():
         "left); move the shared code left, or the importing code right:\n"
         + "\n".join(f"  {module} imports {target}" for module, target in upward)
     )
+
+
+def test_rooms_of_serving_import_only_rooms_before_them():
+    upward = upward_room_imports(import_graph(ROOT))
+    assert not upward, (
+        f"imports against the room order of serving/ ({' <- '.join(r or 'config' for r in ROOMS)}; a room may "
+        "import only the ones before it): move the shared code to an earlier room, or the importing code to a "
+        "later one:\n" + "\n".join(f"  {module} imports {target}" for module, target in upward)
+    )
+    assert room_of("promptmux.serving.engine.step.executor") == "engine/step"
+    assert room_of("promptmux.serving.engine") == "engine" and room_of("promptmux.serving.config") == ""
+    assert room_of("promptmux.prompts.store") is None
+
+
+def test_serving_keeps_at_most_three_modules_at_its_root_and_every_module_in_a_room():
+    serving = ROOT / "serving"
+    assert len(list(serving.glob("*.py"))) <= 3, sorted(p.name for p in serving.glob("*.py"))
+    rooms = {str(p.parent.relative_to(serving)) for p in serving.rglob("*.py")
+             if "proto_gen" not in p.parts and p.parent != serving}
+    assert rooms <= set(ROOMS), f"modules outside a known room: {sorted(rooms - set(ROOMS))}; add the room to ROOMS"
 
 
 def test_no_import_cycle_between_modules():

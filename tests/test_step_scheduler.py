@@ -146,8 +146,7 @@ class FakeStepEngine:
                                                         len(tokens), len(tokens))
         outputs.static = BatchStats(len(items), 1, 0.0, 0, 0, 0.0, 0.0)
 
-    def executor(self, continuous: bool) -> "FakeStepEngine":  # what build_scheduler asks an Engine for
-        return self
+    context = None  # what build_scheduler hands a static executor of an Engine
 
     def admitted(self) -> list[list[str]]:
         return [texts for kind, texts in self.log if kind == "admit"]
@@ -561,6 +560,37 @@ def test_a_request_failing_admission_fails_alone_and_an_engine_crash_fails_only_
     run(main())
 
 
+def test_an_executor_that_raises_fails_the_call_and_the_next_plan_frees_the_slots():
+    """A bug or a broken device makes `execute` raise: every request of that call and every
+    active one fails with the cause, and the next plan, made at once, cancels their handles, so
+    the executor frees whatever slots the failed call left taken. Serving goes on."""
+
+    class Raising(FakeStepEngine):
+        raises = 0
+
+        def execute(self, plan, stream=None):
+            if self.raises:
+                self.raises -= 1
+                super().execute(plan, stream)  # the call took its slots before it failed
+                raise RuntimeError("cuda error: an illegal memory access")
+            return super().execute(plan, stream)
+
+    async def main():
+        engine = Raising(slots=4)
+        scheduler = make(engine)
+        engine.raises = 1
+        with pytest.raises(PromptmuxError, match="illegal memory access"):
+            await scheduler.submit(prep("a", "abcdef"))
+        (failed,) = [handle for handle, _ in engine.plans[0].admit]
+        await until(lambda: len(engine.plans) == 2)
+        assert engine.plans[1].cancel == (failed,)  # the failed call left it in a slot: the next plan frees it
+        assert scheduler.active == 0 and engine.active_slots == 0
+        assert (await scheduler.submit(prep("c", "again"))).text == "again"
+        await scheduler.close()
+
+    run(main())
+
+
 def test_max_batch_size_caps_rows_per_step():
     async def main():
         engine = FakeStepEngine(slots=8)
@@ -692,7 +722,9 @@ def test_real_step_engine_rows_match_each_request_alone_and_stream_step_by_step(
         seen = Recorder()
         config = ServingConfig(max_encoder_tokens_per_step=80, shared_step_rows=0).resolved(
             real_engine.config.max_batch_size)
-        scheduler = StepScheduler(config, real_engine.executor(continuous=True), observer=seen)
+        from promptmux.serving.engine.step.executor import StepExecutor
+
+        scheduler = StepScheduler(config, StepExecutor(real_engine.context), observer=seen)
         streams: list[list[int]] = [[] for _ in range(len(requests) + 1)]
         jobs = []
         for i, request in enumerate([*requests, beam]):  # arrivals spread over several steps

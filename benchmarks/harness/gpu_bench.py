@@ -218,8 +218,9 @@ def batch_runner(engine, mode: str) -> Callable[[list], int]:
     if mode == "static":
         return lambda requests: engine.run_batch(requests).stats.output_tokens
     from promptmux.serving.engine.plan import StepPlan
+    from promptmux.serving.engine.step.executor import StepExecutor
 
-    steps = engine.executor(continuous=True)  # its slot cache is allocated once, for every batch
+    steps = StepExecutor(engine.context)  # its slot cache is allocated once, for every batch
 
     def run(requests) -> int:
         outputs = steps.execute(StepPlan(admit=tuple((i, engine.prepare(r)) for i, r in enumerate(requests))))

@@ -109,7 +109,7 @@ def bench_model(source: str, args, bar) -> dict:
     with direct as engine, torch.inference_mode():
         requests = build_workload(engine, args.tasks, args.requests, seed=0)
         expected = sum(r.params.max_new_tokens for r in requests)
-        executor = engine.executor(continuous=True)
+        executor = StepExecutor(engine.context)
         # One full batch where every row wants MAX_NEW tokens: nothing for continuous batching
         # to win, so this ratio is the step loop's own speed against generate's.
         equal = [dataclasses.replace(r, request=dataclasses.replace(

@@ -6,8 +6,9 @@ validated, tokenized and resolved to prompt versions exactly once (`prepare`), b
 scheduler sees it. It also runs a whole batch on the static path (`run_batch`), for callers
 that have no scheduler: the CLI, demo scoring and the benchmarks.
 
-Who computes: `executor(continuous)` gives the step executor (engine/step/executor.py) or the
-static one (engine/static_decoding.py); a scheduler drives it with plans (engine/plan.py).
+Who computes: the step executor (engine/step/executor.py) or the static one
+(engine/static_decoding.py), built on `Engine.context`; a scheduler drives it with plans
+(engine/plan.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from ..config import EngineConfig, PromptmuxConfig
 from ..model.loading import LoadedModel, load_model
 from .context import ModelContext
 from .encode import own_failure
-from .plan import Executor
 from .static_decoding import StaticExecutor
 from .types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
 
@@ -62,14 +62,6 @@ class Engine:
                             reconcile_interval_s=config.store.reconcile_interval_s,
                             quotas=config.store.quotas())
         return cls(loaded, store, config.engine)
-
-    def executor(self, continuous: bool) -> Executor:
-        """What a scheduler drives: the step loop's executor, or the static path's alone."""
-        if continuous:
-            from .step.executor import StepExecutor
-
-            return StepExecutor(self.context)
-        return StaticExecutor(self.context)
 
     # ------------------------------------------------------------------ prompts
     def refresh_prompts(self) -> int:

@@ -7,6 +7,8 @@ import dataclasses
 
 from ..config import ServingConfig
 from ..engine.core import Engine
+from ..engine.static_decoding import StaticExecutor
+from ..engine.step.executor import StepExecutor
 from .batcher import Batcher
 from .step_scheduler import StepScheduler
 from .tenant_queues import BatchObserver
@@ -19,5 +21,5 @@ def build_scheduler(config: ServingConfig, engine: Engine, observer: BatchObserv
     if config.batching == "continuous":
         if config.shared_step_rows == "auto":
             config = dataclasses.replace(config, shared_step_rows=0 if engine.device.type == "cuda" else 16)
-        return StepScheduler(config, engine.executor(continuous=True), observer=observer)
-    return Batcher(config, engine.executor(continuous=False), observer=observer)
+        return StepScheduler(config, StepExecutor(engine.context), observer=observer)
+    return Batcher(config, StaticExecutor(engine.context), observer=observer)
