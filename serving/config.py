@@ -34,7 +34,7 @@ ENGINE_SECTIONS = ("model", "store", "engine", "task_embedding")
 APP_SECTIONS = (*ENGINE_SECTIONS, "serving")
 
 DTypeName = Literal["float32", "bfloat16"]
-Quantization = Literal["none", "8bit", "4bit"]
+Quantization = Literal["none", "8bit", "4bit", "int8"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,17 @@ class ModelConfig:
     device_map: str | dict[str, Any] | None = None
     # Per-device memory caps for sharding, e.g. {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}.
     max_memory: dict[str, str] | None = None
+    # "int8": int8 weights on a CPU (serving/model/int8.py); "8bit"/"4bit": bitsandbytes on a GPU.
     quantization: Quantization = "none"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        allowed = Quantization.__args__
+        if self.quantization not in allowed:
+            raise ValueError(
+                f"model.quantization={self.quantization!r} is unknown; expected one of {', '.join(map(repr, allowed))} "
+                "('int8' on a CPU, '8bit' or '4bit' with bitsandbytes on a GPU)"
+            )
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,22 @@ def load_model(config: ModelConfig) -> LoadedModel:
         name = config.source
     model.eval()
     model.requires_grad_(False)
+    if config.quantization == "int8":
+        _quantize_int8(model, config)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _quantize_int8(model: T5ForConditionalGeneration, config: ModelConfig) -> None:
+    """`quantization: int8`, the CPU path: every Linear's weight in int8 (serving/model/int8.py)."""
+    from .int8 import quantize_int8
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ModelLoadError(
+            f"quantization 'int8' runs on a CPU, but the model is on {device}; on a GPU use '8bit' or '4bit' "
+            "(bitsandbytes), or set model.device: cpu"
+        )
+    quantize_int8(model)
 
 
 def model_d_model(config: ModelConfig) -> int:
@@ -90,14 +105,14 @@ def _load_checkpoint(path: Path, config: ModelConfig, dtype: torch.dtype):
         kwargs["device_map"] = config.device_map
         if config.max_memory:
             kwargs["max_memory"] = {_device_key(k): v for k, v in config.max_memory.items()}
-    if config.quantization != "none":
+    if config.quantization in ("8bit", "4bit"):
         kwargs["quantization_config"] = _quantization_config(config.quantization, dtype)
         kwargs.setdefault("device_map", "auto")
     try:
         model = T5ForConditionalGeneration.from_pretrained(path, **kwargs)
     except Exception as error:  # transformers raises many types; one clear message for all
         raise ModelLoadError(f"could not load a T5 checkpoint from {str(path)!r}: {error}") from error
-    if config.device_map is None and config.quantization == "none":
+    if config.device_map is None and config.quantization in ("none", "int8"):
         model.to(config.device)
     if any((path / name).exists() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -124,7 +139,7 @@ def _quantization_config(kind: str, dtype: torch.dtype):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["wo", "lm_head"])
     if kind == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["wo", "lm_head"])
-    raise ModelLoadError(f"unknown quantization {kind!r}; expected 'none', '8bit' or '4bit'")
+    raise ModelLoadError(f"unknown quantization {kind!r}; expected 'none', '8bit', '4bit' or 'int8' (CPU)")
 
 
 def _device_key(key: str):

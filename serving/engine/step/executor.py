@@ -70,14 +70,14 @@ class StepExecutor:
                 "(serving.batching: mixed)"
             )
         self.device = devices.pop()
-        self.decoder = T5DecoderStep(model, config.max_new_tokens_limit)
+        self.decoder = T5DecoderStep(model, config.max_new_tokens_limit, rows=config.max_batch_size)
         self.cache = SlotCache(
             slots=config.max_batch_size,
             layers=self.decoder.layers,
             heads=self.decoder.heads,
             d_kv=self.decoder.d_kv,
             max_positions=config.max_new_tokens_limit,
-            dtype=self.decoder.blocks[0].layer[0].SelfAttention.k.weight.dtype,
+            dtype=self.decoder.dtype,
             device=self.device,
         )
         self.slots = self.cache.slots

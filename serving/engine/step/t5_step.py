@@ -1,4 +1,4 @@
-"""One T5 decoder step for every active slot, on the model's own weights and modules.
+"""One T5 decoder step for every active slot, on the model's own weights.
 
 Rows of one step sit at different decode positions, so nothing here is shared along the
 time axis the way Hugging Face's decoder assumes:
@@ -10,17 +10,29 @@ time axis the way Hugging Face's decoder assumes:
 - cross-attention: no position bias (as in T5); the additive mask is the slot's encoder
   padding mask (SlotCache.cross_bias), over that slot's K/V projected at admission.
 Both attentions add one float bias to unscaled scores (`attend`), the computation of the
-merged-bias path the Engine installs for `generate` (kernels/t5_attention_bias.py). Layer norms, feed-forward blocks, output projections and
-the LM head are the model's own modules, called as they are.
+merged-bias path the Engine installs for `generate` (kernels/t5_attention_bias.py).
+
+The step computes its projections its own way (`projection`): each layer's self-attention q,
+k and v as one GEMM, and a gated feed-forward's two input projections as one (a fused GEMM
+gives bit-identical columns: each output is the same dot product). On a CPU every projection
+and the LM head run as oneDNN matmuls over weights packed once at start-up (`PackedLinear`):
+measured on the project's AVX-512 CPU they are 1.2-1.8x faster than the default GEMM at 64
+rows, and a row's result does not depend on how many rows share the step (checked bit for bit
+in tests/test_t5_step.py), so a mixed row still equals the request alone. The packed weights
+are a copy of the decoder's (the model's own modules still serve the encoder, the static path
+and prompt tuning); on CUDA the fused weights are views of the model's own, so nothing is
+stored twice. int8 models (`model.quantization: int8`) fuse their Int8Linear layers the same
+way. Layer norms and activations are the model's own modules.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import T5ForConditionalGeneration
 
+from ...model.int8 import Int8Linear
 from .slot_cache import SlotCache
-
 
 def attend(
     query: torch.Tensor,  # [B, H, 1, d]
@@ -46,17 +58,117 @@ def attend(
     return out.view(batch, heads, 1, d_kv)
 
 
+class PackedLinear(nn.Module):
+    """x W^T on a CPU with W packed once for oneDNN (`torch.ops.mkldnn`): faster than the
+    default GEMM at the step's shapes, and row-invariant (a row's output bits do not depend
+    on the other rows)."""
+
+    def __init__(self, weight: torch.Tensor, rows_hint: int) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [None], "")  # [M, N]
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def packs_on_cpu(weight: torch.Tensor) -> bool:
+    """Whether `PackedLinear` serves this weight: a float weight on a CPU with oneDNN."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
+
+
+def projection(modules: list[nn.Module], rows_hint: int) -> nn.Module:
+    """One projection computing `modules` side by side (outputs concatenated along the last
+    dim), for the step's `rows_hint` rows at most. Plain float layers: one packed oneDNN matmul
+    on a CPU, elsewhere one GEMM over a fused weight whose slices the modules keep as their own
+    weights (nothing stored twice). int8 layers: one Int8Linear, likewise sliced. Any other
+    layer (e.g. bitsandbytes') is called as it is."""
+    if all(type(m) is nn.Linear and m.bias is None for m in modules):
+        if packs_on_cpu(modules[0].weight):
+            return PackedLinear(torch.cat([m.weight for m in modules]), rows_hint)
+        if len(modules) == 1:
+            return modules[0]
+        weight = torch.cat([m.weight.detach() for m in modules])  # [sum N, K]
+        start = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            start += rows
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        return fused
+    if all(isinstance(m, Int8Linear) for m in modules):
+        if len(modules) == 1:
+            return modules[0]
+        fused = Int8Linear.concat(modules)
+        start = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight, m.scale = fused.weight[start : start + rows], fused.scale[start : start + rows]
+            start += rows
+        return fused
+    return modules[0] if len(modules) == 1 else _Side(modules)
+
+
+class _Side(nn.Module):
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+class _Layer:
+    """What one decoder layer's step needs, taken from the model's block once."""
+
+    def __init__(self, block: nn.Module, rows: int) -> None:
+        self_layer, cross_layer, feed_forward = block.layer
+        attention, cross = self_layer.SelfAttention, cross_layer.EncDecAttention
+        self.self_norm = self_layer.layer_norm
+        self.qkv = projection([attention.q, attention.k, attention.v], rows)  # [n, D] -> [n, 3 * H * d]
+        self.self_out = projection([attention.o], rows)
+        self.cross_norm = cross_layer.layer_norm
+        self.cross_q, self.cross_out = projection([cross.q], rows), projection([cross.o], rows)
+        self.cross_k, self.cross_v = cross.k, cross.v  # projected once per admission, by the model's own
+        dense = feed_forward.DenseReluDense
+        self.ff_norm = feed_forward.layer_norm
+        self.gated = hasattr(dense, "wi_0")
+        wi = [dense.wi_0, dense.wi_1] if self.gated else [dense.wi]
+        self.wi = projection(wi, rows)  # [n, D] -> [n, (2 x) d_ff]
+        self.act, self.wo = dense.act, projection([dense.wo], rows)
+        self.wo_dtype = getattr(dense.wo, "weight", torch.empty(0)).dtype
+
+    def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """T5LayerFF (norm, the dense block, residual), with the gated block's two input
+        projections as one GEMM: the same ops on the same values as the model's module."""
+        inner = self.wi(self.ff_norm(hidden))  # [n, (2 x) d_ff]
+        if self.gated:
+            gate, linear = inner.chunk(2, dim=-1)
+            inner = self.act(gate) * linear
+        else:
+            inner = self.act(inner)
+        if inner.dtype != self.wo_dtype and self.wo_dtype != torch.int8:
+            inner = inner.to(self.wo_dtype)  # transformers keeps `wo` in float32 for T5
+        return hidden + self.wo(inner)
+
+
 class T5DecoderStep:
-    def __init__(self, model: T5ForConditionalGeneration, max_positions: int) -> None:
+    def __init__(self, model: T5ForConditionalGeneration, max_positions: int, rows: int) -> None:
         config = model.config
         self.blocks = list(model.decoder.block)
         self.embed = model.decoder.embed_tokens
         self.final_norm = model.decoder.final_layer_norm
-        self.lm_head = model.lm_head
+        self.lm_head = projection([model.lm_head], rows)
         self.output_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
         self.heads, self.d_kv = config.num_heads, config.d_kv
         self.layers = len(self.blocks)
+        self.dtype = self.embed.weight.dtype  # the compute dtype (weights may be int8)
         self.max_positions = max_positions
+        self._layers = [_Layer(block, rows) for block in self.blocks]
         self.bias_table = self._position_bias_table(max_positions)  # [H, T]
 
     @torch.inference_mode()
@@ -85,10 +197,9 @@ class T5DecoderStep:
         two lists of L tensors [B, H, S, d]."""
         batch, length, _ = encoded.shape
         keys, values = [], []
-        for block in self.blocks:
-            attention = block.layer[1].EncDecAttention
-            keys.append(attention.k(encoded).view(batch, length, self.heads, self.d_kv).transpose(1, 2))
-            values.append(attention.v(encoded).view(batch, length, self.heads, self.d_kv).transpose(1, 2))
+        for layer in self._layers:
+            keys.append(layer.cross_k(encoded).view(batch, length, self.heads, self.d_kv).transpose(1, 2))
+            values.append(layer.cross_v(encoded).view(batch, length, self.heads, self.d_kv).transpose(1, 2))
         return keys, values
 
     def forward(self, cache: SlotCache, rows: int, columns: int, width: int) -> torch.Tensor:
@@ -101,30 +212,26 @@ class T5DecoderStep:
         tokens = cache.tokens[:n]  # [n]
         positions = cache.positions[:n]  # [n]
         row_index = torch.arange(n, device=tokens.device)  # [n]
-        hidden = self.embed(tokens)[:, None, :]  # [n, 1, D]
+        hidden = self.embed(tokens)  # [n, D]
         self_bias = self.self_attention_bias(positions, columns, hidden.dtype)  # [n, H, 1, t]
         cross_bias = cache.cross_bias[:n, None, None, :width]  # [n, 1, 1, w]
-        for layer, block in enumerate(self.blocks):
-            self_layer, cross_layer, feed_forward = block.layer
-            attention = self_layer.SelfAttention
-            normed = self_layer.layer_norm(hidden)  # [n, 1, D]
-            query = attention.q(normed).view(n, 1, heads, d_kv).transpose(1, 2)  # [n, H, 1, d]
-            cache.self_k[layer, row_index, :, positions] = attention.k(normed).view(n, heads, d_kv)
-            cache.self_v[layer, row_index, :, positions] = attention.v(normed).view(n, heads, d_kv)
+        for index, layer in enumerate(self._layers):
+            qkv = layer.qkv(layer.self_norm(hidden)).view(n, 3, heads, d_kv)  # [n, 3, H, d]
+            cache.self_k[index, row_index, :, positions] = qkv[:, 1]
+            cache.self_v[index, row_index, :, positions] = qkv[:, 2]
             out = attend(
-                query, cache.self_k[layer, :n, :, :columns], cache.self_v[layer, :n, :, :columns], self_bias
+                qkv[:, 0, :, None], cache.self_k[index, :n, :, :columns], cache.self_v[index, :n, :, :columns],
+                self_bias,
             )  # [n, H, 1, d]
-            hidden = hidden + attention.o(out.transpose(1, 2).reshape(n, 1, heads * d_kv))
+            hidden = hidden + layer.self_out(out.reshape(n, heads * d_kv))
 
-            attention = cross_layer.EncDecAttention
-            normed = cross_layer.layer_norm(hidden)
-            query = attention.q(normed).view(n, 1, heads, d_kv).transpose(1, 2)  # [n, H, 1, d]
+            query = layer.cross_q(layer.cross_norm(hidden)).view(n, heads, 1, d_kv)  # [n, H, 1, d]
             out = attend(
-                query, cache.cross_k[layer, :n, :, :width], cache.cross_v[layer, :n, :, :width], cross_bias
+                query, cache.cross_k[index, :n, :, :width], cache.cross_v[index, :n, :, :width], cross_bias
             )  # [n, H, 1, d]
-            hidden = hidden + attention.o(out.transpose(1, 2).reshape(n, 1, heads * d_kv))
-            hidden = feed_forward(hidden)  # layer norm, FF and residual: the model's own module
-        hidden = self.final_norm(hidden)  # [n, 1, D]
+            hidden = hidden + layer.cross_out(out.reshape(n, heads * d_kv))
+            hidden = layer.feed_forward(hidden)  # [n, D]
+        hidden = self.final_norm(hidden)  # [n, D]
         if self.output_scale is not None:
             hidden = hidden * self.output_scale
-        return self.lm_head(hidden)[:, 0]  # [n, V]
+        return self.lm_head(hidden)  # [n, V]
