@@ -42,13 +42,13 @@ class _BatchLog:
         self.batches: list[_Batch] = []
         self._admitted: list[tuple[str, float]] = []  # waits of requests admitted since the last step
 
-    def admitted(self, items, stats, padding_fraction: float) -> None:
+    def admitted(self, items, stats) -> None:
         self._admitted.extend((item.tenant, item.started_at - item.enqueued_at) for item in items)
 
-    def step_finished(self, stats, rows: int, distinct_tasks: int, waiting: int = 0) -> None:
-        if rows:
+    def step_finished(self, stats) -> None:
+        if stats.rows:
             waits, self._admitted = tuple(self._admitted), []
-            self.batches.append(_Batch(time.monotonic(), rows, distinct_tasks, stats.seconds, waits))
+            self.batches.append(_Batch(time.monotonic(), stats.rows, stats.distinct_tasks, stats.seconds, waits))
 
     def first_token(self, item, seconds: float) -> None:
         pass
