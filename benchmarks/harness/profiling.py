@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,15 @@ class ProfileSummary:
     error: str = ""
 
 
+def py_spy() -> str | None:
+    """The py-spy executable: on PATH, or beside this interpreter (a virtual environment's bin/,
+    which `./dev` does not put on PATH)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def py_spy_available() -> bool:
-    return shutil.which("py-spy") is not None
+    return py_spy() is not None
 
 
 async def profile_pid(pid: int, duration_s: float, out_path: Path, label: str, top: int = 12) -> ProfileSummary:
@@ -36,7 +44,7 @@ async def profile_pid(pid: int, duration_s: float, out_path: Path, label: str, t
         return ProfileSummary(label, 0, error="py-spy is not installed (pip install 'promptmux[bench]')")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     process = await asyncio.create_subprocess_exec(
-        "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
+        py_spy(), "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
         "--rate", str(SAMPLE_RATE), "--format", "raw", "--nonblocking", "--output", str(out_path),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
