@@ -306,3 +306,22 @@ def test_a_cold_task_does_not_change_or_fail_its_hot_batch_mates(engine):
     mixed = engine.generate([hot[0], unreadable, hot[1], hot[2]])  # unprepared: it still fails alone
     assert isinstance(mixed[1], PromptmuxError) and "unreadable" in str(mixed[1])
     assert [ok([mixed[i]])[0].token_ids for i in (0, 2, 3)] == alone
+
+
+def test_the_byte_tokenizer_fast_path_gives_the_tokenizers_ids():
+    """ByT5's ids computed directly (UTF-8 bytes + 3, then EOS) equal the tokenizer's for every
+    text, special-token spellings included (those take the tokenizer's path)."""
+    import random
+
+    from transformers import ByT5Tokenizer
+
+    from promptmux.serving.engine.core import token_ids_function
+
+    tokenizer = ByT5Tokenizer()
+    fast = token_ids_function(tokenizer)
+    rng = random.Random(0)
+    alphabet = "abc xyz\t\n012éü漢字🙂<>/s"
+    texts = ["a</s>b", "<extra_id_0>x", "</s>", "<", "", " lead"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) for _ in range(500)]
+    for text in texts:
+        assert fast(text) == tokenizer(text)["input_ids"], repr(text)

@@ -53,6 +53,7 @@ class Engine:
         self.tasks.refresh()
         self._static = StaticExecutor(self.context)
         self._input_bytes_limit = config.input_bytes_limit
+        self._token_ids = token_ids_function(loaded.tokenizer)
 
     @classmethod
     def from_config(cls, config: PromptmuxConfig) -> "Engine":
@@ -101,7 +102,7 @@ class Engine:
                     f"d_model {meta.d_model}, but the served model's d_model is {d_model}; "
                     "register a prompt made for this model"
                 )
-        token_ids = self.tokenizer(request.text)["input_ids"]
+        token_ids = self._token_ids(request.text)
         limit = config.max_input_tokens
         if len(token_ids) > limit:
             if not request.truncate:
@@ -146,6 +147,29 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.context.detokenize(tokens)
+
+
+def token_ids_function(tokenizer) -> Callable[[str], list[int]]:
+    """The tokenizer's ids of a text, as a function. A byte-level vocabulary (ByT5's: UTF-8 bytes
+    shifted past 3 special ids, then EOS) is computed directly, about 100x faster than the Python
+    tokenizer and the same ids for any text without "<"; a text with "<" may spell a special
+    token (`</s>`, `<extra_id_0>`), so it goes to the tokenizer."""
+    from transformers import ByT5Tokenizer
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    if not isinstance(tokenizer, ByT5Tokenizer) or (tokenizer.offset, tokenizer.eos_token_id) != (3, 1):
+        return tokenize
+
+    def byte_ids(text: str) -> list[int]:
+        if "<" in text:
+            return tokenize(text)
+        ids = [b + 3 for b in text.encode("utf-8")]
+        ids.append(1)
+        return ids
+
+    return byte_ids
 
 
 def _utf8(text: str) -> bytes:

@@ -116,6 +116,12 @@ class ServingMetrics:
         self.tier_capacity = Gauge("promptmux_prompt_tier_capacity_rows", "Prompt rows a cache tier can hold",
                                    tag_keys=("tier",))
         self.depth = Gauge("promptmux_queue_depth", "Requests waiting for a batch on this replica")
+        self.host_cpu = Counter(
+            "promptmux_host_cpu_seconds",
+            "CPU time of the replica's own threads by part: prepare (validate, tokenize, resolve), schedule, "
+            "execute (the model) and update (delivering outputs) on the engine thread",
+            tag_keys=("part",),
+        )
         self.dropped = Counter(
             "promptmux_requests_dropped", "Requests dropped before compute: DEADLINE_EXCEEDED (waited too long), CANCELLED (the caller's deadline passed or it left), UNAVAILABLE (shutdown)", tag_keys=("status",),
         )
@@ -214,6 +220,15 @@ class ServingMetrics:
             self.tier_rows.set(stats.rows_in_use, tags=tags)
             self.tier_capacity.set(stats.capacity_rows, tags=tags)
         return tiers
+
+    def host_cpu_parts(self, parts: dict[str, int], published: dict[str, int]) -> dict[str, int]:
+        """Publish each part's CPU nanoseconds (cumulative) by their growth since `published`
+        (what the previous call returned). Returns `parts`."""
+        for part, ns in parts.items():
+            grown = ns - published.get(part, 0)
+            if grown > 0:
+                self.host_cpu.inc(grown / 1e9, tags={"part": part})
+        return parts
 
     def request_dropped(self, item: QueuedRequest, status: str) -> None:
         self.dropped.inc(1, tags={"status": status})

@@ -52,6 +52,7 @@ from ..rpc.convert import (
 from .health import ReplicaHealth
 from .metrics import ServingMetrics, task_label
 from ..rpc.pagination import page
+from .preparer import Preparer
 from .prompt_admin import PromptAdmin
 from ..scheduling import build_scheduler
 from ..rpc.streaming import TextDeltas
@@ -212,6 +213,7 @@ class PromptmuxServer:
         self._metrics = ServingMetrics()
         # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
         self._scheduler = build_scheduler(serving, self._engine, observer=self._metrics)
+        self._preparer = Preparer(self._engine.prepare)
         self._health = ReplicaHealth(serving, self._scheduler, config.promptmux.store.root)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="promptmux-refresh", daemon=True)
@@ -226,10 +228,13 @@ class PromptmuxServer:
         """Pick up prompts other replicas registered or deleted."""
         interval = self._config.promptmux.store.refresh_interval_s
         tiers_published: dict = {}
+        cpu_published: dict = {}
         while not self._stop.wait(interval):
             try:
                 self._engine.refresh_prompts()
                 tiers_published = self._metrics.prompt_tiers(self._engine.bank.tier_stats(), tiers_published)
+                cpu = {**self._scheduler.cpu_ns, "prepare": self._preparer.cpu_ns}
+                cpu_published = self._metrics.host_cpu_parts(cpu, cpu_published)
             except Exception:  # a transient store error must not end refreshing
                 log.exception("refreshing prompts failed; retrying in %.1fs", interval)
 
@@ -251,6 +256,7 @@ class PromptmuxServer:
     async def shutdown(self) -> None:
         """Refuse new work (UNAVAILABLE), let queued work finish within serving.shutdown_grace_s."""
         self._stop.set()
+        self._preparer.close()
         await self._scheduler.close()
 
     def __del__(self):
@@ -284,11 +290,11 @@ class PromptmuxServer:
 
     async def _prepare(self, request_pb, principal: Principal, call: _Call | None):
         """The engine request of a GenerateRequest, validated and tokenized once, off the event
-        loop, before it takes a queue place: (request, prepared)."""
+        loop (the preparer's thread, in batches), before it takes a queue place: (request, prepared)."""
         request = request_from_pb(request_pb, principal.tenant)
         if call is not None:
             call.task = task_label(request)
-        return request, await asyncio.to_thread(self._engine.prepare, request)
+        return request, await self._preparer.prepare(request)
 
     async def _generate_one(self, request_pb, principal: Principal, call: _Call | None = None):
         request, prepared = await self._prepare(request_pb, principal, call)

@@ -237,7 +237,10 @@ class StepScheduler(TenantQueues):
 
     def _iterate(self) -> bool:
         """One engine call: schedule, execute, update. False: there was nothing to run."""
+        started = time.thread_time_ns()
         scheduled = self.schedule()
+        planned = time.thread_time_ns()
+        self.cpu_ns["schedule"] += planned - started
         if scheduled is None:
             return False
         plan, admits, beams, cancelled = scheduled
@@ -256,7 +259,10 @@ class StepScheduler(TenantQueues):
             return True
         finally:
             self._end_call()
+            executed = time.thread_time_ns()
+            self.cpu_ns["execute"] += executed - planned
         self.update(outputs, admits, beams, streamed, cancelled)
+        self.cpu_ns["update"] += time.thread_time_ns() - executed
         return True
 
     def schedule(self) -> tuple[StepPlan, list[ScheduledRequest], list[ScheduledRequest], int] | None:

@@ -116,6 +116,10 @@ class TenantQueues:
         # When the engine last made progress, or work arrived while idle: what the replica's
         # health check measures a stall from.
         self._progress_at = clock()
+        # CPU time (thread time, ns) of the engine thread's parts: deciding (schedule), the
+        # executor (execute), delivering its outputs (update). Written by the engine thread
+        # only; every key exists from the start, so a reader may copy it at any time.
+        self.cpu_ns: dict[str, int] = {"schedule": 0, "execute": 0, "update": 0}
 
     @property
     def queue_depth(self) -> int:
