@@ -292,3 +292,41 @@ def test_gpu_bench_on_cuda_with_a_small_shape(tmp_path):
     assert body["meta"]["device_name"] != "cpu" and body["meta"]["copy_gbps"] > 100
     assert [p["generated_tokens"] for p in body["points"]] == [8, 64]
     assert all(p["decode_tps"] > 0 and p["bound_copy_tps"] > 0 for p in body["points"])
+
+
+def test_host_path_samples_split_by_stage():
+    from promptmux.benchmarks.harness.profiling import host_stages
+
+    text = (
+        "Thread.run (threading.py:982);StepScheduler._engine_loop (serving/scheduling/step_scheduler.py:1);"
+        "StepExecutor.execute (serving/engine/step/executor.py:2);StepExecutor._step (serving/engine/step/executor.py:3);"
+        "ModelContext.result (serving/engine/context.py:4) 3\n"
+        "Thread.run (threading.py:982);StepScheduler._engine_loop (serving/scheduling/step_scheduler.py:1);"
+        "StepExecutor.execute (serving/engine/step/executor.py:2);StepExecutor._admit (serving/engine/step/executor.py:5) 5\n"
+        "Thread.run (threading.py:982);Preparer._run (serving/replica/preparer.py:1);byte_ids (serving/engine/core.py:9) 2\n"
+        "UserCallableWrapper._run (ray/serve/_private/replica.py:1);handler (serving/replica/server.py:144);"
+        "KeyRing.authenticate (serving/replica/auth.py:87) 1\n"
+        "Worker.main_loop (ray/_private/worker.py:1) 4\n"
+        "Thread.run (threading.py:982) 6\n"
+        "mystery (somewhere/else.py:1) 1\n"
+    )
+    assert host_stages(text) == {
+        "engine: detokenize, results": 3, "engine: admission (encoder, cross K/V)": 5, "prepare: tokenize": 2,
+        "rpc: auth": 1, "Ray core": 4, "threads in C code (gRPC and Ray polling)": 6, "other": 1,
+    }
+
+
+def test_the_replicas_cpu_by_part_comes_from_its_counter():
+    from promptmux.benchmarks.harness.metrics_scrape import histogram_totals, run_stats
+
+    def scrape(execute: float, prepare: float, steps: int) -> str:
+        return (
+            f'ray_promptmux_host_cpu_seconds_total{{application="promptmux",part="execute"}} {execute}\n'
+            f'ray_promptmux_host_cpu_seconds_total{{application="promptmux",part="prepare"}} {prepare}\n'
+            f'ray_promptmux_batch_size_count{{application="promptmux"}} {steps}\n'
+            f'ray_promptmux_batch_size_sum{{application="promptmux"}} {steps * 4}\n'
+        )
+
+    points = [(0.0, histogram_totals(scrape(1.0, 0.5, 10))), (5.0, histogram_totals(scrape(3.5, 0.75, 30)))]
+    stats = run_stats(points)
+    assert stats.host_cpu_s == {"execute": 2.5, "prepare": 0.25}

@@ -73,6 +73,7 @@ class Totals:
     counts: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     buckets: dict[str, dict[float, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     ok_requests: float = 0.0
+    host_cpu_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # replica CPU by part
 
     @property
     def batches(self) -> float:
@@ -80,6 +81,8 @@ class Totals:
 
     def minus(self, earlier: "Totals") -> "Totals":
         out = Totals(ok_requests=self.ok_requests - earlier.ok_requests)
+        for part, value in self.host_cpu_s.items():
+            out.host_cpu_s[part] = value - earlier.host_cpu_s.get(part, 0.0)
         for key, value in self.sums.items():
             out.sums[key] = value - earlier.sums.get(key, 0.0)
         for key, value in self.counts.items():
@@ -141,6 +144,9 @@ def histogram_totals(text: str, application: str | None = None) -> Totals:
             if labels.get("status") == "OK" and labels.get("method") in _GENERATE_METHODS:
                 totals.ok_requests += value
             continue
+        if base == "promptmux_host_cpu_seconds_total":
+            totals.host_cpu_s[labels.get("part", "")] += value
+            continue
         for histogram, key in HISTOGRAMS.items():
             if base == f"{histogram}_sum":
                 target = totals.sums
@@ -189,6 +195,7 @@ def run_stats(points: list[tuple[float, Totals]]) -> ServerStats | None:
         mean_distinct_tasks=delta.whole_number_mean("batch_tasks"),
         mean_compute_s=delta.mean_compute_s(),
         mean_queue_wait_s={t: delta.mean("queue_wait_s", t) for t in tenants},
+        host_cpu_s={part: s for part, s in delta.host_cpu_s.items() if s > 0},
     )
 
 

@@ -98,3 +98,46 @@ def _short(frame: str) -> str:
     path = where.rstrip(")").rsplit(":", 1)[0]
     short = "/".join(Path(path).parts[-2:])
     return f"{name} ({short})" if short else name
+
+
+# The host path stage by stage: a sample counts for the first stage (in this order) one of
+# whose markers is in one of its frames, as py-spy writes them: `function (path/module.py:line)`.
+HOST_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("engine: detokenize, results", ("ModelContext.result (", "ModelContext.detokenize (")),
+    ("engine: admission (encoder, cross K/V)", ("StepExecutor._admit (",)),
+    ("engine: decoder steps", ("StepExecutor._step (",)),
+    ("engine: static path", ("StaticExecutor.run (",)),
+    ("engine thread: schedule", ("StepScheduler.schedule (",)),
+    ("engine thread: update", ("StepScheduler.update (",)),
+    ("prepare: tokenize", ("byte_ids (", "tokenization_")),
+    ("prepare: resolve the task", ("TaskNamespace.resolve (",)),
+    ("prepare: prompt fetch", ("PromptBank.prefetch (", "HostPromptCache.")),
+    ("prepare: rest", ("Preparer.", "Engine.prepare (")),
+    ("rpc: deserialise", ("request_message (",)),
+    ("rpc: auth", ("KeyRing.authenticate (",)),
+    ("rpc: convert", ("request_from_pb (", "reply_to_pb (", "stream_delta_to_pb (", "stream_final_to_pb (")),
+    ("rpc: metrics", ("ServingMetrics.", "ray/util/metrics.py")),
+    ("rpc: deliver", ("StepScheduler._deliver (", "_settle (")),
+    ("rpc: handler", ("PromptmuxServer.", "replica/server.py:", "_Observed.")),
+    ("Ray Serve", ("ray/serve/",)),
+    ("Ray core", ("(ray/", "_raylet")),
+    ("threads in C code (gRPC and Ray polling)", ("Thread.run (",)),
+)
+
+
+def host_stages(text: str) -> dict[str, int]:
+    """Samples of a collapsed py-spy recording per host-path stage (plus "other")."""
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        counts[_stage_of(stack.split(";"))] += int(count)
+    return dict(counts)
+
+
+def _stage_of(frames: list[str]) -> str:
+    for stage, markers in HOST_STAGES:
+        if any(marker in frame for frame in frames for marker in markers):
+            return stage
+    return "other"

@@ -111,6 +111,7 @@ def scenario_markdown(result: ScenarioResult, plots: dict[str, Path], relative_t
                     f"{('≈' if run.target.kind == 'grpc' else '') + _ms(sum(wait) / len(wait)) if wait else '-'} |"
                 )
     lines += _cpu_lines(result)
+    lines += _host_path_lines(result)
     if result.comparisons:
         lines += ["", comparisons_markdown(result.comparisons)]
     if note:
@@ -146,6 +147,41 @@ def _cpu_lines(result: ScenarioResult) -> list[str]:
         cells = [_num(run.cpu.cores(g), 2) if g in run.cpu.seconds else "-" for g in groups]
         name = run.run.name + (f" #{run.repeat + 1}" if result.scenario.repeat > 1 else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_num(run.cpu.cores(), 2)} | {_num(run.cpu_ms_per_request)} |")
+    return lines
+
+
+def _host_path_lines(result: ScenarioResult) -> list[str]:
+    """CPU per completed request by host-path stage, for server runs that were profiled: the
+    replica's py-spy samples split by stage (HOST_STAGES) times its measured CPU, the gRPC
+    proxy and Ray's daemons whole, and the replica's own counters (promptmux_host_cpu_seconds)
+    beside them."""
+    from .profiling import host_stages
+
+    lines: list[str] = []
+    for run in result.runs:
+        replica = [p for p in run.profiles if p.label.startswith("replica") and p.raw_path and not p.error]
+        done = run.summary.completed
+        if not replica or run.cpu is None or not run.summary.throughput_rps or not done:
+            continue
+        per_request_s = 1 / (run.summary.throughput_rps * run.cpu.window_s)  # 1 / requests in the window
+        samples = host_stages(Path(replica[0].raw_path).read_text())
+        total = sum(samples.values())
+        replica_s = run.cpu.seconds.get("replica", 0.0)
+        name = run.run.name + (f" #{run.repeat + 1}" if result.scenario.repeat > 1 else "")
+        lines += ["", f"Host path of `{name}`, CPU ms per completed request by stage (replica: py-spy samples "
+                  f"x its CPU time; {total} samples):", "", "| stage | share of replica samples | CPU ms/request |",
+                  "|---|---:|---:|"]
+        for stage, count in sorted(samples.items(), key=lambda item: -item[1]):
+            lines.append(f"| replica: {stage} | {count / total:.0%} | {1000 * replica_s * count / total * per_request_s:.2f} |")
+        for group in ("gRPC proxy", "Ray daemons", "Serve controller", "load generator"):
+            if group in run.cpu.seconds:
+                lines.append(f"| {group} (whole process) | | {1000 * run.cpu.seconds[group] * per_request_s:.2f} |")
+        lines.append(f"| **all processes** | | **{_num(run.cpu_ms_per_request)}** |")
+        counters = run.server_stats.host_cpu_s if run.server_stats else {}
+        if counters:
+            requests = run.summary.throughput_rps * run.cpu.window_s
+            lines += ["", "The replica's own counters over the run (thread CPU time per request): " + ", ".join(
+                f"{part} {1000 * s / requests:.2f} ms" for part, s in sorted(counters.items())) + "."]
     return lines
 
 

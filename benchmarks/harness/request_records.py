@@ -59,6 +59,9 @@ class ServerStats:
     mean_distinct_tasks: float
     mean_compute_s: float  # engine time per batch
     mean_queue_wait_s: dict[str, float] = field(default_factory=dict)  # by tenant: queued before compute
+    # CPU seconds of the replica's own threads over the run, by part (promptmux_host_cpu_seconds):
+    # prepare, schedule, execute, update. Empty for engine-direct runs and older servers.
+    host_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 def _open(path: Path, mode: str):
