@@ -76,6 +76,8 @@ def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size (best is kept)")
     parser.add_argument("--hbm-gbps", type=float, help="HBM bandwidth in GB/s (default: by device name)")
+    parser.add_argument("--decode-graphs", default="auto", choices=["auto", "cuda-graphs", "compile", "none"],
+                        help="how the step loop runs its decoder forward (engine.decode_graphs; auto: CUDA graphs)")
     parser.add_argument("--mode", default="static", choices=MODES,
                         help="static: batch-at-a-time (engine.run_batch); continuous: the step loop (serving/engine/step/executor.py)")
     parser.add_argument("--output", type=Path,
@@ -193,14 +195,16 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_engine(model: str, dtype: str, device: str, store_root: str, max_batch_size: int):
+def build_engine(model: str, dtype: str, device: str, store_root: str, max_batch_size: int,
+                 decode_graphs: str = "auto"):
     from promptmux.serving.config import EngineConfig, ModelConfig, PromptmuxConfig, StoreConfig
     from promptmux.serving.engine.core import Engine
 
     config = PromptmuxConfig(
         model=ModelConfig(source=model, dtype=dtype, device=device),
         store=StoreConfig(root=Path(store_root), max_prompt_length=1024),
-        engine=EngineConfig(max_batch_size=max_batch_size, max_new_tokens_limit=1024, max_input_tokens=2048),
+        engine=EngineConfig(max_batch_size=max_batch_size, max_new_tokens_limit=1024, max_input_tokens=2048,
+                            decode_graphs=decode_graphs),
     )
     with _default_dtype(torch.bfloat16 if dtype == "bfloat16" else torch.float32):
         return Engine.from_config(config)
@@ -351,7 +355,7 @@ def report_markdown(points: Sequence[GpuPoint], meta: dict) -> str:
 def run_gpu_bench(
     *, model: str, dtype: str, device: str, batch_sizes: Sequence[int], tasks: int, prompt_length: int,
     input_length: int, new_tokens: int, repeats: int, hbm_gbps: float | None, output: Path | None,
-    mode: str = "static", require_gpu: bool = True, log=print,
+    mode: str = "static", decode_graphs: str = "auto", require_gpu: bool = True, log=print,
 ) -> Path:
     """Measure and write gpu.md and gpu.json; `require_gpu=False` lets tests run it on CPU."""
     check_mode(mode)
@@ -372,14 +376,14 @@ def run_gpu_bench(
         bandwidth, source = copy_gbps, "measured copy: this device is not in the table; pass --hbm-gbps"
     log(f"building {model} ({dtype}) on {device} ...")
     with tempfile.TemporaryDirectory(prefix="promptmux-gpu-bench-") as root:
-        engine = build_engine(model, dtype, device, root, max(batch_sizes))
+        engine = build_engine(model, dtype, device, root, max(batch_sizes), decode_graphs)
         all_bytes, _ = weight_bytes(engine.model)
         accounting: DecodeStepBytes = decode_step_bytes(engine.model, encoder_length=0)
         points = measure(engine, batch_sizes, tasks=tasks, prompt_length=prompt_length, input_length=input_length,
                          new_tokens=new_tokens, repeats=repeats, nominal_gbps=bandwidth, copy_gbps=copy_gbps,
                          mode=mode, log=log)
     meta = {
-        "device_name": name, "model": model, "dtype": dtype, "mode": mode,
+        "device_name": name, "model": model, "dtype": dtype, "mode": mode, "decode_graphs": decode_graphs,
         "nominal_gbps": bandwidth, "nominal_source": source, "copy_gbps": copy_gbps,
         "all_weight_gb": all_bytes / 1e9, "decoder_weight_gb": accounting.decoder_weight_bytes / 1e9,
         "cross_kv_weight_gb": accounting.cross_kv_weight_bytes / 1e9,
@@ -412,6 +416,7 @@ def run_gpu_command(args: argparse.Namespace) -> int:
             model=args.model, dtype=args.dtype, device=args.device, batch_sizes=sizes, tasks=args.tasks,
             prompt_length=args.prompt_length, input_length=args.input_length, new_tokens=args.new_tokens,
             repeats=args.repeats, hbm_gbps=args.hbm_gbps, output=args.output, mode=args.mode,
+            decode_graphs=args.decode_graphs,
         )
     except (NoCudaError, UnsupportedModeError) as error:
         print(f"error: {error}", file=sys.stderr)
