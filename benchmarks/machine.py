@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 
@@ -125,3 +126,12 @@ def machine_info() -> MachineInfo:
 def results_folder_name(info: MachineInfo, when: datetime.datetime | None = None) -> str:
     when = when or datetime.datetime.now()
     return f"{when:%Y-%m-%d}-{info.slug}"
+
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+def dated_results_dir(part: str = "micro") -> Path:
+    """`benchmarks/results/<date>-<machine>/<part>`: where a benchmark run of today on this
+    machine writes its files (result files are data, not code: the package never ships them)."""
+    return RESULTS_ROOT / results_folder_name(machine_info()) / part

@@ -836,6 +836,23 @@ def test_dockerfile_modules_and_entry_point_exist(flavour):
     assert cmd[1] in subcommands, f"CMD runs `promptmux {cmd[1]}`, which the CLI does not offer: {sorted(subcommands)}"
 
 
+def test_result_files_are_data_the_package_never_ships():
+    """benchmarks/results/ holds measured data, not code: no listed package and no package-data
+    pattern reaches it, and nothing lies loose at its top (every run has its dated folder)."""
+    tool = pyproject()["tool"]["setuptools"]
+    assert not [p for p in tool["packages"] if p.startswith("promptmux.benchmarks.results")]
+    for package, patterns in tool["package-data"].items():
+        base = REPO.joinpath(*package.split(".")[1:]) if package != "promptmux" else REPO
+        if package.startswith("promptmux.benchmarks"):
+            base = REPO / "benchmarks" / Path(*package.split(".")[2:])
+        for pattern in patterns:
+            shipped = [path for path in base.glob(pattern) if "results" in path.relative_to(REPO).parts]
+            assert not shipped, f"{package}: {pattern!r} ships result files {shipped[:3]}"
+    results = REPO / "benchmarks" / "results"
+    loose = [p.name for p in results.iterdir() if p.is_file()]
+    assert not loose, f"result files loose at the top of benchmarks/results/: {loose}; move them into their dated run"
+
+
 def test_run_time_files_are_package_data_so_a_non_editable_install_ships_them():
     # The images install the project as a wheel: a file under serving/assets or
     # serving/configs that no package-data pattern matches is missing in every pod.

@@ -4,7 +4,7 @@ The workload is the engine's: a t5-small-shaped model with random weights, a pad
 batch of 32 rows, each [prompt (100 rows); input (up to 128 tokens); zeros]. Each figure is
 a ratio measured in one run (medians of interleaved repetitions on one model instance).
 
-    python -m promptmux.benchmarks.micro.bench_attention_bias            # writes results/attention_bias_cpu.md
+    python -m promptmux.benchmarks.micro.bench_attention_bias            # writes results/<date>-<machine>/micro/attention_bias_cpu.md
     python -m promptmux.benchmarks.micro.bench_attention_bias --quick    # fewer repetitions, prints only
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ import torch
 from promptmux.kernels.t5_attention_bias import T5_BIAS_ATTENTION, install_t5_bias_attention, set_t5_attention
 from promptmux.serving.model.shapes import build_random_model
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from ..machine import dated_results_dir
+
+RESULTS = dated_results_dir()
 IMPLEMENTATIONS = ("eager", "sdpa", T5_BIAS_ATTENTION)
 
 

@@ -35,7 +35,7 @@ from promptmux.serving.engine.plan import StepPlan
 from promptmux.serving.engine.step.executor import StepExecutor
 
 from ..engine_direct import DirectEngine, register_random_prompts
-from ..machine import machine_info
+from ..machine import dated_results_dir, machine_info
 
 MIN_NEW, MAX_NEW = 4, 64
 
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadiest on a CPU shared with other jobs")
     parser.add_argument("--output", type=Path,
-                        default=Path(__file__).resolve().parents[1] / "results" / "continuous_vs_static_cpu.md")
+                        default=dated_results_dir() / "continuous_vs_static_cpu.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info()

@@ -17,7 +17,7 @@ embedded model, store on local disk), then:
    and the task index loaded from the snapshot in a fresh process (time and memory);
 5. a projection to 1,000,000 tasks from the per-task costs measured.
 
-    python -m promptmux.benchmarks.micro.bench_many_tasks --tasks 100000     # writes results/many_tasks_cpu.md
+    python -m promptmux.benchmarks.micro.bench_many_tasks --tasks 100000     # writes results/<date>-<machine>/micro/many_tasks_cpu.md
     python -m promptmux.benchmarks.micro.bench_many_tasks --tasks 3000 --requests 300 --no-write
 """
 from __future__ import annotations
@@ -40,11 +40,11 @@ from tqdm import tqdm
 
 from ..cpu_usage import snapshot, usage
 from ..local_server import ADMIN_TENANT, LocalServer
-from ..machine import load_average
+from ..machine import dated_results_dir, load_average
 from ..harness.metrics_scrape import fetch, parse_prometheus
 from ..harness.stats import percentile
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = dated_results_dir()
 D_MODEL = 256  # the embedded model's width
 TENANTS = 100
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_write:
         print(report(m, args.machine, ""))
         return
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     plot(m, RESULTS)
     text = report(m, args.machine, earlier)
     target.write_text(text)

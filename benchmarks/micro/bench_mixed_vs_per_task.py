@@ -24,6 +24,7 @@ from tqdm import tqdm
 from promptmux.serving.engine.core import Engine
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 
+from ..machine import dated_results_dir
 from ..engine_direct import DirectEngine, register_random_prompts
 
 
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is steadiest on a CPU shared with other jobs")
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "mixed_vs_per_task_cpu.md")
+    parser.add_argument("--output", type=Path, default=dated_results_dir() / "mixed_vs_per_task_cpu.md")
     args = parser.parse_args(argv)
 
     with DirectEngine(args.model, {"max_batch_size": max(args.requests, 64)}, torch_threads=args.threads) as engine:

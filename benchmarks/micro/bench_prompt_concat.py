@@ -24,7 +24,9 @@ import torch
 
 from promptmux.kernels.prompt_concat import EncoderInputs, build_encoder_inputs, pack_segments
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from ..machine import dated_results_dir
+
+RESULTS = dated_results_dir()
 PAGE_ROWS = 16
 VOCAB = 8192  # the gather reads whole rows; table height barely matters, memory does
 DISTINCT_TASKS = 16

@@ -15,7 +15,7 @@ doing them (a shared machine's load does not inflate them); registrations are wa
   head, and `snapshot_every_changes` entries behind it);
 - a projection to 1,000,000 tasks from the per-task costs measured here.
 
-    python -m promptmux.benchmarks.micro.bench_task_feed                 # 3,000 tasks, writes results/task_feed_cpu.md
+    python -m promptmux.benchmarks.micro.bench_task_feed                 # 3,000 tasks, writes results/<date>-<machine>/micro/task_feed_cpu.md
     python -m promptmux.benchmarks.micro.bench_task_feed --tasks 500 --no-write
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ from promptmux.prompts.namespace import TaskNamespace
 from promptmux.prompts.quotas import StoreQuotas
 from promptmux.prompts.store import PromptStore
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from ..machine import dated_results_dir
+
+RESULTS = dated_results_dir()
 D_MODEL = 64
 INTERVAL_S = 0.5
 
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(measure(args.tasks, args.tenants, args.idle_seconds), args.machine)
     print(text)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "task_feed_cpu.md").write_text(text)
 
 
