@@ -1,78 +1,29 @@
-"""The engine in this process as a benchmark target: no gRPC, no Ray.
+"""The engine as a benchmark target: no gRPC, no Ray.
 
 Requests go through the serving layer's own scheduler for the variant's `serving.batching`
-(the StepScheduler over the step executor for continuous batching, the Batcher into
-`Engine.run_batch` otherwise), so batches form exactly as on a replica and the difference
-against a server run is the cost of gRPC and Ray Serve alone.
+(the StepScheduler over the step executor for continuous batching, the Batcher over the static
+executor otherwise), so batches form exactly as on a replica and the difference against a
+server run is the cost of gRPC and Ray Serve alone. The engine runs in a process of its own
+(engine_host.py), so that it does not compete with the load generator for the GIL.
 """
 from __future__ import annotations
 
-import asyncio
-import time
-from dataclasses import dataclass
+import dataclasses
 from typing import Sequence
 
-import torch
-
-from promptmux.prompts.records import content_hash
-from promptmux.serving.engine.core import Engine
-from promptmux.prompts.errors import PromptmuxError
 from promptmux.serving.config import ServingConfig
-from promptmux.serving.scheduling import build_scheduler
 
-from .request_records import BatchSample, ServerStats
+from .engine_host import Batch, EngineHost
 from .load_targets import BatchMonitor, Clock, Outcome, TargetInfo
+from .request_records import BatchSample, ServerStats
 from .workload import BenchRequest, TaskSpec
 
 
-@dataclass(frozen=True)
-class _Batch:
-    at: float  # when it finished (time.monotonic)
-    size: int
-    distinct_tasks: int
-    compute_s: float
-    waits: tuple[tuple[str, float], ...]  # (tenant, seconds queued before compute) per request
-
-
-class _BatchLog:
-    """The scheduler's observer: every batch (continuous batching: every decoder step), with
-    its end time."""
-
-    def __init__(self) -> None:
-        self.batches: list[_Batch] = []
-        self._admitted: list[tuple[str, float]] = []  # waits of requests admitted since the last step
-
-    def admitted(self, items, stats) -> None:
-        self._admitted.extend((item.tenant, item.started_at - item.enqueued_at) for item in items)
-
-    def step_finished(self, stats) -> None:
-        if stats.rows:
-            waits, self._admitted = tuple(self._admitted), []
-            self.batches.append(_Batch(time.monotonic(), stats.rows, stats.distinct_tasks, stats.seconds, waits))
-
-    def first_token(self, item, seconds: float) -> None:
-        pass
-
-    def slots(self, active: int, freed) -> None:
-        pass
-
-    def batch_finished(self, batch, stats, compute_seconds: float) -> None:
-        if stats.batch_size:
-            waits = tuple((item.tenant, item.started_at - item.enqueued_at) for item in batch)
-            self.batches.append(_Batch(time.monotonic(), stats.batch_size, stats.distinct_tasks, compute_seconds, waits))
-
-    def request_dropped(self, item, error) -> None:
-        pass
-
-    def queue_depth(self, depth: int) -> None:
-        pass
-
-
 class EngineMonitor:
-    """Batch samples per interval, and the run's means, from the engine's own batch log."""
+    """Batch samples per interval, and the run's means, from the engine process's batch log."""
 
-    def __init__(self, log: _BatchLog, interval_s: float = 1.0) -> None:
-        self._log = log
+    def __init__(self, host: EngineHost, interval_s: float = 1.0) -> None:
+        self._host = host
         self.interval_s = interval_s
         self._t0 = 0.0
         self._first = 0
@@ -80,12 +31,12 @@ class EngineMonitor:
 
     async def start(self, t0: float) -> None:
         self._t0 = t0
-        self._first = len(self._log.batches)
+        self._first = await self._host.call("batch_count")
 
     async def stop(self) -> list[BatchSample]:
-        batches = self._log.batches[self._first:]
+        batches = await self._host.call("batches", self._first)
         self.stats = _stats(batches)
-        buckets: dict[int, list[_Batch]] = {}
+        buckets: dict[int, list[Batch]] = {}
         for batch in batches:
             buckets.setdefault(int((batch.at - self._t0) // self.interval_s), []).append(batch)
         return [
@@ -100,7 +51,8 @@ class EngineMonitor:
         ]
 
 
-def _stats(batches: list[_Batch]) -> ServerStats | None:
+
+def _stats(batches: list[Batch]) -> ServerStats | None:
     if not batches:
         return None
     waits: dict[str, list[float]] = {}
@@ -118,94 +70,55 @@ def _stats(batches: list[_Batch]) -> ServerStats | None:
 
 
 class EngineTarget:
-    """One loaded engine, reused across runs; each run may use its own serving options."""
+    """One engine process, reused across runs; each run may use its own serving options."""
 
-    def __init__(
-        self, engine: Engine, serving: ServingConfig, *, model_name: str = "", batch_log: _BatchLog | None = None
-    ) -> None:
-        self.engine = engine
-        self.model_name = model_name or engine.loaded.name
-        self._log = batch_log or _BatchLog()
-        self._serving = serving.resolved(engine.config.max_batch_size)
-        self._batcher = None
-        if serving.torch_threads:
-            torch.set_num_threads(serving.torch_threads)
+    def __init__(self, host: EngineHost, serving: ServingConfig, *, torch_threads: int | None = None) -> None:
+        self.host = host
+        self.model_name = host.model_name
+        self._serving = {f.name: getattr(serving, f.name) for f in dataclasses.fields(serving)
+                         if f.name != "api_keys_file"}
+        self._batching = serving.batching
+        self._torch_threads = torch_threads
+        self._ready = False
 
     def with_serving(self, serving: ServingConfig) -> "EngineTarget":
-        """A target on the same engine with other batching options (a fresh batcher)."""
-        return EngineTarget(self.engine, serving, model_name=self.model_name, batch_log=self._log)
+        """A target on the same engine with other batching options (a scheduler of its own)."""
+        return EngineTarget(self.host, serving, torch_threads=self._torch_threads)
 
-    def _ensure_batcher(self):
-        if self._batcher is None:
-            self._batcher = build_scheduler(self._serving, self.engine, observer=self._log)
-        return self._batcher
+    async def _ensure_scheduler(self) -> None:
+        if not self._ready:
+            await self.host.call("serving", self._serving)
+            self._ready = True
 
     async def info(self) -> TargetInfo:
         return TargetInfo(
             kind="engine",
-            description="engine-direct (this process, the serving scheduler, no gRPC or Ray)",
+            description="engine-direct (a process of its own, the serving scheduler, no gRPC or Ray)",
             model=self.model_name,
-            d_model=self.engine.loaded.d_model,
-            batching=self._serving.batching,
-            extra={"max_batch_size": self._serving.max_batch_size, "torch_threads": torch.get_num_threads()},
+            d_model=self.host.d_model,
+            batching=self._batching,
+            extra={"max_batch_size": self._serving.get("max_batch_size"), "torch_threads": self._torch_threads},
         )
 
     async def ensure_prompts(self, tasks: Sequence[TaskSpec], d_model: int) -> int:
-        def register() -> int:
-            store = self.engine.store
-            stored = {m.key: m.content_hash for m in store.list()}
-            count = 0
-            for task in tasks:
-                tensor = task.prompt(d_model)
-                if stored.get((task.tenant, task.task)) != content_hash(tensor):
-                    store.register(task.tenant, task.task, tensor, description="promptmux bench workload prompt")
-                    count += 1
-            self.engine.refresh_prompts()
-            return count
-
-        return await asyncio.to_thread(register)
+        return await self.host.call("prompts", list(tasks))
 
     async def delete_prompts(self, tasks: Sequence[TaskSpec]) -> int:
-        def delete() -> int:
-            removed = sum(self.engine.store.delete(t.tenant, t.task) for t in tasks if self._exists(t))
-            self.engine.refresh_prompts()
-            return removed
-
-        return await asyncio.to_thread(delete)
-
-    def _exists(self, task: TaskSpec) -> bool:
-        try:
-            self.engine.store.meta(task.tenant, task.task)
-            return True
-        except PromptmuxError:
-            return False
+        return await self.host.call("delete", list(tasks))
 
     async def generate(self, request: BenchRequest, *, stream: bool, clock: Clock) -> Outcome:
-        from promptmux.serving.engine.types import GenerationParams, GenerationRequest
-
+        await self._ensure_scheduler()
         first: list[float] = []
-
-        def on_token(_token: int) -> None:
-            if not first:
-                first.append(clock())
-
-        generation = GenerationRequest(
-            tenant=request.tenant,
-            text=request.text,
-            task=request.task,
-            params=GenerationParams(max_new_tokens=request.max_new_tokens),
+        status, output_tokens, input_tokens, error = await self.host.call(
+            "generate", (self._serving, request.tenant, request.text, request.task, request.max_new_tokens, stream),
+            on_first=(lambda: first.append(clock())) if stream else None,
         )
-        try:
-            prepared = self.engine.prepare(generation)  # once, as a replica does
-            result = await self._ensure_batcher().submit(prepared, on_token=on_token if stream else None)
-        except PromptmuxError as error:
-            return Outcome(error.status, error=str(error))
-        return Outcome("OK", result.output_tokens, result.input_tokens, first_token_at=first[0] if first else None)
+        if status != "OK":
+            return Outcome(status, error=error)
+        return Outcome("OK", output_tokens, input_tokens, first_token_at=first[0] if first else None)
 
     def batch_monitor(self) -> BatchMonitor | None:
-        return EngineMonitor(self._log)
+        return EngineMonitor(self.host)
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close(grace_s=0)
-            self._batcher = None
+        pass  # the host outlives its targets: the environment stops it

@@ -193,6 +193,7 @@ class Environment:
     async def _engine_target(self, scenario: Scenario, variant: str):
         from promptmux.serving.config import ServingConfig
 
+        from .engine_host import EngineHost
         from .engine_target import EngineTarget
 
         store_root = str(self.server.store_root) if self.server is not None else f"{self._workdir.name}/prompts"
@@ -200,30 +201,23 @@ class Environment:
         serving = ServingConfig(**{k: v for k, v in args["serving"].items() if k != "api_keys_file"})
         key = json.dumps({k: args[k] for k in ("model", "store", "engine")}, sort_keys=True)
         if key not in self._engines:
-            import torch
-
-            from ..engine_direct import DirectEngine
-
-            if serving.torch_threads:
-                torch.set_num_threads(serving.torch_threads)  # on this thread, before the model exists
-            self.options.log(f"loading the engine-direct model {args['model'].get('source', 'embedded')} in this process ...")
-            direct = await asyncio.to_thread(DirectEngine, args["model"], args["engine"], store=args["store"],
-                                             torch_threads=None, seed=None)
-            self._engines[key] = EngineTarget(direct.engine, serving, model_name=direct.config.model.source)
+            self.options.log(f"starting the engine-direct process for {args['model'].get('source', 'embedded')} ...")
+            host = await asyncio.to_thread(EngineHost, args["model"], args["engine"], args["store"], serving.torch_threads)
+            self._engines[key] = EngineTarget(host, serving, torch_threads=serving.torch_threads)
         return self._engines[key].with_serving(serving)
 
     def process_groups(self, scenario: Scenario, run: RunSpec) -> dict[str, list[int]]:
         """This machine's processes that serve a run, by role, for CPU accounting."""
         own = [os.getpid()]
         if run.target_kind == "engine":
-            return {"load generator + engine": own}
+            return {"load generator": own, "engine": [target.host.pid for target in self._engines.values()]}
         if self.server is None:
             return {"load generator": own}
         return {"load generator": own, **self.server.process_roles(self._apps[(scenario.name, run.variant)])}
 
     def profile_pids(self, scenario: Scenario, run: RunSpec) -> list[tuple[str, int]]:
         if run.target_kind == "engine":
-            return [(f"engine-direct harness process (pid {os.getpid()})", os.getpid())]
+            return [(f"engine-direct process (pid {target.host.pid})", target.host.pid) for target in self._engines.values()]
         if self.server is None:
             return []
         app = self._apps[(scenario.name, run.variant)]
@@ -232,8 +226,10 @@ class Environment:
         return out
 
     async def close_targets(self) -> None:
-        for target in [*self._grpc.values(), *self._engines.values()]:
+        for target in self._grpc.values():
             await target.close()
+        for target in self._engines.values():
+            await target.host.stop()  # the engine-direct process, once per model
 
 
 async def execute_run(
