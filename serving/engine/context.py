@@ -6,7 +6,7 @@ prompt bank or the special token ids. The Engine builds it once, at start-up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -19,7 +19,8 @@ from promptmux.prompts.store import PromptStore
 from ..config import EngineConfig
 from ..model.loading import LoadedModel
 from .prompt_bank import PromptBank, load_stored_prompt
-from .types import FinishReason, GenerationResult, PreparedRequest, PromptVersionRef
+from .stop_strings import StopMatcher, cut_at_stop
+from .types import FinishReason, GenerationResult, PreparedRequest, PromptVersionRef, TokenLogprob
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelContext:
     # Models pad their vocabulary past the tokenizer's (T5: 32128 vs 32100; random shapes use
     # the 384-id byte tokenizer): ids from here on have no text.
     decodable_ids: int
+    stops: StopMatcher  # the matching tables of stop sequences, built once per string
 
     @classmethod
     def build(cls, loaded: LoadedModel, store: PromptStore, config: EngineConfig) -> "ModelContext":
@@ -70,20 +72,36 @@ class ModelContext:
             eos_token_id=model.config.eos_token_id,
             decoder_start_token_id=model.config.decoder_start_token_id,
             decodable_ids=len(loaded.tokenizer),
+            stops=StopMatcher(loaded.tokenizer),
         )
 
-    def result(self, prepared: PreparedRequest, tokens: list[int], finish_reason: FinishReason) -> GenerationResult:
-        """The one place a result is built, whichever path generated `tokens`."""
+    def result(self, prepared: PreparedRequest, tokens: list[int], finish_reason: FinishReason,
+               logprobs: list[TokenLogprob] | None = None, choice_logprobs: tuple[float, ...] = (),
+               choice: int | None = None) -> GenerationResult:
+        """The one place a result is built, whichever path generated `tokens`: a stop
+        sequence is cut from the text (the tokens keep it); a scored request's text is its
+        chosen candidate as the caller wrote it."""
+        if choice is not None:
+            text = prepared.request.choices[choice]
+        else:
+            text = self.detokenize(tokens)
+            if finish_reason == "stop":
+                text = cut_at_stop(text, prepared.params.stop)
         return GenerationResult(
             request_id=prepared.request.request_id,
-            text=self.detokenize(tokens),
+            text=text,
             token_ids=tokens,
             finish_reason=finish_reason,
             prompt_tokens=prepared.encoder_tokens - len(prepared.token_ids),
             input_tokens=len(prepared.token_ids),
             output_tokens=len(tokens),
             prompt_versions=tuple(PromptVersionRef(m.tenant, m.task, m.version) for m in prepared.prompts),
+            logprobs=None if logprobs is None else tuple(self._with_text(entry) for entry in logprobs),
+            choice_logprobs=choice_logprobs,
         )
+
+    def _with_text(self, entry: TokenLogprob) -> TokenLogprob:
+        return replace(entry, text=self.detokenize([entry.token_id]), top=tuple(self._with_text(t) for t in entry.top))
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of generated ids. Ids past the tokenizer's vocabulary (a model's padded

@@ -25,7 +25,7 @@ from ..model.loading import LoadedModel, load_model
 from .context import ModelContext
 from .encode import own_failure
 from .static_decoding import StaticExecutor
-from .types import BatchStats, GenerationRequest, GenerationResult, PreparedRequest
+from .types import MAX_CHOICES, BatchStats, GenerationRequest, GenerationResult, PreparedRequest
 
 TokenCallback = Callable[[int, int], None]  # (position in the caller's list, token id)
 log = logging.getLogger(__name__)
@@ -111,8 +111,36 @@ class Engine:
                     "(engine.max_input_tokens); shorten it or set truncate=true"
                 )
             token_ids = token_ids[: limit - 1] + [self.context.eos_token_id]
+        choice_ids = self._choice_ids(request.choices)
         self.bank.prefetch(metas)  # at admission: the batch this joins never waits on the disk for it
-        return PreparedRequest(request=request, token_ids=tuple(token_ids), prompts=metas)
+        return PreparedRequest(request=request, token_ids=tuple(token_ids), prompts=metas, choice_ids=choice_ids)
+
+    def _choice_ids(self, choices: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each candidate of a scored request as the tokens the decoder is teacher-forced with
+        (EOS included, as a target), within the same bounds as generated text."""
+        if not isinstance(choices, tuple) or not all(isinstance(c, str) for c in choices):
+            raise InvalidRequestError(f"choices={choices!r:.80} is invalid; expected a list of candidate strings")
+        if len(choices) > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"choices has {len(choices)} candidates; expected at most {MAX_CHOICES} (split the candidates over "
+                "several requests and compare their log-likelihoods)"
+            )
+        limit_bytes, limit_tokens = self._input_bytes_limit, self.config.max_new_tokens_limit
+        ids = []
+        for i, choice in enumerate(choices):
+            if not choice or len(choice) > limit_bytes or len(_utf8(choice)) > limit_bytes:
+                raise InvalidRequestError(
+                    f"choices[{i}] is {len(choice.encode('utf-8', 'surrogatepass'))} bytes; expected 1..{limit_bytes} "
+                    "UTF-8 bytes (engine.max_input_bytes)"
+                )
+            tokens = tuple(self.tokenizer(choice)["input_ids"])
+            if len(tokens) > limit_tokens:
+                raise InvalidRequestError(
+                    f"choices[{i}] is {len(tokens)} tokens with its EOS, over the limit of {limit_tokens} "
+                    "(engine.max_new_tokens_limit); shorten it"
+                )
+            ids.append(tokens)
+        return tuple(ids)
 
     def validate(self, request: GenerationRequest) -> None:
         """Cheap checks, no compute: raises InvalidRequestError or TaskNotFoundError."""

@@ -1,4 +1,7 @@
-"""Per-row sampling: greedy, or temperature + top-p with each row's own random stream.
+"""Per-row sampling: greedy, or temperature + top-k + top-p with each row's own random stream,
+and the per-row logits controls applied before it (`control_logits`: repetition penalty,
+no-repeat n-grams, EOS masked until min_new_tokens) and the log-probabilities reported after it
+(`token_logprobs`), each as Hugging Face `generate`'s processor of the same name computes it.
 
 One function, `sample_rows`, picks the next token of every row of a decode step at once; the
 step loop (step/executor.py) and the static path (static_decoding.PerRowSampler, inside Hugging Face
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .types import GenerationParams
+from .types import GenerationParams, TokenLogprob
 
 SAMPLING_DTYPE = torch.float32
 _MASK32 = 0xFFFFFFFF
@@ -78,9 +81,12 @@ def sample_rows(
     counters: torch.Tensor,  # [B] int64: how many tokens each row has produced
     *,
     filter_top_p: bool = True,
+    top_k: torch.Tensor | None = None,  # [B] int64, 0: off
+    top_k_max: int = 0,  # the largest top_k of the rows (host side: no sync)
 ) -> torch.Tensor:
     """The next token of every row: argmax on greedy rows; elsewhere a draw from the row's
-    softmax(logits / temperature), restricted to its top-p nucleus, with its own uniform.
+    softmax(logits / temperature), restricted to its top-k tokens (Hugging Face's
+    TopKLogitsWarper: ties with the k-th kept), then to its top-p nucleus, with its own uniform.
 
     `filter_top_p=False` skips the nucleus sort when the caller knows every sampling row has
     top_p == 1 (the result is the same: such a row keeps every token). Returns [B] int64."""
@@ -89,7 +95,14 @@ def sample_rows(
     # Subtract the maximum first: the top token scores exactly 0 for any temperature, so a
     # tiny temperature gives -inf elsewhere (a one-hot softmax) instead of inf - inf = NaN.
     shifted = logits - logits.max(dim=-1, keepdim=True).values  # [B, V] <= 0
-    probs = (shifted / temperature[:, None]).softmax(dim=-1)  # [B, V]
+    scaled = shifted / temperature[:, None]  # [B, V]
+    if top_k is not None and top_k_max > 0:
+        kept = min(top_k_max, scaled.shape[-1])
+        values = scaled.topk(kept, dim=-1).values  # [B, k] descending
+        kth = values.gather(1, (top_k.clamp(1, kept) - 1)[:, None])  # [B, 1]
+        kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))  # rows without top_k keep every token
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(dim=-1)  # [B, V]
     if filter_top_p:
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
         # Drop a token once the mass before it already reaches top_p; the top token always stays.
@@ -102,3 +115,104 @@ def sample_rows(
     threshold = row_uniforms(seeds, counters)[:, None] * cdf[:, -1:]  # [B, 1]
     sampled = (cdf <= threshold).sum(dim=-1)  # [B] index of the first cdf entry above it
     return torch.where(greedy, best, sampled)
+
+
+# ---------------------------------------------------------------------- logits controls
+def penalize_repetition(
+    scores: torch.Tensor,  # [B, V] float32
+    history: torch.Tensor,  # [B, C] int64: the decoder's input so far (start token, then the output)
+    lengths: torch.Tensor,  # [B] int64: valid columns of each row's history
+    penalty: torch.Tensor,  # [B] float32, 1.0: off
+) -> torch.Tensor:
+    """Hugging Face's RepetitionPenaltyLogitsProcessor per row: a token already in the row's
+    history has its score divided by the penalty (multiplied, when negative)."""
+    columns = torch.arange(history.shape[1], device=history.device)  # [C]
+    # Columns past a row's length point at its first token (always in its history), so the
+    # scatter below marks nothing that is not there.
+    index = torch.where(columns[None, :] < lengths[:, None], history, history[:, :1])  # [B, C]
+    seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, True)  # [B, V]
+    factor = penalty[:, None]
+    penalized = torch.where(scores < 0, scores * factor, scores / factor)  # [B, V]
+    return torch.where(seen & (factor != 1.0), penalized, scores)
+
+
+def ban_repeated_ngrams(
+    scores: torch.Tensor,  # [B, V] float32
+    history: torch.Tensor,  # [B, C] int64
+    lengths: torch.Tensor,  # [B] int64
+    sizes: torch.Tensor,  # [B] int64: each row's no_repeat_ngram_size, 0: off
+    distinct_sizes: list[int],  # the non-zero sizes among the rows (host side)
+) -> torch.Tensor:
+    """Hugging Face's NoRepeatNGramLogitsProcessor per row: a token that would complete an
+    n-gram already in the row's history scores -inf. One pass per distinct n, never per row."""
+    columns = history.shape[1]
+    for n in distinct_sizes:
+        if columns < n:
+            continue
+        windows = history.unfold(1, n, 1)  # [B, W, n], W = C - n + 1: every n-gram start
+        starts = torch.arange(windows.shape[1], device=history.device)  # [W]
+        # The row's last n-1 tokens, the prefix a new token would complete.
+        offsets = torch.arange(n - 1, device=history.device)  # [n-1]
+        prefix = history.gather(1, (lengths[:, None] - (n - 1) + offsets[None, :]).clamp(min=0))  # [B, n-1]
+        match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(dim=-1)  # [B, W]
+        match &= starts[None, :] <= (lengths - n)[:, None]  # n-grams inside the row's history
+        match &= (sizes == n)[:, None]
+        banned = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+        banned.scatter_add_(1, windows[:, :, n - 1], match.to(torch.int32))  # [B, V] > 0: banned
+        scores = scores.masked_fill(banned > 0, float("-inf"))
+    return scores
+
+
+def mask_early_eos(
+    scores: torch.Tensor,  # [B, V] float32
+    produced: torch.Tensor,  # [B] int64: tokens each row has produced
+    until: torch.Tensor,  # [B] int64: EOS stays masked while produced < until
+    eos_token_id: int,
+) -> torch.Tensor:
+    """Hugging Face's MinNewTokensLengthLogitsProcessor per row (ignore_eos: until = max_new_tokens)."""
+    is_eos = torch.arange(scores.shape[1], device=scores.device) == eos_token_id  # [V]
+    return scores.masked_fill((produced < until)[:, None] & is_eos[None, :], float("-inf"))
+
+
+def control_logits(
+    logits: torch.Tensor,  # [B, V] any float dtype
+    history: torch.Tensor,  # [B, C] int64
+    lengths: torch.Tensor,  # [B] int64
+    penalty: torch.Tensor,  # [B] float32
+    ngram_sizes: torch.Tensor,  # [B] int64
+    distinct_ngram_sizes: list[int],
+    eos_until: torch.Tensor,  # [B] int64
+    eos_token_id: int,
+    *,
+    penalize: bool = True,
+) -> torch.Tensor:
+    """Every row's logits controls, in the order `generate` applies them: repetition penalty,
+    no-repeat n-grams, then EOS masked before min_new_tokens. Returns float32 [B, V]."""
+    scores = logits.to(SAMPLING_DTYPE)
+    if penalize:
+        scores = penalize_repetition(scores, history, lengths, penalty)
+    if distinct_ngram_sizes:
+        scores = ban_repeated_ngrams(scores, history, lengths, ngram_sizes, distinct_ngram_sizes)
+    return mask_early_eos(scores, lengths - 1, eos_until, eos_token_id)
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [B, V] the model's raw logits
+    chosen: torch.Tensor,  # [B] int64
+    top: int,  # alternatives per row (host side)
+) -> torch.Tensor:
+    """[B, 1 + 2 * top] float64: the chosen token's log-probability, then the `top` most likely
+    token ids and their log-probabilities (most likely first), under the model's own
+    distribution (log-softmax in float32 of the raw logits, before any control)."""
+    logprobs = logits.to(SAMPLING_DTYPE).log_softmax(dim=-1)  # [B, V]
+    columns = [logprobs.gather(1, chosen[:, None])]  # [B, 1]
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[1]), dim=-1)  # [B, k]
+        columns += [ids.double(), values.double()]
+    return torch.cat([columns[0].double(), *columns[1:]], dim=1)
+
+
+def unpack_logprobs(token: int, values: list[float], top: int) -> TokenLogprob:
+    """One row of token_logprobs, on the host, with the row's own `top` of the k alternatives."""
+    k = (len(values) - 1) // 2
+    return TokenLogprob(token, values[0], tuple(TokenLogprob(int(values[1 + i]), values[1 + k + i]) for i in range(top)))

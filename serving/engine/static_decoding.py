@@ -7,12 +7,17 @@ StepOutputs`, engine/plan.py). A bad request fails alone; the rest of the batch 
 Choice: the whole batch is encoded once (engine/encode.py); rows are then decoded in groups
 that share a decoding program, with per-row parameters inside each group:
 - greedy rows: one loop, per-row max_new_tokens;
-- sampling rows: one loop, per-row temperature, top-p, max_new_tokens and random stream
+- sampling rows: one loop, per-row temperature, top-k, top-p, max_new_tokens and random stream
   (PerRowSampler: each row draws from its own seed, so its tokens never depend on its
   batch-mates; the step loop samples with the same function, serving/engine/sampling.py);
-- beam rows: one loop per (num_beams, length_penalty, max_new_tokens), because a beam
-  search's result depends on its length budget.
-So a batch runs at most 2 + (number of distinct beam settings) decoder loops, never one per
+- in both, each row's logits controls (PerRowControls: repetition penalty, no-repeat n-grams,
+  min_new_tokens / ignore_eos, the step loop's own functions) and stop sequences (PerRowStops);
+  log-probabilities come from the raw logits `generate` returns;
+- beam rows: one loop per (num_beams, length_penalty, max_new_tokens and the controls), because
+  a beam search's result depends on them; the controls are generate's own processors there;
+- scored rows (`choices`): one teacher-forced decoder pass over every candidate of every such
+  row (engine/scoring.py), no generation.
+So a batch runs at most 3 + (number of distinct beam settings) decoder passes, never one per
 task or per request.
 """
 from __future__ import annotations
@@ -32,7 +37,11 @@ from promptmux.prompts.errors import InvalidRequestError
 from .context import ModelContext
 from .encode import Encoded, encode, own_failure
 from .plan import Handle, StepOutputs, StepPlan, TokenStream
-from .sampling import SAMPLING_DTYPE, row_seed, sample_rows, seed_words
+from .sampling import (
+    SAMPLING_DTYPE, control_logits, row_seed, sample_rows, seed_words, token_logprobs, unpack_logprobs,
+)
+from .scoring import score_candidates
+from .stop_strings import StopMatcher, aligned_tails
 from .types import BatchStats, GenerationParams, PreparedRequest
 
 log = logging.getLogger(__name__)
@@ -43,12 +52,20 @@ class DecodeGroupKey:
     strategy: str
     num_beams: int = 1
     length_penalty: float = 1.0
-    max_new_tokens: int = 0  # only beam groups are keyed by length
+    # Only beam groups are keyed by length and controls (generate's own processors run them).
+    max_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
 
 
-def group_key(params: GenerationParams) -> DecodeGroupKey:
+def group_key(prepared: PreparedRequest) -> DecodeGroupKey:
+    params = prepared.params
+    if prepared.choice_ids:
+        return DecodeGroupKey("score")
     if params.strategy == "beam" and params.num_beams > 1:
-        return DecodeGroupKey("beam", params.num_beams, params.length_penalty, params.max_new_tokens)
+        return DecodeGroupKey("beam", params.num_beams, params.length_penalty, params.max_new_tokens,
+                              params.repetition_penalty, params.no_repeat_ngram_size, params.eos_masked_until)
     if params.strategy == "sample":
         return DecodeGroupKey("sample")
     return DecodeGroupKey("greedy")
@@ -71,6 +88,9 @@ def generation_config(key: DecodeGroupKey, params: Sequence[GenerationParams], b
         config.num_beams = key.num_beams
         config.length_penalty = key.length_penalty
         config.early_stopping = True
+        config.repetition_penalty = key.repetition_penalty
+        config.no_repeat_ngram_size = key.no_repeat_ngram_size or None
+        config.min_new_tokens = key.min_new_tokens or None
     else:
         config.num_beams = 1
         # Sampling rows pick their token in PerRowSampler and leave only it unmasked, so
@@ -92,6 +112,46 @@ class PerRowMaxNewTokens(StoppingCriteria):
         return generated >= self.limits
 
 
+class PerRowControls(LogitsProcessor):
+    """Each row's repetition penalty, no-repeat n-grams and EOS mask (min_new_tokens,
+    ignore_eos): `sampling.control_logits`, the step loop's own function, on generate's
+    decoder input ids (every row of a group has the same length here)."""
+
+    def __init__(self, params: Sequence[GenerationParams], device: torch.device, eos_token_id: int) -> None:
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], dtype=SAMPLING_DTYPE).to(device)  # [Bg]
+        self.ngram_sizes = torch.tensor([p.no_repeat_ngram_size for p in params], dtype=torch.long).to(device)
+        self.distinct_sizes = sorted({p.no_repeat_ngram_size for p in params} - {0})
+        self.eos_until = torch.tensor([p.eos_masked_until for p in params], dtype=torch.long).to(device)  # [Bg]
+        self.penalize = any(p.repetition_penalty != 1.0 for p in params)
+        self.eos = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        lengths = torch.full_like(self.eos_until, input_ids.shape[1])  # [Bg]
+        return control_logits(scores, input_ids, lengths, self.penalty, self.ngram_sizes, self.distinct_sizes,
+                              self.eos_until, self.eos, penalize=self.penalize)
+
+
+class PerRowStops(StoppingCriteria):
+    """Ends each row at the token that completes one of its own stop strings (stop_strings.py),
+    and records how many tokens it had then."""
+
+    def __init__(self, params: Sequence[GenerationParams], matcher: StopMatcher, device: torch.device,
+                 start_length: int) -> None:
+        strings = sorted({s for p in params for s in p.stop})
+        self.columns = {s: i for i, s in enumerate(strings)}
+        self.member = torch.tensor([[s in p.stop for s in strings] for p in params], dtype=torch.bool).to(device)
+        self.matcher, self.span = matcher, matcher.span(strings)
+        self.start_length = start_length
+        self.stopped_at = torch.zeros(len(params), dtype=torch.long, device=device)  # [Bg] 0: not stopped
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        lengths = torch.full_like(self.stopped_at, input_ids.shape[1])
+        hit = self.matcher.hits(aligned_tails(input_ids, lengths, self.span), self.columns, self.member)  # [Bg]
+        generated = input_ids.shape[1] - self.start_length
+        self.stopped_at = torch.where(hit & (self.stopped_at == 0), generated, self.stopped_at)
+        return hit
+
+
 class PerRowSampler(LogitsProcessor):
     """Samples each row with its own temperature, top-p and random stream
     (`sampling.sample_rows`), then masks every other token: generate's greedy pick takes it.
@@ -106,12 +166,14 @@ class PerRowSampler(LogitsProcessor):
         self.seeds = torch.tensor([seed_words(s) for s in seeds], dtype=torch.long).to(device)  # [Bg, 2]
         self.greedy = torch.zeros(len(params), dtype=torch.bool, device=device)  # [Bg]
         self.filter_top_p = any(p.top_p < 1.0 for p in params)
+        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long).to(device)  # [Bg]
+        self.top_k_max = max(p.top_k for p in params)
         self.start_length = start_length  # decoder tokens before the first generated one
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         counters = torch.full_like(self.seeds[:, 0], input_ids.shape[1] - self.start_length)  # [Bg]
         tokens = sample_rows(scores, self.greedy, self.temperature, self.top_p, self.seeds, counters,
-                             filter_top_p=self.filter_top_p)  # [Bg]
+                             filter_top_p=self.filter_top_p, top_k=self.top_k, top_k_max=self.top_k_max)  # [Bg]
         chosen = torch.full_like(scores, float("-inf"))  # [Bg, V]
         return chosen.scatter(1, tokens[:, None], 0.0)
 
@@ -121,10 +183,12 @@ class TokenStreamer(BaseStreamer):
 
     Only used when some request streams: it costs one host sync per decode step."""
 
-    def __init__(self, on_token: Callable[[int, int], None], limits: list[int], eos_token_id: int) -> None:
+    def __init__(self, on_token: Callable[[int, int], None], limits: list[int], eos_token_id: int,
+                 stops: PerRowStops | None = None) -> None:
         self.on_token = on_token
         self.limits = limits
         self.eos = eos_token_id
+        self.stops = stops  # rows it ended are done (read once per step, only when some row has stops)
         self.emitted = [0] * len(limits)
         self.done = [False] * len(limits)
         self._prompt_seen = False
@@ -133,8 +197,9 @@ class TokenStreamer(BaseStreamer):
         if not self._prompt_seen:  # the first call carries the decoder start tokens
             self._prompt_seen = True
             return
+        stopped = self.stops.stopped_at.tolist() if self.stops is not None else None
         for row, token in enumerate(value.view(-1).tolist()):
-            if self.done[row]:
+            if self.done[row] or (stopped is not None and stopped[row]):
                 continue
             self.on_token(row, token)
             self.emitted[row] += 1
@@ -183,7 +248,7 @@ class StaticExecutor:
         rows = [items[position] for position in encoded.rows]  # row j of `encoded` holds rows[j]
         groups: dict[DecodeGroupKey, list[int]] = {}
         for j, (_, prepared) in enumerate(rows):
-            groups.setdefault(group_key(prepared.params), []).append(j)
+            groups.setdefault(group_key(prepared), []).append(j)
         streamed: set[Handle] = set()  # rows that already streamed tokens
         tracked = None
         if stream is not None:
@@ -241,38 +306,79 @@ class StaticExecutor:
         select = torch.tensor(group, device=encoded.hidden.device)
         hidden = encoded.hidden.index_select(0, select)[:, :width]  # [Bg, Sg, D]
         mask = encoded.attention_mask.index_select(0, select.to(encoded.attention_mask.device))[:, :width]  # [Bg, Sg]
+        if key.strategy == "score":
+            return self._score_group(handles, prepared, hidden, mask, outputs)
         config = generation_config(key, params, context.model.generation_config)
         kwargs: dict = {}
+        processors: list[LogitsProcessor] = []
+        stops = None
         if key.strategy != "beam":
             limits = torch.tensor([p.max_new_tokens for p in params], device=hidden.device)
             kwargs["stopping_criteria"] = [PerRowMaxNewTokens(limits, start_length=1)]
+            if any(p.uses_controls for p in params):
+                processors.append(PerRowControls(params, hidden.device, context.eos_token_id))
+            if any(p.stop for p in params):
+                stops = PerRowStops(params, context.stops, hidden.device, start_length=1)
+                kwargs["stopping_criteria"].append(stops)
         if key.strategy == "sample":
             # Each row its own random stream: a seeded row no longer depends on its batch-mates.
             seeds = [row_seed(p) for p in params]
-            kwargs["logits_processor"] = [PerRowSampler(params, seeds, hidden.device, start_length=1)]
+            processors.append(PerRowSampler(params, seeds, hidden.device, start_length=1))
+        if processors:
+            kwargs["logits_processor"] = processors
         if stream is not None and key.strategy != "beam":
             kwargs["streamer"] = TokenStreamer(
                 lambda row, token: stream(handles[row], token), [p.max_new_tokens for p in params],
-                context.eos_token_id,
+                context.eos_token_id, stops,
             )
-        sequences = context.model.generate(
+        want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        config.return_dict_in_generate = config.output_logits = bool(want_logprobs)
+        output = context.model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
             attention_mask=mask,
             generation_config=config,
             **kwargs,
         )
+        sequences = output.sequences if want_logprobs else output
+        logprob_rows = None
+        if want_logprobs:
+            chosen = sequences[:, 1 : 1 + len(output.logits)]  # [Bg, steps]
+            logprob_rows = torch.stack([
+                token_logprobs(logits, chosen[:, step], max(want_logprobs))
+                for step, logits in enumerate(output.logits)  # one vectorised call per step of the group
+            ], dim=1).tolist()  # [Bg, steps, 1 + 2k]
+        stopped_at = stops.stopped_at.tolist() if stops is not None else [0] * len(group)
         generated = sequences[:, 1:].tolist()  # drop the decoder start token; one host sync per group
         produced = 0
         eos = context.eos_token_id
-        for handle, item, tokens in zip(handles, prepared, generated):
+        for row, (handle, item, tokens) in enumerate(zip(handles, prepared, generated)):
             tokens = tokens[: item.params.max_new_tokens]
             finish = "length"
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-                finish = "eos"
+            end = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            if stopped_at[row] and stopped_at[row] <= end:
+                tokens, finish = tokens[: stopped_at[row]], "stop"
+            elif eos in tokens:
+                tokens, finish = tokens[:end], "eos"
             produced += len(tokens)
-            outputs.finished[handle] = context.result(item, tokens, finish)
+            logprobs = None
+            if item.params.logprobs is not None:
+                logprobs = [unpack_logprobs(token, values, item.params.logprobs)
+                            for token, values in zip(tokens, logprob_rows[row])]
+            outputs.finished[handle] = context.result(item, tokens, finish, logprobs)
             if stream is not None and key.strategy == "beam":
                 for token in tokens:
                     stream(handle, token)
         return produced
+
+    def _score_group(self, handles: list[Handle], prepared: list[PreparedRequest], hidden: torch.Tensor,
+                     mask: torch.Tensor, outputs: StepOutputs) -> int:
+        """Scored rows: every candidate's log-likelihood in one teacher-forced decoder pass; each
+        row's result is its most likely candidate. Produces no tokens."""
+        scores = score_candidates(self.context, hidden, mask, [p.choice_ids for p in prepared])
+        for handle, item, row in zip(handles, prepared, scores):
+            best = max(range(len(row)), key=row.__getitem__)
+            outputs.finished[handle] = self.context.result(
+                item, list(item.choice_ids[best]), "choice", choice_logprobs=tuple(row), choice=best
+            )
+        return 0
+

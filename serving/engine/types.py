@@ -13,7 +13,9 @@ from promptmux.prompts.errors import InvalidRequestError
 
 Strategy = Literal["greedy", "beam", "sample"]
 STRATEGIES: tuple[Strategy, ...] = ("greedy", "beam", "sample")
-FinishReason = Literal["eos", "length"]
+# eos: the model ended; length: max_new_tokens; stop: a stop sequence appeared (cut from the
+# text); choice: a scored request (`GenerationRequest.choices`) returns its best candidate.
+FinishReason = Literal["eos", "length", "stop", "choice"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,26 @@ class GenerationParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # Per-row logits controls, as Hugging Face `generate` names them (0 / 1.0 / empty: off).
+    # top_k applies to sampling rows only, like temperature and top_p.
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0  # EOS is masked until the row has this many tokens
+    ignore_eos: bool = False  # EOS always masked: the row runs to max_new_tokens (benchmarks)
+    stop: tuple[str, ...] = ()  # the row ends when its text contains one; the text is cut before it
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+
+    @property
+    def eos_masked_until(self) -> int:
+        """Tokens a row produces before EOS may be chosen (min_new_tokens, or every token)."""
+        return self.max_new_tokens if self.ignore_eos else self.min_new_tokens
+
+    @property
+    def uses_controls(self) -> bool:
+        """Whether a step must process this row's logits beyond sampling."""
+        return (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.eos_masked_until > 0
+                or bool(self.stop))
 
     def validate(self, max_new_tokens_limit: int) -> None:
         """Check every field in the type and dtype it is computed in.
@@ -75,6 +97,41 @@ class GenerationParams:
                 )
             if self.seed is not None:
                 _check_int("seed", self.seed, MIN_SEED, MAX_SEED, "(a 64-bit integer)")
+            _check_int("top_k", self.top_k, 0, MAX_TOP_K, "(0: off; values above the vocabulary keep every token)")
+        self._validate_controls()
+
+    def _validate_controls(self) -> None:
+        _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens, "(at most max_new_tokens)")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos={self.ignore_eos!r} is not a boolean; expected true or false")
+        value = _float32("repetition_penalty", self.repetition_penalty)
+        if not MIN_PENALTY <= value <= MAX_PENALTY:
+            raise InvalidRequestError(
+                f"repetition_penalty={self.repetition_penalty} is invalid; expected a value in [{MIN_PENALTY:g}, "
+                f"{MAX_PENALTY:g}] (1.0: off; above 1 discourages tokens already in the output, as in Hugging Face "
+                "generate)"
+            )
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_NGRAM,
+                   "(0: off; n forbids repeating any n-gram of the output)")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidRequestError(f"stop={self.stop!r} is invalid; expected a list of strings")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequestError(
+                f"stop has {len(self.stop)} sequences; expected at most {MAX_STOP_SEQUENCES}"
+            )
+        for sequence in self.stop:
+            size = len(sequence.encode("utf-8", "surrogatepass"))
+            if not sequence or size > MAX_STOP_BYTES:
+                raise InvalidRequestError(
+                    f"stop sequence {sequence[:40]!r} is {size} bytes; expected 1..{MAX_STOP_BYTES} UTF-8 bytes"
+                )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                       "(0: the chosen token's log-probability only; k: also the k most likely tokens)")
+            if self.strategy == "beam" and self.num_beams > 1:
+                raise InvalidRequestError(
+                    "logprobs is not available with beam search; use strategy greedy or sample, or leave logprobs unset"
+                )
 
 
 # Decoding arithmetic runs in float32: the bounds below keep every value normal and finite there.
@@ -83,6 +140,13 @@ FLOAT32_MAX = 3.4028234663852886e38
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 1e4
 MAX_BEAMS = 16
+MAX_TOP_K = 1 << 20
+MIN_PENALTY, MAX_PENALTY = 1e-4, 1e4
+MAX_NGRAM = 1024
+MAX_STOP_SEQUENCES = 4  # as OpenAI's `stop`
+MAX_STOP_BYTES = 256
+MAX_LOGPROBS = 20
+MAX_CHOICES = 64  # candidates of one scored request
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -123,6 +187,9 @@ class GenerationRequest:
     request_id: str = ""
     # Cut over-long input to the server's max_input_tokens instead of rejecting it.
     truncate: bool = False
+    # Scoring instead of generation: each candidate's log-likelihood given the input (teacher
+    # forced, its EOS included); the result's text is the most likely candidate.
+    choices: tuple[str, ...] = ()
 
     @property
     def prompt_task_ids(self) -> tuple[str, ...]:
@@ -142,11 +209,14 @@ class PreparedRequest:
     request: GenerationRequest
     token_ids: tuple[int, ...]  # after truncation
     prompts: tuple[PromptMeta, ...]  # in concatenation order (language, then task)
+    choice_ids: tuple[tuple[int, ...], ...] = ()  # each candidate's tokens, EOS included (scored requests)
     tenant: str = field(init=False)
     params: GenerationParams = field(init=False)
     prompt_task_ids: tuple[str, ...] = field(init=False)  # the task references as the caller named them
     encoder_tokens: int = field(init=False)  # prompt rows + input tokens: what its admission costs the encoder
-    steppable: bool = field(init=False)  # runs in the step loop; False for beam search (the static path runs it)
+    # Runs in the step loop; False for beam search and scoring (the static path runs them, in
+    # StepPlan.static, between steps).
+    steppable: bool = field(init=False)
 
     def __post_init__(self) -> None:
         request, params = self.request, self.request.params
@@ -155,7 +225,7 @@ class PreparedRequest:
             "params": params,
             "prompt_task_ids": request.prompt_task_ids,
             "encoder_tokens": sum(m.length for m in self.prompts) + len(self.token_ids),
-            "steppable": not (params.strategy == "beam" and params.num_beams > 1),
+            "steppable": not (params.strategy == "beam" and params.num_beams > 1) and not self.choice_ids,
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -170,6 +240,17 @@ class PromptVersionRef:
     version: int
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (log-softmax of its raw logits,
+    before any sampling control), and the most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple["TokenLogprob", ...] = ()  # the most likely tokens, most likely first (their own top empty)
+    text: str = ""  # the token's text (filled in by ModelContext.result)
+
+
 @dataclass
 class GenerationResult:
     request_id: str
@@ -180,6 +261,9 @@ class GenerationResult:
     input_tokens: int
     output_tokens: int
     prompt_versions: tuple[PromptVersionRef, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per token, when params.logprobs was set
+    # Scored requests: each candidate's log-likelihood, in the request's order; `text` is the best.
+    choice_logprobs: tuple[float, ...] = ()
 
 
 @dataclass

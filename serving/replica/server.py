@@ -42,6 +42,8 @@ from ..rpc.convert import (
     reply_to_pb,
     request_from_pb,
     request_message,
+    score_reply_to_pb,
+    score_request_from_pb,
     similar_reply_to_pb,
     similar_request_from_pb,
     stream_delta_to_pb,
@@ -288,10 +290,11 @@ class PromptmuxServer:
         require_owner_or_admin(principal, owner, action)
         return principal, owner, task
 
-    async def _prepare(self, request_pb, principal: Principal, call: _Call | None):
-        """The engine request of a GenerateRequest, validated and tokenized once, off the event
-        loop (the preparer's thread, in batches), before it takes a queue place: (request, prepared)."""
-        request = request_from_pb(request_pb, principal.tenant)
+    async def _prepare(self, request_pb, principal: Principal, call: _Call | None, convert=request_from_pb):
+        """The engine request of a GenerateRequest (or, with `convert`, a ScoreRequest),
+        validated and tokenized once, off the event loop (the preparer's thread, in batches),
+        before it takes a queue place: (request, prepared)."""
+        request = convert(request_pb, principal.tenant)
         if call is not None:
             call.task = task_label(request)
         return request, await self._preparer.prepare(request)
@@ -315,7 +318,7 @@ class PromptmuxServer:
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         job = asyncio.ensure_future(self._scheduler.submit(prepared, on_token=tokens.put_nowait))
         job.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: they come first
-        deltas = TextDeltas(self._engine.detokenize)
+        deltas = TextDeltas(self._engine.detokenize, prepared.params.stop)
         try:
             finished = False
             while not finished:
@@ -349,6 +352,14 @@ class PromptmuxServer:
 
         outcomes = await asyncio.gather(*(one(item) for item in request.requests))
         return pb.GenerateBatchReply(items=[batch_item_to_pb(o) for o in outcomes])
+
+    @rpc(pb.ScoreReply)
+    async def Score(self, request, grpc_context, call: _Call):
+        principal = self._authenticate(grpc_context, call)
+        scored, prepared = await self._prepare(request, principal, call, convert=score_request_from_pb)
+        result = await self._scheduler.submit(prepared)
+        self._metrics.tokens(scored, result)
+        return score_reply_to_pb(result)
 
     # ------------------------------------------------------------------ prompt RPCs
     @rpc(pb.PromptInfo)

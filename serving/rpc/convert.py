@@ -12,13 +12,13 @@ from promptmux.prompts.synthetic_tasks import Example
 from promptmux.prompts.errors import InvalidPromptError, InvalidRequestError, PromptmuxError
 from .message_limits import MAX_REQUEST_ID_BYTES
 from .proto_build import require_built
-from ..engine.types import GenerationParams, GenerationRequest, GenerationResult
+from ..engine.types import GenerationParams, GenerationRequest, GenerationResult, TokenLogprob
 
 require_built()  # built at install time (proto_build.py); a check, not a build
 from .proto_gen import promptmux_pb2 as pb  # noqa: E402  (built at install time; checked just above)
 
 _STRATEGIES = {pb.STRATEGY_UNSPECIFIED: "greedy", pb.GREEDY: "greedy", pb.BEAM: "beam", pb.SAMPLE: "sample"}
-_FINISH = {"eos": pb.EOS, "length": pb.LENGTH}
+_FINISH = {"eos": pb.EOS, "length": pb.LENGTH, "stop": pb.STOP}
 _DEFAULTS = GenerationParams()
 
 
@@ -42,7 +42,7 @@ def request_message(method: str, raw):
 
 # ---------------------------------------------------------------------- generation
 def params_from_pb(msg: "pb.GenerationParams") -> GenerationParams:
-    for name in ("length_penalty", "temperature", "top_p"):
+    for name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
         if msg.HasField(name) and not math.isfinite(getattr(msg, name)):
             raise InvalidRequestError(f"params.{name} is {getattr(msg, name)}; expected a finite number")
     return GenerationParams(
@@ -55,11 +55,47 @@ def params_from_pb(msg: "pb.GenerationParams") -> GenerationParams:
         temperature=msg.temperature if msg.HasField("temperature") else _DEFAULTS.temperature,
         top_p=msg.top_p if msg.HasField("top_p") else _DEFAULTS.top_p,
         seed=msg.seed if msg.HasField("seed") else None,
+        top_k=msg.top_k,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        no_repeat_ngram_size=msg.no_repeat_ngram_size,
+        min_new_tokens=msg.min_new_tokens,
+        ignore_eos=msg.ignore_eos,
+        stop=tuple(msg.stop),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
 def request_from_pb(msg: "pb.GenerateRequest", tenant: str) -> GenerationRequest:
     """The engine request for a caller's GenerateRequest; `tenant` comes from the API key."""
+    return GenerationRequest(
+        tenant=tenant,
+        text=msg.text,
+        task=msg.task or None,
+        prompt_segments=_segments(msg),
+        params=params_from_pb(msg.params),
+        request_id=msg.request_id,
+        truncate=msg.truncate,
+    )
+
+
+def score_request_from_pb(msg: "pb.ScoreRequest", tenant: str) -> GenerationRequest:
+    """The engine request (a scored one: `choices`) for a caller's ScoreRequest."""
+    if not msg.candidates:
+        raise InvalidRequestError("candidates is empty; send the candidate outputs to score (1 to 64 strings)")
+    return GenerationRequest(
+        tenant=tenant,
+        text=msg.text,
+        task=msg.task or None,
+        prompt_segments=_segments(msg),
+        request_id=msg.request_id,
+        truncate=msg.truncate,
+        choices=tuple(msg.candidates),
+    )
+
+
+def _segments(msg) -> tuple[str, ...]:
+    """The prompt segments a GenerateRequest or ScoreRequest names: (language, task) when it
+    has a language, else none (the task alone); its task, language and request id checked."""
     if msg.language and not msg.task:
         raise InvalidRequestError(
             f"language={msg.language!r} was given without a task; a language prompt composes with a task "
@@ -74,15 +110,7 @@ def request_from_pb(msg: "pb.GenerateRequest", tenant: str) -> GenerationRequest
             f"request_id is {len(msg.request_id.encode('utf-8'))} bytes, over the limit of {MAX_REQUEST_ID_BYTES}; "
             "use a shorter id (it is echoed in the reply)"
         )
-    return GenerationRequest(
-        tenant=tenant,
-        text=msg.text,
-        task=msg.task or None,
-        prompt_segments=(msg.language, msg.task) if msg.language else (),
-        params=params_from_pb(msg.params),
-        request_id=msg.request_id,
-        truncate=msg.truncate,
-    )
+    return (msg.language, msg.task) if msg.language else ()
 
 
 def reply_to_pb(result: GenerationResult) -> "pb.GenerateReply":
@@ -93,9 +121,30 @@ def reply_to_pb(result: GenerationResult) -> "pb.GenerateReply":
         prompt_tokens=result.prompt_tokens,
         input_tokens=result.input_tokens,
         output_tokens=result.output_tokens,
-        prompt_versions=[
-            pb.PromptVersion(tenant=v.tenant, task=v.task, version=v.version) for v in result.prompt_versions
-        ],
+        prompt_versions=_versions_to_pb(result),
+        logprobs=[_logprob_to_pb(entry) for entry in result.logprobs or ()],
+    )
+
+
+def _versions_to_pb(result: GenerationResult) -> list:
+    return [pb.PromptVersion(tenant=v.tenant, task=v.task, version=v.version) for v in result.prompt_versions]
+
+
+def _logprob_to_pb(entry: TokenLogprob) -> "pb.TokenLogprob":
+    return pb.TokenLogprob(token_id=entry.token_id, text=entry.text, logprob=entry.logprob,
+                           top=[_logprob_to_pb(t) for t in entry.top])
+
+
+def score_reply_to_pb(result: GenerationResult) -> "pb.ScoreReply":
+    scores = result.choice_logprobs
+    return pb.ScoreReply(
+        request_id=result.request_id,
+        best=max(range(len(scores)), key=scores.__getitem__),
+        text=result.text,
+        logprobs=list(scores),
+        prompt_tokens=result.prompt_tokens,
+        input_tokens=result.input_tokens,
+        prompt_versions=_versions_to_pb(result),
     )
 
 

@@ -10,6 +10,7 @@ value bounds replies, see `grpc_max_message_bytes`).
 from __future__ import annotations
 
 from ..config import AppConfig
+from ..engine.types import MAX_CHOICES
 
 GRPC_MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 # gRPC's own default: every client accepts replies this large unless told otherwise, so a
@@ -30,6 +31,11 @@ def generate_request_bytes(config: AppConfig) -> int:
     return text + 2 * MAX_TASK_REF_BYTES + MAX_REQUEST_ID_BYTES + _FIELDS_OVERHEAD_BYTES
 
 
+def score_request_bytes(config: AppConfig) -> int:
+    """The largest legal ScoreRequest: a GenerateRequest's fields plus MAX_CHOICES candidates."""
+    return generate_request_bytes(config) + MAX_CHOICES * (config.promptmux.engine.input_bytes_limit + 8)
+
+
 def register_request_bytes(config: AppConfig, d_model: int) -> int:
     """The largest legal RegisterPromptRequest: a float32 [max_prompt_length, d_model] tensor."""
     tensor = config.promptmux.store.max_prompt_length * d_model * _LARGEST_ELEMENT_BYTES
@@ -37,9 +43,23 @@ def register_request_bytes(config: AppConfig, d_model: int) -> int:
 
 
 def grpc_max_message_bytes(config: AppConfig, d_model: int) -> int:
-    """What the largest legal request needs (a full GenerateBatch or the largest prompt
-    upload), and never below gRPC's default, which replies (listings) may use."""
+    """What the largest legal request needs (a full GenerateBatch, the largest prompt upload
+    or a Score of the most candidates), and never below gRPC's default, which replies (listings) may use."""
     batch = config.serving.max_in_flight_per_tenant * (generate_request_bytes(config) + 16)
-    needed = max(batch, register_request_bytes(config, d_model), GRPC_DEFAULT_MESSAGE_BYTES)
+    needed = max(batch, register_request_bytes(config, d_model), score_request_bytes(config), GRPC_DEFAULT_MESSAGE_BYTES)
     mib = 1024 * 1024
     return -(-needed // mib) * mib  # whole MiB: easier to read in logs and errors
+
+
+# A JSON string may spell a byte as a 6-character escape (\u00e9).
+_JSON_ESCAPE_FACTOR = 6
+_HTTP_FIELDS_ALLOWANCE_BYTES = 64 * 1024  # model, parameters, stop sequences, framing
+
+
+def http_max_body_bytes(config: AppConfig) -> int:
+    """The largest legal HTTP completions body: the most texts one call may carry (one
+    tenant's in-flight limit of prompts, or the candidates of a scored one), every byte
+    escaped; anything larger is refused with 413 before it is parsed."""
+    text = config.promptmux.engine.input_bytes_limit
+    texts = max(config.serving.max_in_flight_per_tenant, MAX_CHOICES + 1)
+    return texts * (text * _JSON_ESCAPE_FACTOR + 8) + _HTTP_FIELDS_ALLOWANCE_BYTES

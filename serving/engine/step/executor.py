@@ -12,9 +12,12 @@ step.
   cross-attention K/V of their encoder output go into free slots (slot_cache.py). A slot never
   reads the bank again: its cross K/V are its own copy.
 - A step: one decoder forward over the active rows (t5_step.py, the model's own weights and
-  modules, a per-row position bias), then every row's next token at once (engine/sampling.py:
-  greedy, or temperature/top-p with the row's own counter-based random stream), then one host
-  sync to hand the tokens back.
+  modules, a per-row position bias), then every row's logits controls at once while some row
+  uses them (engine/sampling.py's `control_logits`: repetition penalty, no-repeat n-grams, EOS
+  masked before min_new_tokens, each row with its own values from the slot cache), then every
+  row's next token (greedy, or temperature/top-k/top-p with the row's own counter-based random
+  stream), the stop sequences and log-probabilities of the rows that asked, and one host sync
+  to hand all of it back.
 - Isolation: a request whose prompt cannot be leased (deleted, unreadable, larger than the
   bank) or that the step loop does not run (beam search) fails alone at admission; the others
   are admitted and decode exactly as they would alone. Beam search arrives in `plan.static`
@@ -28,7 +31,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -37,9 +40,12 @@ from promptmux.prompts.errors import InvalidRequestError, ModelLoadError, Prompt
 from ..context import ModelContext
 from ..encode import encode
 from ..plan import AdmissionStats, DecodeStats, Handle, StepOutputs, StepPlan, TokenStream
-from ..sampling import SAMPLING_DTYPE, row_seed, sample_rows, seed_words
+from ..sampling import (
+    SAMPLING_DTYPE, control_logits, row_seed, sample_rows, seed_words, token_logprobs, unpack_logprobs,
+)
 from ..static_decoding import StaticExecutor
-from ..types import PreparedRequest
+from ..stop_strings import aligned_tails
+from ..types import MAX_STOP_SEQUENCES, PreparedRequest, TokenLogprob
 from .decode_graphs import make_runner, resolve_decode_graphs
 from .slot_cache import SlotCache
 from .t5_step import T5DecoderStep
@@ -54,6 +60,60 @@ class _Active:
     sampling: bool
     nucleus: bool  # sampling with top_p < 1
     tokens: list[int] = field(default_factory=list)  # produced so far; len() is its decode position
+    logprobs: list[TokenLogprob] | None = None  # per token, when the request asked for them
+
+
+class _Produced(NamedTuple):
+    """What one step hands back to the host, in one sync."""
+
+    tokens: list[int]  # [n]
+    stopped: list[bool] | None  # [n] a stop sequence completed (None: no row has one)
+    logprobs: list[list[float]] | None  # [n, 1 + 2k] token_logprobs rows (None: no row asked)
+
+
+class _Controls:
+    """Host-side counts of what the active rows ask for, so a step does only the work some row
+    needs, and the stop strings' columns in the slot cache's membership mask."""
+
+    def __init__(self, columns: int) -> None:
+        self.controlled = 0  # rows with any logits control (their history is kept)
+        self.penalized = 0  # rows with repetition_penalty != 1
+        self.ngram_sizes: Counter = Counter()  # no_repeat_ngram_size > 0 -> rows
+        self.top_k: Counter = Counter()  # sampling rows' top_k > 0 -> rows
+        self.logprobs: Counter = Counter()  # logprobs k -> rows
+        self.stop_columns: dict[str, int] = {}  # stop string -> its column in SlotCache.stop_member
+        self._stop_rows: Counter = Counter()
+        self._free_columns = list(range(columns - 1, -1, -1))
+
+    def add(self, prepared: PreparedRequest, sign: int = 1) -> None:
+        params = prepared.params
+        if params.uses_controls:
+            self.controlled += sign
+        if params.repetition_penalty != 1.0:
+            self.penalized += sign
+        for counter, value in ((self.ngram_sizes, params.no_repeat_ngram_size),
+                               (self.top_k, params.top_k if params.strategy == "sample" else 0)):
+            if value:
+                counter[value] += sign
+                if not counter[value]:
+                    del counter[value]
+        if params.logprobs is not None:
+            self.logprobs[params.logprobs] += sign
+            if not self.logprobs[params.logprobs]:
+                del self.logprobs[params.logprobs]
+        for stop in params.stop:
+            if sign > 0 and stop not in self.stop_columns:
+                self.stop_columns[stop] = self._free_columns.pop()
+            self._stop_rows[stop] += sign
+            if not self._stop_rows[stop]:
+                del self._stop_rows[stop]
+                self._free_columns.append(self.stop_columns.pop(stop))
+
+    def member_row(self, prepared: PreparedRequest, columns: int) -> list[bool]:
+        row = [False] * columns
+        for stop in prepared.params.stop:
+            row[self.stop_columns[stop]] = True
+        return row
 
 
 class StepExecutor:
@@ -79,6 +139,7 @@ class StepExecutor:
             max_positions=config.max_new_tokens_limit,
             dtype=self.decoder.dtype,
             device=self.device,
+            stop_columns=config.max_batch_size * MAX_STOP_SEQUENCES,
         )
         self.slots = self.cache.slots
         self.decode_graphs = resolve_decode_graphs(config.decode_graphs, self.device)
@@ -87,6 +148,7 @@ class StepExecutor:
         self._rows: list[_Active] = []  # row i of the cache holds self._rows[i]
         self._row_of: dict[Handle, int] = {}
         self._prompts: Counter = Counter()  # (tenant, prompt ids) -> active rows: distinct tasks per step
+        self._controls = _Controls(self.cache.stop_member.shape[1])
 
     @property
     def active_slots(self) -> int:
@@ -162,16 +224,39 @@ class StepExecutor:
             ).to(self.device, non_blocking=True),
             seeds=torch.tensor(seeds, dtype=torch.long).to(self.device, non_blocking=True),
         )
+        controls = self._controls
+        for _, prepared in admitted:
+            controls.add(prepared)
+        self._admit_controls(start, [p for _, p in admitted])
         for handle, prepared in admitted:
             sampling = prepared.params.strategy == "sample"
             self._row_of[handle] = len(self._rows)
-            self._rows.append(_Active(handle, prepared, sampling, sampling and prepared.params.top_p < 1.0))
+            self._rows.append(_Active(handle, prepared, sampling, sampling and prepared.params.top_p < 1.0,
+                                      logprobs=None if prepared.params.logprobs is None else []))
             self._prompts[(prepared.tenant, prepared.prompt_task_ids)] += 1
         outputs.admission = AdmissionStats(
             admitted=len(admitted),
             encoder_tokens=sum(encoded.lengths),
             padding_fraction=encoded.padding_fraction,
             seconds=time.perf_counter() - started,
+        )
+
+    def _admit_controls(self, start: int, admitted: list[PreparedRequest]) -> None:
+        """The admitted rows' logits controls into the slot cache: one copy per field."""
+        params = [p.params for p in admitted]
+        columns = self.cache.stop_member.shape[1]
+
+        def put(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        self.cache.admit_controls(
+            start,
+            self.context.decoder_start_token_id,
+            top_k=put([q.top_k if q.strategy == "sample" else 0 for q in params], torch.long),
+            repetition_penalty=put([q.repetition_penalty for q in params], SAMPLING_DTYPE),
+            ngram_size=put([q.no_repeat_ngram_size for q in params], torch.long),
+            eos_until=put([q.eos_masked_until for q in params], torch.long),
+            stop_member=put([self._controls.member_row(p, columns) for p in admitted], torch.bool),
         )
 
     def _refusal(self, handle: Handle, prepared: PreparedRequest, accepted: int) -> PromptmuxError | None:
@@ -213,35 +298,71 @@ class StepExecutor:
             return
         eos = self.context.eos_token_id
         finished: list[int] = []
-        for index, (row, token) in enumerate(zip(rows, produced)):
+        stopped, logprobs = produced.stopped, produced.logprobs
+        for index, (row, token) in enumerate(zip(rows, produced.tokens)):
             row.tokens.append(token)
-            if token == eos or len(row.tokens) >= row.prepared.params.max_new_tokens:
-                outputs.finished[row.handle] = self.context.result(row.prepared, list(row.tokens),
-                                                                   "eos" if token == eos else "length")
-                finished.append(index)
+            if row.logprobs is not None:
+                row.logprobs.append(unpack_logprobs(token, logprobs[index], row.prepared.params.logprobs))
+            if token == eos:
+                finish = "eos"
+            elif stopped is not None and stopped[index]:
+                finish = "stop"
+            elif len(row.tokens) >= row.prepared.params.max_new_tokens:
+                finish = "length"
+            else:
+                continue
+            outputs.finished[row.handle] = self.context.result(row.prepared, list(row.tokens), finish, row.logprobs)
+            finished.append(index)
         outputs.stepped = [row.handle for row in rows]
-        outputs.tokens = produced
+        outputs.tokens = produced.tokens
         outputs.decode = DecodeStats(rows=n, waiting=len(self._rows) - n, distinct_tasks=len(self._prompts),
                                      seconds=0.0)
         self._free(finished)
         outputs.decode.seconds = time.perf_counter() - started
 
-    def _forward(self, rows: list[_Active]) -> list[int]:
-        """The next token of each of `rows` (the first len(rows) slots)."""
-        n, cache = len(rows), self.cache
+    def _forward(self, rows: list[_Active]) -> _Produced:
+        """The next token of each of `rows` (the first len(rows) slots), with the stop flags
+        and log-probabilities of the rows that asked."""
+        n, cache, controls = len(rows), self.cache, self._controls
         columns = max(len(r.tokens) for r in rows) + 1  # self-attention columns any row reads
         width = max(r.prepared.encoder_tokens for r in rows)  # encoder columns any row reads
         logits = self._runner(n, columns, width)  # [n, V]
+        scores = logits
+        lengths = cache.positions[:n] + 1  # [n] valid history columns: the start token and the output
+        if controls.controlled:
+            scores = control_logits(
+                logits, cache.history[:n, :columns], lengths, cache.repetition_penalty[:n], cache.ngram_size[:n],
+                sorted(controls.ngram_sizes), cache.eos_until[:n], self.context.eos_token_id,
+                penalize=controls.penalized > 0,
+            )  # [n, V] float32
         if any(r.sampling for r in rows):
             next_tokens = sample_rows(
-                logits, cache.greedy[:n], cache.temperature[:n], cache.top_p[:n], cache.seeds[:n],
+                scores, cache.greedy[:n], cache.temperature[:n], cache.top_p[:n], cache.seeds[:n],
                 cache.positions[:n], filter_top_p=any(r.nucleus for r in rows),
+                top_k=cache.top_k[:n] if controls.top_k else None, top_k_max=max(controls.top_k, default=0),
             )  # [n]
         else:
-            next_tokens = logits.argmax(dim=-1)  # [n]
+            next_tokens = scores.argmax(dim=-1)  # [n]
+        extras: list[torch.Tensor] = []
+        if controls.controlled:
+            cache.history[:n].scatter_(1, lengths[:, None], next_tokens[:, None])
+            if controls.stop_columns:
+                stops = self.context.stops
+                tails = aligned_tails(cache.history[:n, : columns + 1], lengths + 1,
+                                      stops.span(list(controls.stop_columns)))  # [n, M]
+                extras.append(stops.hits(tails, controls.stop_columns, cache.stop_member[:n])[:, None].double())
+        if controls.logprobs:
+            extras.append(token_logprobs(logits, next_tokens, max(controls.logprobs)))  # [n, 1 + 2k]
         cache.tokens[:n] = next_tokens
         cache.positions[:n] += 1
-        return next_tokens.tolist()  # the step's one host sync
+        if not extras:
+            return _Produced(next_tokens.tolist(), None, None)  # the step's one host sync
+        packed = torch.cat([next_tokens[:, None].double(), *extras], dim=1).tolist()  # the step's one host sync
+        tokens = [int(row[0]) for row in packed]
+        stopped = [row[1] > 0 for row in packed] if controls.stop_columns else None
+        first = 2 if controls.stop_columns else 1
+        logprobs = [row[first:] for row in packed] if controls.logprobs else None
+        return _Produced(tokens, stopped, logprobs)
 
     def _put_first(self, handles: Sequence[Handle]) -> None:
         """Move these requests into the lowest slots, [0, len(handles)), so a step limited to
@@ -275,6 +396,7 @@ class StepExecutor:
         movers = [j for j in range(new, old) if j not in gone]
         for row in (self._rows[i] for i in gone):
             del self._row_of[row.handle]
+            self._controls.add(row.prepared, -1)
             key = (row.prepared.tenant, row.prepared.prompt_task_ids)
             self._prompts[key] -= 1
             if not self._prompts[key]:
@@ -289,3 +411,4 @@ class StepExecutor:
                 self._row_of[self._rows[hole].handle] = hole
         del self._rows[new:]
         self.cache.clear_rows(new, old)
+

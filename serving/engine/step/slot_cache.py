@@ -18,6 +18,12 @@ Layout (L decoder layers, N slots, H heads, d = d_kv):
   padded buffer fits (T5-XXL, 64 slots, W=512, bf16: 6.4 GB).
 - per-slot decode state: the token to feed next, its position (= tokens produced so far, the
   sampler's counter too), and the row's sampling parameters and seed.
+- per-slot logits controls (engine/sampling.py's `control_logits`, stop_strings.py): the
+  decoder's input so far, `history` [N, T+1] (column 0 the start token, column k+1 the k-th
+  output token), each row's top_k, repetition penalty, no-repeat n-gram size, the position
+  before which EOS stays masked, and which of the step's distinct stop strings it stops at
+  (`stop_member` [N, S]: column s is a string the executor assigned to s). Written only while
+  some active row uses them.
 
 Active slots are kept compact in rows [0, n): a step runs on views `[:n]` with no gather, and
 freeing a row moves the last active rows into the holes (`move_rows`, one index_copy per
@@ -42,6 +48,7 @@ class SlotCache:
         max_positions: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        stop_columns: int = 0,
     ) -> None:
         self.slots, self.layers, self.heads, self.d_kv = slots, layers, heads, d_kv
         self.max_positions = max_positions
@@ -62,6 +69,12 @@ class SlotCache:
         self.temperature = torch.ones(slots, dtype=torch.float32, device=device)  # [N]
         self.top_p = torch.ones(slots, dtype=torch.float32, device=device)  # [N]
         self.seeds = torch.zeros(slots, 2, dtype=torch.long, device=device)  # [N, 2] 32-bit words
+        self.history = torch.zeros(slots, max_positions + 1, dtype=torch.long, device=device)  # [N, T+1]
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)  # [N] 0: off
+        self.repetition_penalty = torch.ones(slots, dtype=torch.float32, device=device)  # [N] 1: off
+        self.ngram_size = torch.zeros(slots, dtype=torch.long, device=device)  # [N] 0: off
+        self.eos_until = torch.zeros(slots, dtype=torch.long, device=device)  # [N] EOS masked below it
+        self.stop_member = torch.zeros(slots, stop_columns, dtype=torch.bool, device=device)  # [N, S]
 
     # ------------------------------------------------------------------ sizing
     def ensure_cross_width(self, width: int, live_rows: int) -> bool:
@@ -114,6 +127,25 @@ class SlotCache:
         self.top_p[rows] = top_p
         self.seeds[rows] = seeds
 
+    def admit_controls(
+        self,
+        start: int,
+        decoder_start_token: int,
+        top_k: torch.Tensor,  # [B] long
+        repetition_penalty: torch.Tensor,  # [B] float32
+        ngram_size: torch.Tensor,  # [B] long
+        eos_until: torch.Tensor,  # [B] long
+        stop_member: torch.Tensor,  # [B, S] bool
+    ) -> None:
+        """The logits controls of rows [start, start + B), admitted just before (admit_rows)."""
+        rows = slice(start, start + top_k.shape[0])
+        self.history[rows, 0] = decoder_start_token
+        self.top_k[rows] = top_k
+        self.repetition_penalty[rows] = repetition_penalty
+        self.ngram_size[rows] = ngram_size
+        self.eos_until[rows] = eos_until
+        self.stop_member[rows] = stop_member
+
     # ------------------------------------------------------------------ compaction
     def move_rows(self, dst: list[int], src: list[int], positions: int, width: int) -> None:
         """Copy rows `src` into rows `dst` (all buffers; K/V up to `positions` decode
@@ -129,8 +161,11 @@ class SlotCache:
         for buffer in (self.cross_k, self.cross_v):
             buffer[:, dst_index, :, :width] = buffer[:, src_index, :, :width]  # [L, m, H, w, d]
         for buffer in (self.cross_bias, self.tokens, self.positions, self.greedy, self.temperature,
-                       self.top_p, self.seeds):
+                       self.top_p, self.seeds, *self.control_buffers()):
             buffer[dst_index] = buffer[src_index]
+
+    def control_buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.history, self.top_k, self.repetition_penalty, self.ngram_size, self.eos_until, self.stop_member)
 
     def clear_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop) became free: park them at position 0 (see __init__)."""
