@@ -4,6 +4,11 @@
 `serving` (serving/config.py). It is parsed here, once, so a bad key fails the deploy
 with a message instead of failing every replica.
 
+The deployment serves gRPC (its methods carry the RPC names) and HTTP through the same replica:
+`serve.ingress()` gives it the OpenAI-compatible API (serving/replica/http_api.py), built in each
+replica on its own engine and scheduler. The route prefix is `/`: `/v1/...` is the API, and
+every other path answers a JSON 404.
+
 Replica options not set in the Serve config get defaults that keep batches full: Serve must
 let at least a whole batch reach a replica (`max_ongoing_requests` >= max_batch_size), and
 here it lets the whole admission queue through so that the replica's own fair queue, not
@@ -19,7 +24,7 @@ from ray.serve import Application
 from ..rpc.proto_build import require_built
 from ..config import APP_NAME, AppConfig  # noqa: F401  (APP_NAME: the name build_app deploys under, imported from here)
 
-ROUTE_PREFIX = "/promptmux"
+ROUTE_PREFIX = "/"
 DEPLOYMENT_NAME = "PromptmuxServer"
 GRPC_SERVICER = "promptmux.serving.rpc.proxy.add_PromptmuxServicer_to_server"
 
@@ -42,7 +47,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def build_deployment(config: AppConfig, **options: Any) -> Application:
     """The bound deployment; `options` override the defaults (e.g. ray_actor_options)."""
     require_built()  # the gRPC proxy imports the generated servicer on this machine
-    from .server import PromptmuxServer
+    from .ingress import HTTPIngressServer
 
-    deployment = serve.deployment(PromptmuxServer, name=DEPLOYMENT_NAME)
+    deployment = serve.deployment(HTTPIngressServer, name=DEPLOYMENT_NAME)
     return deployment.options(**{**deployment_defaults(config), **options}).bind(config)

@@ -25,7 +25,7 @@ _FRACTIONS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 MAX_TASK_LABELS = 1000
 OTHER_TASKS_LABEL = "_other"
 # Failures that happen before the request's ids are known to be real.
-_UNTRUSTED_IDS = {"UNAUTHENTICATED", "NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"}
+_UNTRUSTED_IDS = {"UNAUTHENTICATED", "NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED", "PAYLOAD_TOO_LARGE"}
 
 
 def task_label(request: GenerationRequest) -> str:
@@ -40,9 +40,11 @@ class ServingMetrics:
     def __init__(self) -> None:
         self._tagged_tasks: set[str] = set()  # the task tag's values so far (at most MAX_TASK_LABELS)
         self.requests = Counter(
-            "promptmux_requests", "RPCs handled, by method and final status code",
-            tag_keys=("method", "tenant", "task", "status"),
+            "promptmux_requests", "RPCs handled, by method and final status code (protocol: grpc, or http for the "
+            "OpenAI-compatible API)",
+            tag_keys=("method", "tenant", "task", "status", "protocol"),
         )
+        self.requests.set_default_tags({"protocol": "grpc"})
         self.queue_wait = Histogram(
             "promptmux_queue_wait_seconds", "Time a request waited for its batch", boundaries=_LATENCY_S,
             tag_keys=("tenant",),
@@ -52,8 +54,9 @@ class ServingMetrics:
         )
         self.end_to_end = Histogram(
             "promptmux_request_latency_seconds", "Replica time per RPC, from arrival to reply",
-            boundaries=_LATENCY_S, tag_keys=("method", "tenant"),
+            boundaries=_LATENCY_S, tag_keys=("method", "tenant", "protocol"),
         )
+        self.end_to_end.set_default_tags({"protocol": "grpc"})
         self.batch_size = Histogram(
             "promptmux_batch_size", "Requests per engine batch (continuous batching: rows per decoder step)",
             boundaries=_BATCH_SIZES,
@@ -128,19 +131,23 @@ class ServingMetrics:
 
     # ------------------------------------------------------------------ per RPC
     def rpc_finished(
-        self, method: str, tenant: str, task: str, status: str, seconds: float, *, count: bool = True
+        self, method: str, tenant: str, task: str, status: str, seconds: float, *, count: bool = True,
+        protocol: str = "grpc",
     ) -> None:
-        """One RPC ended. `count=False` when its requests were counted one by one (GenerateBatch)."""
+        """One RPC (or HTTP call, protocol="http") ended. `count=False` when its requests were
+        counted one by one (GenerateBatch)."""
         if count:
-            self.count(method, tenant, task, status)
-        self.end_to_end.observe(seconds, tags={"method": method, "tenant": "" if status == "UNAUTHENTICATED" else tenant})
+            self.count(method, tenant, task, status, protocol)
+        self.end_to_end.observe(seconds, tags={"method": method, "tenant": "" if status == "UNAUTHENTICATED" else tenant,
+                                               "protocol": protocol})
 
-    def count(self, method: str, tenant: str, task: str, status: str) -> None:
+    def count(self, method: str, tenant: str, task: str, status: str, protocol: str = "grpc") -> None:
         if status in _UNTRUSTED_IDS:
             task = ""
             if status == "UNAUTHENTICATED":
                 tenant = ""
-        self.requests.inc(1, tags={"method": method, "tenant": tenant, "task": self._task_tag(task), "status": status})
+        self.requests.inc(1, tags={"method": method, "tenant": tenant, "task": self._task_tag(task), "status": status,
+                                   "protocol": protocol})
 
     def tokens(self, request: GenerationRequest, result: GenerationResult) -> None:
         tags = {"tenant": request.tenant, "task": self._task_tag(task_label(request))}
