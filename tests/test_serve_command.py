@@ -4,6 +4,7 @@ printed demo key, every port listening on --host only (metrics included), the me
 limit, and a clean Ctrl-C."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -92,6 +93,23 @@ def test_promptmux_serve_from_outside(tmp_path):
             metadata = [("application", "promptmux"), ("authorization", f"Bearer {key}")]
             reply = stub.Generate(pb.GenerateRequest(task="reverse", text="hello"), metadata=metadata, timeout=120)
             assert reply.text == "olleh"
+            # A second serve on the same ports stops at once, before it writes anything: the
+            # first keeps answering with its key.
+            keys_file = tmp_path / f"dev-api-keys-{ports['gRPC']}.yaml"  # beside the store
+            keys_before = keys_file.read_bytes()
+            second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"port {ports['gRPC']} is in use (another promptmux serve?)" in second.stderr
+            assert "Traceback" not in second.stderr and second.stdout == ""
+            assert keys_file.read_bytes() == keys_before
+            assert stub.Generate(pb.GenerateRequest(task="reverse", text="abc"), metadata=metadata, timeout=60).text == "cba"
+            # The OpenAI-compatible API on the HTTP port, with the same key.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{ports['HTTP']}/v1/completions", method="POST",
+                data=b'{"model": "reverse", "prompt": "hello"}',
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert json.loads(response.read())["choices"][0]["text"] == "olleh"
             # The proxy's limit is what the largest legal message needs (5 MiB for the defaults:
             # a GenerateBatch of 256 texts of 16 KiB, rounded up); anything larger never reaches a replica.
             with pytest.raises(grpc.RpcError) as caught:

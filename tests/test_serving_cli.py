@@ -51,12 +51,35 @@ def test_plain_args_file_and_defaults(tmp_path):
 
 
 def test_demo_key_file_holds_one_hashed_key_for_tenant_demo(tmp_path):
-    path, key = make_dev_key_file(tmp_path / "prompts")
-    assert path == tmp_path / "dev-api-keys.yaml" and key not in path.read_text()
+    path, key = make_dev_key_file(tmp_path / "prompts", 9000)
+    assert path == tmp_path / "dev-api-keys-9000.yaml" and key not in path.read_text()
     principal = KeyRing.from_file(path).authenticate([("authorization", f"Bearer {key}")])
     assert (principal.tenant, principal.admin) == ("demo", False)
-    _, other = make_dev_key_file(tmp_path / "prompts")
+    _, other = make_dev_key_file(tmp_path / "prompts", 9000)
     assert other != key  # a fresh key every start: the file never holds it in clear
+    elsewhere, _ = make_dev_key_file(tmp_path / "prompts", 9100)
+    assert elsewhere != path and KeyRing.from_file(path).authenticate([("authorization", f"Bearer {other}")])
+
+
+def test_a_busy_port_stops_serve_before_anything_starts(tmp_path):
+    import socket
+
+    from promptmux.serving.cli.serve import busy_port_message, run_serve
+
+    with socket.socket() as listener, socket.socket() as spare:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        spare.bind(("127.0.0.1", 0))
+        free = spare.getsockname()[1]
+        spare.close()
+        assert busy_port_message("127.0.0.1", {"gRPC": free}) is None
+        message = busy_port_message("127.0.0.1", {"gRPC": free, "HTTP": port})
+        assert message == (f"promptmux serve: port {port} is in use (another promptmux serve?); stop it, or pick a "
+                           "free HTTP port with --http-port")
+        args = parse("--http-port", str(port), "--store", str(tmp_path / "prompts"))
+        assert run_serve(args) == 2
+    assert not list(tmp_path.iterdir())  # no key file, no store: nothing was started or written
 
 
 def test_promptmux_cli_offers_serve():

@@ -5,10 +5,15 @@ its gRPC proxy on --grpc-port and HTTP proxy (health) on --http-port, deploys th
 application, seeds the demo prompts for the embedded model, prints where everything is, and
 stops cleanly on Ctrl-C or SIGTERM.
 
+Before it starts anything, it checks that its ports are free: a port in use (another
+promptmux serve?) stops it at once with exit code 2, and nothing else happens.
+
 API keys (the service never runs without them): the key file comes from --api-keys-file,
 the config's `serving.api_keys_file`, or $PROMPTMUX_API_KEYS_FILE. With none of those, a
 local demo key file is created next to the prompt store, holding (hashed) one fresh key for
-tenant `demo`, which is printed once. Deployments (serving/configs/serve.yaml, Kubernetes)
+tenant `demo`, which is printed once. The file is named by the gRPC port
+(`dev-api-keys-9000.yaml`): a server on another port never rewrites the file a running one
+reads, and a server on the same port cannot be running (its port is checked first). Deployments (serving/configs/serve.yaml, Kubernetes)
 never do this: a replica with no key file refuses to start.
 """
 from __future__ import annotations
@@ -69,18 +74,55 @@ def resolve_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
     return app_args, options, serve_config
 
 
-def make_dev_key_file(store_root: Path) -> tuple[Path, str]:
-    """A fresh key for tenant `demo`, stored hashed next to the prompt store."""
+def make_dev_key_file(store_root: Path, grpc_port: int) -> tuple[Path, str]:
+    """A fresh key for tenant `demo`, stored hashed next to the prompt store, in the file of
+    this gRPC port (only the server on that port reads it)."""
     from ..replica.auth import generate_key, write_key_file
 
     key = generate_key()
-    path = write_key_file(Path(store_root).parent / "dev-api-keys.yaml", [(DEMO_TENANT, key, False)])
+    path = write_key_file(Path(store_root).parent / f"dev-api-keys-{grpc_port}.yaml", [(DEMO_TENANT, key, False)])
     return path, key
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on `port` at `host` (or would stop a listener there)."""
+    import socket
+
+    reach = "127.0.0.1" if host in _EVERY_INTERFACE else host
+    family = socket.AF_INET6 if ":" in reach else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((reach, port)) == 0:
+            return True
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is no listener
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def busy_port_message(host: str, ports: dict[str, int]) -> str | None:
+    """The message for the first port in use, or None when every port is free."""
+    for name, port in ports.items():
+        if port_in_use(host, port):
+            flag = {"gRPC": "--grpc-port", "HTTP": "--http-port", "metrics": "--metrics-port"}[name]
+            return (f"promptmux serve: port {port} is in use (another promptmux serve?); stop it, or pick a free "
+                    f"{name} port with {flag}")
+    return None
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    # Before Ray is imported: it reads its single-machine switch at import time.
     host = bind_host(args.host)
+    app_args, options, serve_config = resolve_args(args)
+    grpc_port = args.grpc_port or serve_config.get("grpc_options", {}).get("port", 9000)
+    http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
+    busy = busy_port_message(host, {"gRPC": grpc_port, "HTTP": http_port, "metrics": args.metrics_port})
+    if busy:  # before anything starts or is written: a running server keeps its keys
+        print(busy, file=sys.stderr)
+        return 2
+    # Before Ray is imported: it reads its single-machine switch at import time.
     os.environ.update(ray_environment(host))
 
     from ..replica.app import ROUTE_PREFIX
@@ -93,11 +135,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..model.loading import model_d_model
     from .local_serve import HOOK as BIND_HOOK
 
-    app_args, options, serve_config = resolve_args(args)
     config = AppConfig.from_args(app_args)
     dev_key = None
     if not config.serving.api_keys_file:
-        keys_file, dev_key = make_dev_key_file(config.promptmux.store.root)
+        keys_file, dev_key = make_dev_key_file(config.promptmux.store.root, grpc_port)
         app_args.setdefault("serving", {})["api_keys_file"] = str(keys_file.resolve())
     else:
         # A replica refuses a bad key file; say so now, not after Ray has started and retried.
@@ -110,8 +151,6 @@ def run_serve(args: argparse.Namespace) -> int:
     # Replicas may run in another working directory: hand them absolute paths.
     app_args["store"]["root"] = str(Path(app_args["store"]["root"]).resolve())
     config = AppConfig.from_args(app_args)
-    grpc_port = args.grpc_port or serve_config.get("grpc_options", {}).get("port", 9000)
-    http_port = args.http_port or serve_config.get("http_options", {}).get("port", 8000)
 
     max_message = grpc_max_message_bytes(config, model_d_model(config.promptmux.model))
     seed_demo_prompts_if_embedded(config.promptmux.model, open_store(config.promptmux))
@@ -224,7 +263,9 @@ def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespa
         f"batches of up to {serving.max_batch_size})",
         f"  gRPC     {reach}:{grpc_port}   "
         "service promptmux.v1.Promptmux; metadata `application: promptmux` and `authorization: Bearer <key>`",
-        f"  HTTP     http://{reach}:{http_port}/-/healthz",
+        f"  HTTP     http://{reach}:{http_port}/v1   OpenAI-compatible completions and models "
+        "(`Authorization: Bearer <key>`); health at /-/healthz",
+        f"           health   http://{reach}:{http_port}/-/healthz",
         f"  metrics  http://{reach}:{args.metrics_port}/metrics",
         f"  listens  on {where}{'' if host in _EVERY_INTERFACE else ' only'} (--host); gRPC messages up to {max_message_bytes // (1024 * 1024)} MiB",
         f"  prompts  {config.promptmux.store.root}",
@@ -235,6 +276,8 @@ def _print_banner(config, grpc_port: int, http_port: int, args: argparse.Namespa
             f"  demo key (tenant {DEMO_TENANT!r}, shown once, stored only hashed): {dev_key}",
             "",
             f"  try: {client_command(f'{reach}:{grpc_port}', dev_key)} --task reverse --text hello",
+            f"       curl -s http://{reach}:{http_port}/v1/completions -H 'Authorization: Bearer {dev_key}' "
+            "-H 'Content-Type: application/json' -d '{\"model\": \"reverse\", \"prompt\": \"hello\"}'",
         ]
     lines += ["", "Ctrl-C stops."]
     print("\n".join(lines), flush=True)
