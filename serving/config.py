@@ -253,6 +253,9 @@ class ServingConfig:
     # longer than this (a hung NFS mount) fails the check. Keep it below Serve's
     # health_check_timeout_s so the replica's own message, not a bare timeout, says why.
     store_check_timeout_s: float = 10.0
+    # One log line per call (gRPC or HTTP) with its real status and duration, logger
+    # `promptmux.access` (`promptmux serve --access-log`). Off: a busy server's terminal stays quiet.
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -354,6 +357,7 @@ def apply_overrides(
     device: str | None = None,
     store: str | Path | None = None,
     api_keys_file: str | Path | None = None,
+    access_log: bool = False,
 ) -> dict[str, Any]:
     """The one override path: command-line values over the file's, then the store root from
     $PROMPTMUX_STORE or the default. Returns new application args (sections copied)."""
@@ -367,4 +371,6 @@ def apply_overrides(
     store_section.setdefault("root", os.environ.get(STORE_ENV) or DEFAULT_STORE_ROOT)
     if api_keys_file:
         args.setdefault("serving", {})["api_keys_file"] = str(api_keys_file)
+    if access_log:
+        args.setdefault("serving", {})["access_log"] = True
     return args

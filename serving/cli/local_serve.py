@@ -12,6 +12,7 @@ project's servicer on `grpc_port` and its HTTP proxy (health) listens on `host:h
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -39,10 +40,14 @@ def local_serve(
     from ..rpc.proto_build import ensure_built
 
     ensure_built()  # a command that starts a server builds the gRPC code if the .proto changed
+    # Ray's local cluster authenticates its own processes with a token it makes (and warns
+    # that it does, at every start): nothing for the user to do, so it is said once, quietly.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _metrics_export_port=metrics_port,
              **ray_options)
     try:
         serve.start(
+            logging_config={"enable_access_log": False},  # promptmux's own has the real status (replica/access_log.py)
             http_options={"host": host, "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )

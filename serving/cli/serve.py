@@ -55,6 +55,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--api-keys-file", type=Path, help="hashed API key file (see serving/replica/auth.py)")
     parser.add_argument("--replicas", type=int, help="replicas of the model (default 1)")
     parser.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per call with its real status (serving.access_log; off by default)")
     parser.set_defaults(handler=run_serve)
     return parser
 
@@ -66,7 +68,8 @@ def resolve_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         app_args, options, serve_config = read_config_file(args.config)
     except ValueError as error:
         raise SystemExit(f"promptmux serve: {error}") from None
-    app_args = apply_overrides(app_args, model=args.model, store=args.store, api_keys_file=args.api_keys_file)
+    app_args = apply_overrides(app_args, model=args.model, store=args.store, api_keys_file=args.api_keys_file,
+                               access_log=args.access_log)
     options = dict(options)
     if args.replicas:
         options.pop("autoscaling_config", None)
@@ -196,6 +199,8 @@ def ray_environment(host: str) -> dict[str, str]:
     from .local_serve import GRPC_HOST_ENV
 
     env = {GRPC_HOST_ENV: host}
+    if not sys.stderr.isatty():
+        env["RAY_COLOR_PREFIX"] = "0"  # Ray's log prefixes carry colour codes unless told otherwise
     if host not in _EVERY_INTERFACE:
         # Ray's single-machine mode (its default on macOS and Windows): the node address is
         # loopback, so the raylet, the metrics agent and its exporter listen on loopback only.

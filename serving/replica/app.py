@@ -37,6 +37,9 @@ def deployment_defaults(config: AppConfig) -> dict[str, Any]:
         # answers RESOURCE_EXHAUSTED instead of queueing without bound.
         "max_queued_requests": serving.max_queue_size,
         "graceful_shutdown_timeout_s": serving.shutdown_grace_s + 5,
+        # Serve's access line logs every gRPC call as OK (a handler sets its status on the
+        # context): promptmux writes its own, with the real status (replica/access_log.py).
+        "logging_config": {"enable_access_log": False},
     }
 
 

@@ -61,8 +61,9 @@ class _HTTPCall:
         self.status = "OK"
 
     def finish(self, status: str | None = None) -> None:
-        self.server._metrics.rpc_finished(self.method, self.tenant, self.task, status or self.status,
-                                          time.perf_counter() - self.started, protocol="http")
+        status, seconds = status or self.status, time.perf_counter() - self.started
+        self.server._metrics.rpc_finished(self.method, self.tenant, self.task, status, seconds, protocol="http")
+        self.server._access.record("http", self.method, self.tenant, status, seconds)
 
 
 def _error(error: PromptmuxError, call: _HTTPCall | None = None) -> JSONResponse:

@@ -28,6 +28,7 @@ import grpc
 
 from promptmux.prompts.records import Registration
 
+from .access_log import AccessLog
 from .auth import KeyRing, Principal, require_owner_or_admin
 from ..config import API_KEYS_ENV, AppConfig
 from ..engine.core import Engine
@@ -127,8 +128,10 @@ class _Observed:
             # A GenerateBatch or RegisterPrompts that ran counted each item already; one that
             # failed whole did not.
             itemized = call.method in ("GenerateBatch", "RegisterPrompts") and call.status == "OK"
-            self._server._metrics.rpc_finished(call.method, call.tenant, call.task, call.status,
-                                               time.perf_counter() - call.started, count=not itemized)
+            seconds = time.perf_counter() - call.started
+            self._server._metrics.rpc_finished(call.method, call.tenant, call.task, call.status, seconds,
+                                               count=not itemized)
+            self._server._access.record("grpc", call.method, call.tenant, call.status, seconds)
 
 
 def rpc(reply_type: Callable[[], Any] | None = None):
@@ -213,6 +216,7 @@ class PromptmuxServer:
         self._prompts = parts.prompts
         self._similarity = parts.similarity
         self._metrics = ServingMetrics()
+        self._access = AccessLog(serving.access_log)
         # serving.batching: the step scheduler (continuous) or the batch-at-a-time Batcher.
         self._scheduler = build_scheduler(serving, self._engine, observer=self._metrics)
         self._preparer = Preparer(self._engine.prepare)

@@ -15,6 +15,16 @@ text. INTERNAL tells clients the request is broken and must not be retried; in f
 is wrong with it, and a retry is served by another replica or by the restarted one. So a
 dead or unreachable replica answers UNAVAILABLE, the status gRPC clients retry.
 
+It also serves the standard gRPC health protocol, `grpc.health.v1.Health/Check` and `Watch`
+(the `grpcio-health-checking` servicer), on the same port, answered by the proxy itself:
+Kubernetes' native gRPC probe and gRPC load balancers send no `application` metadata, so the
+call cannot be routed to a replica, and Ray Serve 2.60's proxy runs such "passthrough"
+services (as it runs server reflection) in its own process. It answers SERVING for "" and for
+`promptmux.v1.Promptmux` while the proxy serves: the proxy routes only to replicas that pass
+their own check_health (serving/replica/health.py), so this is the proxy's readiness, and the
+replicas' health stays Serve's job. A Ray without passthrough services gets no health service
+(logged); probe the HTTP proxy's /-/healthz there.
+
 The proxy imports this module by the path in the Serve config, in its own process, before it
 serves anything; the mapping is installed there once. An error the replica's own code
 raised (`RayTaskError`, even one caused by another actor's death) keeps Ray's mapping.
@@ -41,7 +51,29 @@ def add_PromptmuxServicer_to_server(servicer: Any, server: Any) -> None:  # noqa
     """What `grpc_servicer_functions` names: promptmux's service, its request bytes passed
     through undecoded, plus UNAVAILABLE on replica death."""
     install_replica_death_status()
+    add_health_servicer(server)
     add_promptmux_servicer(servicer, server)
+
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def add_health_servicer(server) -> bool:
+    """grpc.health.v1.Health on the proxy itself; False where this Ray cannot run it there."""
+    if not hasattr(server, "add_passthrough_service"):
+        log.warning("this Ray Serve proxy cannot serve grpc.health.v1.Health itself (no passthrough services); "
+                    "probe the HTTP proxy's /-/healthz instead")
+        return False
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+
+    health = HealthServicer()
+    server.add_passthrough_service(HEALTH_SERVICE)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # `set` is a coroutine and this runs before the proxy's loop serves; no watcher exists yet,
+    # so the initial status is written as the servicer's own __init__ writes the one of "".
+    health._server_status[SERVICE] = health_pb2.HealthCheckResponse.SERVING
+    return True
 
 
 class _Captured:
