@@ -5,6 +5,7 @@ a temporary folder at start.
 
     python serving/rpc/client_example.py --target 127.0.0.1:9000 --api-key <key>
     python serving/rpc/client_example.py --task reverse --text hello --stream
+    python serving/rpc/client_example.py --task reverse --text hello --candidates olleh hello HELLO
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="hello")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--candidates", nargs="+", metavar="TEXT",
+                        help="score these outputs instead of generating (the Score RPC): each one's log-likelihood")
     parser.add_argument("--proto", type=Path, default=PROTO)
     args = parser.parse_args(argv)
     if not args.api_key:
@@ -56,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = pb_grpc.PromptmuxStub(channel)
         try:
-            if args.stream:
+            if args.candidates:
+                scored = stub.Score(pb.ScoreRequest(task=args.task, text=args.text, candidates=args.candidates),
+                                    metadata=metadata, timeout=60)
+                for candidate, logprob in zip(args.candidates, scored.logprobs):
+                    print(f"{logprob:10.4f}  {candidate}")
+                print(f"best: {scored.text}")
+            elif args.stream:
                 for message in stub.GenerateStream(request, metadata=metadata, timeout=60):
                     print(message.delta, end="", flush=True)
                 print()
