@@ -330,3 +330,37 @@ def test_the_replicas_cpu_by_part_comes_from_its_counter():
     points = [(0.0, histogram_totals(scrape(1.0, 0.5, 10))), (5.0, histogram_totals(scrape(3.5, 0.75, 30)))]
     stats = run_stats(points)
     assert stats.host_cpu_s == {"execute": 2.5, "prepare": 0.25}
+
+
+def test_a_report_against_a_running_server_names_what_that_server_runs(tmp_path):
+    import dataclasses
+
+    from promptmux.benchmarks.harness.bench_cli import workload_overrides
+    from promptmux.benchmarks.harness.load_targets import TargetInfo
+    from promptmux.benchmarks.harness.plots import short_run_note
+    from promptmux.benchmarks.harness.report import scenario_markdown
+    from promptmux.benchmarks.harness.request_records import RequestRecord
+    from promptmux.benchmarks.harness.runner import ScenarioResult
+    from promptmux.benchmarks.harness.scenario import load_scenario
+
+    scenario = load_scenario("mixed_vs_per_task")  # its own model and batching: random:embedded, mixed
+    server = TargetInfo("grpc", "gRPC 127.0.0.1:9000", "embedded", 256, "continuous", max_batch_size=64,
+                        dtype="float32")
+    runs = [dataclasses.replace(_run_result(scenario, "mixed-64", 10.0, 0.1, 0.2), target=server,
+                                records_file=tmp_path / "mixed-64.jsonl")]
+    result = ScenarioResult(scenario, runs, [], 0, 0, address="127.0.0.1:9000")
+    header = scenario_markdown(result, {}, tmp_path)
+    assert ("Server at 127.0.0.1:9000 (running before the harness; its Health reports): model `embedded` (float32), "
+            "continuous batching, 64 rows at once") in header
+    assert "random:embedded" not in header and "Server variants" not in header
+    # A run shorter than the running server's metrics export interval (10 s) is flagged on the batch plot.
+    runs[0].records.extend(RequestRecord(run="mixed-64", stream="main", tenant="bench", task="t", prompt_length=4,
+                                         input_chars=8, max_new_tokens=8, issued_at=t, finished_at=t + 0.1, status="OK")
+                           for t in (0.0, 3.0))
+    assert "shorter than the server's metrics export interval (~10 s)" in short_run_note(result)
+    assert short_run_note(dataclasses.replace(result, address=None)) == ""  # the harness's own server: 1 s
+
+    class Flags:
+        tenant, tenants, tasks = ["acme", "acme", "globex"], None, 4
+
+    assert workload_overrides(Flags()) == {"tasks": 4, "tenants": ["acme", "globex"]}

@@ -84,6 +84,8 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("workload (override every run of a scenario)")
     group.add_argument("--tasks", type=int, help="number of tasks (prompts)")
     group.add_argument("--tenants", type=int, help="number of tenants; tasks are spread over them")
+    group.add_argument("--tenant", action="append", metavar="NAME",
+                       help="a workload tenant by name (repeatable; instead of --tenants): the tenant your --key is for")
     group.add_argument("--popularity", help="uniform, cycle or zipf:S")
     group.add_argument("--prompt-length", help="prompt rows: N, LOW:HIGH or A,B,C")
     group.add_argument("--input-length", help="input characters: N, LOW:HIGH or A,B,C")
@@ -128,6 +130,11 @@ def workload_overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag, None)
         if value is not None:
             out[key] = value
+    names = getattr(args, "tenant", None)
+    if names:
+        if "tenants" in out:
+            raise SystemExit("promptmux bench: give --tenants (a count) or --tenant NAME (names), not both")
+        out["tenants"] = list(dict.fromkeys(names))
     return out
 
 

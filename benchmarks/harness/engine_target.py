@@ -98,6 +98,7 @@ class EngineTarget:
             d_model=self.host.d_model,
             batching=self._batching,
             extra={"max_batch_size": self._serving.get("max_batch_size"), "torch_threads": self._torch_threads},
+            max_batch_size=self._serving.get("max_batch_size") or 0,
         )
 
     async def ensure_prompts(self, tasks: Sequence[TaskSpec], d_model: int) -> int:

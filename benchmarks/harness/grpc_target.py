@@ -82,6 +82,8 @@ class GrpcTarget:
             d_model=reply.d_model,
             batching=reply.batching,
             extra={"status": reply.status, "queue_depth": reply.queue_depth},
+            max_batch_size=reply.max_batch_size,
+            dtype=reply.dtype,
         )
 
     async def wait_until_serving(self, timeout_s: float = 120.0) -> TargetInfo:

@@ -31,6 +31,8 @@ class TargetInfo:
     d_model: int
     batching: str
     extra: dict = field(default_factory=dict)
+    max_batch_size: int = 0  # rows decoded at once (continuous batching: slots), as the target reports
+    dtype: str = ""
 
 
 class BatchMonitor(Protocol):

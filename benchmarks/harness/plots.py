@@ -96,7 +96,32 @@ def batches_over_time(result: ScenarioResult, path: Path) -> Path:
         top.legend(fontsize=7, ncol=2)
     else:
         top.text(0.5, 0.5, "no batch data (no metrics endpoint)", ha="center", transform=top.transAxes)
+    note = short_run_note(result)
+    if note:
+        bottom.text(0.5, -0.42, note, ha="center", va="top", fontsize=7, color="firebrick", wrap=True,
+                    transform=bottom.transAxes)
     return _save(fig, path)
+
+
+# Ray's metrics export interval: the harness's own server exports every second, a running
+# server at Ray's default (metrics_report_interval_ms, 10 s) unless it was set otherwise.
+OWN_SERVER_EXPORT_S, RUNNING_SERVER_EXPORT_S = 1.0, 10.0
+
+
+def short_run_note(result: ScenarioResult) -> str:
+    """A warning when a server run lasted less than the server's metrics export interval: its
+    batch figures then cover part of the run at most."""
+    interval = RUNNING_SERVER_EXPORT_S if result.address is not None else OWN_SERVER_EXPORT_S
+    short = [run.run.name for run in _first_repeats(result)
+             if run.target.kind == "grpc" and run.records and _duration(run) < interval]
+    if not short:
+        return ""
+    return (f"{', '.join(short)}: shorter than the server's metrics export interval (~{interval:g} s); "
+            "its batch figures cover part of the run at most")
+
+
+def _duration(run: RunResult) -> float:
+    return max(r.issued_at for r in run.records) - min(r.issued_at for r in run.records)
 
 
 def _window(run: RunResult) -> tuple[float, float]:

@@ -187,11 +187,15 @@ def _host_path_lines(result: ScenarioResult) -> list[str]:
 
 def _setup_lines(result: ScenarioResult) -> list[str]:
     scenario = result.scenario
-    engine = ", ".join(f"{k}={v}" for k, v in scenario.engine.items()) or "defaults"
-    lines = [f"Model `{scenario.model.get('source', 'embedded')}` ({scenario.model.get('dtype', 'float32')}), engine {engine}.",
-             "Server variants: " + "; ".join(
-                 f"`{name}` ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})" for name, opts in scenario.servers.items()
-             ) + "."]
+    if result.address is not None:
+        lines = [_measured_server_line(result)]
+    else:
+        engine = ", ".join(f"{k}={v}" for k, v in scenario.engine.items()) or "defaults"
+        lines = [f"Model `{scenario.model.get('source', 'embedded')}` ({scenario.model.get('dtype', 'float32')}), engine {engine}.",
+                 "Server variants: " + "; ".join(
+                     f"`{name}` ({', '.join(f'{k}={v}' for k, v in opts.items()) or 'defaults'})"
+                     for name, opts in scenario.servers.items()
+                 ) + "."]
     if scenario.repeat > 1:
         lines.append(f"Each run {scenario.repeat} times, interleaved; comparisons take each run's best repeat.")
     lines += ["", "| run | stream | workload | load |", "|---|---|---|---|"]
@@ -199,6 +203,18 @@ def _setup_lines(result: ScenarioResult) -> list[str]:
         for stream in run.streams:
             lines.append(f"| {run.name} | {stream.name} | {stream.workload.describe()} | {stream.load.describe()} |")
     return lines
+
+
+def _measured_server_line(result: ScenarioResult) -> str:
+    """What a running server (not started by the harness) runs, as its Health said: the
+    scenario's own model, engine and server settings describe a server the harness did not start."""
+    info = next((run.target for run in result.runs if run.target.kind == "grpc"), None)
+    if info is None:
+        return f"Server at {result.address}: no run reached it."
+    dtype = f" ({info.dtype})" if info.dtype else ""
+    slots = f", {info.max_batch_size} rows at once" if info.max_batch_size else ""
+    return (f"Server at {result.address} (running before the harness; its Health reports): model `{info.model}`{dtype}, "
+            f"{info.batching} batching{slots}. The scenario's model, engine and server settings do not apply to it.")
 
 
 def comparisons_markdown(comparisons: Sequence[ComparisonResult]) -> str:

@@ -107,6 +107,7 @@ class ScenarioResult:
     comparisons: list[ComparisonResult]
     started_at: float
     finished_at: float
+    address: str | None = None  # the running server it measured, when the harness started none
 
     def best(self, run: str, metric: str, stream: str | None = None) -> float:
         """The run's best value over its repeats: other users of a shared machine only ever
@@ -351,7 +352,7 @@ async def run_scenario(env: Environment, scenario: Scenario, options: HarnessOpt
                 comparison.profiles = profiled.profiles
     if options.cleanup:
         await _cleanup(env, scenario)
-    return ScenarioResult(scenario, runs, comparisons, started, time.time())
+    return ScenarioResult(scenario, runs, comparisons, started, time.time(), address=options.address)
 
 
 async def _cleanup(env: Environment, scenario: Scenario) -> None:

@@ -477,4 +477,6 @@ class PromptmuxServer:
             d_model=self._prompts.d_model,
             queue_depth=self._scheduler.queue_depth,
             batching=self._config.serving.batching,
+            max_batch_size=self._scheduler.config.max_batch_size,
+            dtype=self._config.promptmux.model.dtype,
         )
