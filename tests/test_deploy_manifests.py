@@ -450,7 +450,7 @@ def test_serve_config_follows_the_serving_contract(kustomization):
     config = serve_config(kustomization)
     app = the_app(config)
     assert app["import_path"] == "promptmux.serving.replica.app:build_app"
-    assert app["route_prefix"] == "/promptmux"
+    assert app["route_prefix"] == "/"  # the OpenAI-compatible API at /v1, JSON 404s elsewhere
     assert config["grpc_options"]["grpc_servicer_functions"] == [
         "promptmux.serving.rpc.proxy.add_PromptmuxServicer_to_server"]
     assert config["grpc_options"]["port"] == 9000

@@ -173,3 +173,32 @@ def test_unknown_paths_and_chat_are_short_json_404s(server):
     assert "not a chat model" in chat.json()["error"]["message"]
     wrong = call(server, ("GET", "/v1/completions", {"headers": KEY}))[0]
     assert wrong.status_code == 405 and "POST /v1/completions" in wrong.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("error, status", [
+    ("InvalidRequestError", 400), ("UnauthenticatedError", 401), ("PermissionDeniedError", 403),
+    ("TaskNotFoundError", 404), ("ResourceExhaustedError", 429), ("UnavailableError", 503),
+    ("DeadlineExceededError", 504), ("PromptmuxError", 500),
+])
+def test_every_error_status_has_its_http_status(error, status):
+    from promptmux.prompts import errors
+    from promptmux.serving.rpc.openai_schema import error_body
+
+    code, body = error_body(getattr(errors, error)("what went wrong, and how to fix it"))
+    assert code == status and body["error"]["message"] == "what went wrong, and how to fix it"
+
+
+def test_a_replica_shutting_down_answers_503(tmp_path):
+    from promptmux.serving.replica.server import PromptmuxServer
+
+    keys = write_key_file(tmp_path / "keys.yaml", [("acme", "key-acme", False)])
+    config = AppConfig.from_args({"model": {"source": "embedded"}, "store": {"root": str(tmp_path / "prompts")},
+                                  "serving": {"api_keys_file": str(keys), "shutdown_grace_s": 0}})
+    replica = PromptmuxServer(config)
+    replica.test_loop = asyncio.new_event_loop()
+    try:
+        replica.test_loop.run_until_complete(replica.shutdown())
+        reply = complete(replica, {"model": "reverse", "prompt": "hello"})
+        assert reply.status_code == 503 and "shutting down" in reply.json()["error"]["message"]
+    finally:
+        replica.test_loop.close()

@@ -113,5 +113,7 @@ def test_serve_binds_to_loopback_or_every_interface_only():
     assert bind_host("0.0.0.0") == "0.0.0.0"
     with pytest.raises(SystemExit, match="--host 10.1.2.3 is not supported"):
         bind_host("10.1.2.3")
-    assert ray_environment("127.0.0.1") == {"PROMPTMUX_GRPC_HOST": "127.0.0.1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    assert ray_environment("0.0.0.0") == {"PROMPTMUX_GRPC_HOST": "0.0.0.0"}
+    assert ray_environment("127.0.0.1", terminal=True) == {"PROMPTMUX_GRPC_HOST": "127.0.0.1",
+                                                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    assert ray_environment("0.0.0.0", terminal=True) == {"PROMPTMUX_GRPC_HOST": "0.0.0.0"}
+    assert ray_environment("0.0.0.0", terminal=False) == {"PROMPTMUX_GRPC_HOST": "0.0.0.0", "RAY_COLOR_PREFIX": "0"}

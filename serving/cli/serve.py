@@ -194,12 +194,13 @@ def bind_host(host: str) -> str:
     )
 
 
-def ray_environment(host: str) -> dict[str, str]:
-    """Environment for the local Ray this command starts, so that it listens on `host` only."""
+def ray_environment(host: str, terminal: bool | None = None) -> dict[str, str]:
+    """Environment for the local Ray this command starts, so that it listens on `host` only
+    (and writes no colour codes when its output is not a terminal)."""
     from .local_serve import GRPC_HOST_ENV
 
     env = {GRPC_HOST_ENV: host}
-    if not sys.stderr.isatty():
+    if not (sys.stderr.isatty() if terminal is None else terminal):
         env["RAY_COLOR_PREFIX"] = "0"  # Ray's log prefixes carry colour codes unless told otherwise
     if host not in _EVERY_INTERFACE:
         # Ray's single-machine mode (its default on macOS and Windows): the node address is

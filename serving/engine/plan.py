@@ -13,8 +13,9 @@ sees the scheduler's own request objects.
 
 One call of `execute(plan)` does, in this order:
 1. free the slots of `cancel` (the callers went away);
-2. run `static` to completion on the static path (beam search, and every batch of the
-   `mixed` and `per_task` modes), one batch;
+2. run `static` to completion on the static path (beam search, scoring of candidates
+   (`GenerationRequest.choices`: one teacher-forced decoder pass, results carry
+   `choice_logprobs`), and every batch of the `mixed` and `per_task` modes), one batch;
 3. admit `admit` into free slots: one encoder forward for them;
 4. one decoder step over the active rows: `run_first` are moved into the lowest rows, and the
    step runs the first `row_limit` rows (None: every active row). The others keep their slots

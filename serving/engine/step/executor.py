@@ -328,8 +328,8 @@ class StepExecutor:
         width = max(r.prepared.encoder_tokens for r in rows)  # encoder columns any row reads
         logits = self._runner(n, columns, width)  # [n, V]
         scores = logits
-        lengths = cache.positions[:n] + 1  # [n] valid history columns: the start token and the output
         if controls.controlled:
+            lengths = cache.positions[:n] + 1  # [n] valid history columns: the start token and the output
             scores = control_logits(
                 logits, cache.history[:n, :columns], lengths, cache.repetition_penalty[:n], cache.ngram_size[:n],
                 sorted(controls.ngram_sizes), cache.eos_until[:n], self.context.eos_token_id,
