@@ -6,7 +6,7 @@ prompt bank or the special token ids. The Engine builds it once, at start-up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -39,6 +39,8 @@ class ModelContext:
     # the 384-id byte tokenizer): ids from here on have no text.
     decodable_ids: int
     stops: StopMatcher  # the matching tables of stop sequences, built once per string
+    # Each token's own text, decoded once (log-probabilities name every token and alternative).
+    token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, loaded: LoadedModel, store: PromptStore, config: EngineConfig) -> "ModelContext":
@@ -101,7 +103,13 @@ class ModelContext:
         )
 
     def _with_text(self, entry: TokenLogprob) -> TokenLogprob:
-        return replace(entry, text=self.detokenize([entry.token_id]), top=tuple(self._with_text(t) for t in entry.top))
+        return replace(entry, text=self.token_text(entry.token_id), top=tuple(self._with_text(t) for t in entry.top))
+
+    def token_text(self, token_id: int) -> str:
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = self.detokenize([token_id])
+        return text
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of generated ids. Ids past the tokenizer's vocabulary (a model's padded
