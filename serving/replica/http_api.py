@@ -112,8 +112,8 @@ def build_http_app(server: "PromptmuxServer") -> FastAPI:
             parsed = completion_call(await read_json(request), principal.tenant,
                                      config.serving.max_in_flight_per_tenant)
             call.task = task_label(parsed.rows[0])
-            # Validated and tokenized once each, off the event loop (text bytes are checked first).
-            prepared = await asyncio.gather(*(asyncio.to_thread(server._engine.prepare, r) for r in parsed.rows))
+            # Validated and tokenized once each by the replica's preparer, as gRPC requests are (bytes first).
+            prepared = await asyncio.gather(*(server._preparer.prepare(r) for r in parsed.rows))
         except PromptmuxError as error:
             return _error(error, call)
         created, call_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
