@@ -13,9 +13,10 @@ from torch import nn
 from promptmux.serving.config import ModelConfig
 from promptmux.serving.engine.plan import StepPlan
 from promptmux.serving.engine.step.executor import StepExecutor
-from promptmux.serving.engine.step.t5_step import PackedLinear, packs_on_cpu, projection
+from promptmux.serving.engine.step.t5_step import projection
 from promptmux.serving.engine.types import GenerationParams, GenerationRequest
 from promptmux.serving.model.int8 import Int8Linear, quantize_int8
+from promptmux.serving.model.packed import PackedLinear, PackedMatmul, pack_linears, packs_on_cpu
 from promptmux.serving.model.shapes import build_random_model
 
 
@@ -24,7 +25,7 @@ def test_packed_linear_rows_do_not_depend_on_their_batch_mates():
         pytest.skip("oneDNN is not available in this torch build")
     torch.manual_seed(0)
     weight, x = torch.randn(300, 96), torch.randn(37, 96)
-    packed = PackedLinear(weight, rows_hint=64)
+    packed = PackedMatmul(weight)
     full = packed(x)  # [37, 300]
     for rows in ([0], [5, 6, 7], list(range(17)), [36, 2, 11]):
         assert torch.equal(packed(x[rows]), full[rows]), rows
@@ -42,14 +43,33 @@ def test_a_projection_of_several_layers_computes_each_of_them():
     layers = [nn.Linear(48, n, bias=False) for n in (48, 48, 20)]
     x = torch.randn(9, 48)
     separate = torch.cat([layer(x) for layer in layers], dim=-1)
-    fused = projection(layers, rows_hint=16)
+    fused = projection(layers)
     assert torch.allclose(fused(x), separate, atol=1e-5)
     assert all(layer.weight.shape == (n, 48) for layer, n in zip(layers, (48, 48, 20)))
     int8 = [Int8Linear.from_linear(layer) for layer in layers]
     alone = torch.cat([layer(x) for layer in int8], dim=-1)
-    together = projection(int8, rows_hint=16)
+    together = projection(int8)
     assert torch.equal(together(x), alone)  # the same int8 weights, scales and per-row sums
     assert torch.equal(torch.cat([layer(x) for layer in int8], dim=-1), alone)  # the layers still work (views)
+
+
+def test_packed_layers_keep_their_weight_for_gradients_and_state_dicts():
+    if not packs_on_cpu(torch.zeros(1)):
+        pytest.skip("oneDNN is not available in this torch build")
+    model = build_random_model("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids, decoder_input_ids=ids[:, :2]).logits
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_linears(model) == linears
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the same parameters
+    with torch.inference_mode():
+        packed = model(input_ids=ids, decoder_input_ids=ids[:, :2]).logits
+    assert torch.allclose(packed, plain, atol=1e-4)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # prompt tuning's path
+    model(inputs_embeds=embeds, decoder_input_ids=ids[:, :2]).logits.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
 
 
 def test_int8_rows_are_independent_and_close_to_float():

@@ -133,25 +133,6 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return total(model.parameters()), total(decode)
 
 
-@contextlib.contextmanager
-def suppress_eos(model: torch.nn.Module, eos_token_id: int):
-    """Random weights may pick EOS at any step and end a row early; a benchmark row never may.
-
-    A forward hook on the output projection sets the EOS logit to the dtype's minimum, so the
-    same holds for HF `generate` and for any decode loop that scores through `lm_head`.
-    """
-
-    def hook(module, inputs, logits):  # logits [B, T, V]
-        logits[..., eos_token_id] = torch.finfo(logits.dtype).min
-        return logits
-
-    handle = model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def nominal_bandwidth_gbps(name: str) -> float | None:
     for key, value in NOMINAL_HBM_GBPS.items():  # most specific names first
         if key in name:
@@ -263,7 +244,8 @@ def measure(
     device = engine.device
 
     def batch(size: int, tokens: int):
-        params = GenerationParams(max_new_tokens=tokens)
+        # Random weights may pick EOS at any step; a benchmark row never stops early.
+        params = GenerationParams(max_new_tokens=tokens, ignore_eos=True)
         return [
             GenerationRequest(tenant="bench", task=f"task{i % tasks}", params=params,
                               text="".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(input_length)))
@@ -283,39 +265,38 @@ def measure(
         if generated != len(requests) * tokens:
             raise RuntimeError(
                 f"batch of {len(requests)} generated {generated} tokens, expected {len(requests)} x {tokens} = "
-                f"{len(requests) * tokens}: rows ended early although EOS is suppressed, so the timing would "
+                f"{len(requests) * tokens}: rows ended early although they ignore EOS, so the timing would "
                 "count steps that made no token; check the engine's stopping rules"
             )
         return seconds
 
     points = []
-    with suppress_eos(engine.model, engine.model.config.eos_token_id):
-        for size in batch_sizes:
-            full, first = batch(size, new_tokens), batch(size, 1)
-            timed(full, new_tokens)  # warm-up: kernels, allocator, prompt cache
-            total = min(timed(full, new_tokens) for _ in range(repeats))
-            one = min(timed(first, 1) for _ in range(repeats))
-            decode_s = max(total - one, 1e-9)
-            generated = size * new_tokens
-            decode_tokens = generated - size  # every row's first token came with T(1)
-            accounting = decode_step_bytes(engine.model, encoder_length(full))
-            point = GpuPoint(
-                batch_size=size,
-                new_tokens=new_tokens,
-                encoder_length=accounting.encoder_length,
-                generated_tokens=generated,
-                total_s=total,
-                one_token_s=one,
-                end_to_end_tps=generated / total,
-                decode_tps=decode_tokens / decode_s,
-                step_gb=accounting.decode_bytes(size, new_tokens) / (new_tokens - 1) / 1e9,
-                bound_nominal_tps=accounting.bound_tokens_per_s(size, new_tokens, nominal_gbps),
-                bound_copy_tps=accounting.bound_tokens_per_s(size, new_tokens, copy_gbps),
-            )
-            points.append(point)
-            log(f"  batch {size:>4}: {point.end_to_end_tps:9.1f} tok/s end to end, {point.decode_tps:9.1f} tok/s "
-                f"decoding, {point.step_gb:6.2f} GB per step; {point.fraction_nominal:6.1%} of the bound at nominal "
-                f"bandwidth, {point.fraction_copy:6.1%} at measured copy bandwidth")
+    for size in batch_sizes:
+        full, first = batch(size, new_tokens), batch(size, 1)
+        timed(full, new_tokens)  # warm-up: kernels, allocator, prompt cache
+        total = min(timed(full, new_tokens) for _ in range(repeats))
+        one = min(timed(first, 1) for _ in range(repeats))
+        decode_s = max(total - one, 1e-9)
+        generated = size * new_tokens
+        decode_tokens = generated - size  # every row's first token came with T(1)
+        accounting = decode_step_bytes(engine.model, encoder_length(full))
+        point = GpuPoint(
+            batch_size=size,
+            new_tokens=new_tokens,
+            encoder_length=accounting.encoder_length,
+            generated_tokens=generated,
+            total_s=total,
+            one_token_s=one,
+            end_to_end_tps=generated / total,
+            decode_tps=decode_tokens / decode_s,
+            step_gb=accounting.decode_bytes(size, new_tokens) / (new_tokens - 1) / 1e9,
+            bound_nominal_tps=accounting.bound_tokens_per_s(size, new_tokens, nominal_gbps),
+            bound_copy_tps=accounting.bound_tokens_per_s(size, new_tokens, copy_gbps),
+        )
+        points.append(point)
+        log(f"  batch {size:>4}: {point.end_to_end_tps:9.1f} tok/s end to end, {point.decode_tps:9.1f} tok/s "
+            f"decoding, {point.step_gb:6.2f} GB per step; {point.fraction_nominal:6.1%} of the bound at nominal "
+            f"bandwidth, {point.fraction_copy:6.1%} at measured copy bandwidth")
     return points
 
 

@@ -19,7 +19,6 @@ two modes so a burst of load on the shared machine hits both.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import random
 import statistics
@@ -46,22 +45,9 @@ def build_workload(engine: Engine, tasks: int, requests: int, seed: int) -> list
     out = []
     for i in range(requests):
         text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(8, 48)))
-        params = GenerationParams(max_new_tokens=rng.randint(MIN_NEW, MAX_NEW))
+        params = GenerationParams(max_new_tokens=rng.randint(MIN_NEW, MAX_NEW), ignore_eos=True)
         out.append(engine.prepare(GenerationRequest(tenant="bench", text=text, task=f"task{i % tasks}", params=params)))
     return out
-
-
-@contextlib.contextmanager
-def eos_ignored(engine: Engine):
-    """Every row runs to its own max_new_tokens on both paths (an id no row can produce)."""
-    model = engine.model
-    never = model.config.vocab_size + 1
-    saved = (model.config.eos_token_id, model.generation_config.eos_token_id, engine.context.eos_token_id)
-    model.config.eos_token_id = model.generation_config.eos_token_id = engine.context.eos_token_id = never
-    try:
-        yield
-    finally:
-        model.config.eos_token_id, model.generation_config.eos_token_id, engine.context.eos_token_id = saved
 
 
 def run_static(engine: Engine, requests: list[PreparedRequest]) -> int:
@@ -113,24 +99,23 @@ def bench_model(source: str, args, bar) -> dict:
         # One full batch where every row wants MAX_NEW tokens: nothing for continuous batching
         # to win, so this ratio is the step loop's own speed against generate's.
         equal = [dataclasses.replace(r, request=dataclasses.replace(
-            r.request, params=GenerationParams(max_new_tokens=MAX_NEW))) for r in requests[: args.slots]]
-        with eos_ignored(engine):
-            run_static(engine, requests[: args.slots])  # warm-up
-            run_continuous(executor, requests[: args.slots])
-            rounds, equal_rounds = [], []
-            for _ in range(args.rounds):
-                static_cpu, static_wall, static_tokens = timed(run_static, engine, requests)
-                bar.update(1)
-                continuous_cpu, continuous_wall, (continuous_tokens, saturated_tokens, saturated_cpu) = timed(
-                    run_continuous, executor, requests)
-                bar.update(1)
-                assert static_tokens == continuous_tokens == expected, (static_tokens, continuous_tokens, expected)
-                assert saturated_tokens, "the queue ran dry before the first fill turned over: send more --requests"
-                rounds.append((expected / static_cpu, saturated_tokens / saturated_cpu, expected / continuous_cpu,
-                               static_wall / continuous_wall))
-                static_cpu, _, _ = timed(run_static, engine, equal)
-                continuous_cpu, _, _ = timed(run_continuous, executor, equal)
-                equal_rounds.append(static_cpu / continuous_cpu)
+            r.request, params=GenerationParams(max_new_tokens=MAX_NEW, ignore_eos=True))) for r in requests[: args.slots]]
+        run_static(engine, requests[: args.slots])  # warm-up
+        run_continuous(executor, requests[: args.slots])
+        rounds, equal_rounds = [], []
+        for _ in range(args.rounds):
+            static_cpu, static_wall, static_tokens = timed(run_static, engine, requests)
+            bar.update(1)
+            continuous_cpu, continuous_wall, (continuous_tokens, saturated_tokens, saturated_cpu) = timed(
+                run_continuous, executor, requests)
+            bar.update(1)
+            assert static_tokens == continuous_tokens == expected, (static_tokens, continuous_tokens, expected)
+            assert saturated_tokens, "the queue ran dry before the first fill turned over: send more --requests"
+            rounds.append((expected / static_cpu, saturated_tokens / saturated_cpu, expected / continuous_cpu,
+                           static_wall / continuous_wall))
+            static_cpu, _, _ = timed(run_static, engine, equal)
+            continuous_cpu, _, _ = timed(run_continuous, executor, equal)
+            equal_rounds.append(static_cpu / continuous_cpu)
     return {
         "model": source,
         "rounds": rounds,
@@ -165,7 +150,7 @@ def main(argv=None) -> None:
         f"Machine: {info.describe()}; {torch.get_num_threads()} torch thread(s); 1-minute load average "
         f"{info.load_average[0]:.1f} before, {after[0]:.1f} after (other jobs shared the cores).",
         f"Workload: {args.requests} requests over {args.tasks} tasks (prompts of 10-30 rows, inputs of 9-49 tokens), "
-        f"output lengths uniform in {MIN_NEW}..{MAX_NEW} (EOS ignored), greedy, fp32, {args.slots} slots; "
+        f"output lengths uniform in {MIN_NEW}..{MAX_NEW} (EOS ignored: `ignore_eos`), greedy, fp32, {args.slots} slots; "
         f"static = `Engine.run_batch` on batches of {args.slots} in arrival order, continuous = `StepExecutor` "
         "refilling free slots before every step. Rounds alternate the two modes.",
         "",

@@ -56,6 +56,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model.requires_grad_(False)
     if config.quantization == "int8":
         _quantize_int8(model, config)
+    elif config.packed_weights and config.quantization == "none":
+        from .packed import pack_linears
+
+        pack_linears(model)  # CPU float layers only; a GPU model is left as it is
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 

@@ -130,7 +130,7 @@ class StepExecutor:
                 "(serving.batching: mixed)"
             )
         self.device = devices.pop()
-        self.decoder = T5DecoderStep(model, config.max_new_tokens_limit, rows=config.max_batch_size)
+        self.decoder = T5DecoderStep(model, config.max_new_tokens_limit)
         self.cache = SlotCache(
             slots=config.max_batch_size,
             layers=self.decoder.layers,

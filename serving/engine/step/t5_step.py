@@ -15,12 +15,12 @@ merged-bias path the Engine installs for `generate` (kernels/t5_attention_bias.p
 The step computes its projections its own way (`projection`): each layer's self-attention q,
 k and v as one GEMM, and a gated feed-forward's two input projections as one (a fused GEMM
 gives bit-identical columns: each output is the same dot product). On a CPU every projection
-and the LM head run as oneDNN matmuls over weights packed once at start-up (`PackedLinear`):
-measured on the project's AVX-512 CPU they are 1.2-1.8x faster than the default GEMM at 64
-rows, and a row's result does not depend on how many rows share the step (checked bit for bit
-in tests/test_t5_step.py), so a mixed row still equals the request alone. The packed weights
-are a copy of the decoder's (the model's own modules still serve the encoder, the static path
-and prompt tuning); on CUDA the fused weights are views of the model's own, so nothing is
+and the LM head run as oneDNN matmuls over packed weights (serving/model/packed.py): measured
+on the project's AVX-512 CPU they are 1.2-1.8x faster than the default GEMM at 64 rows, and a
+row's result does not depend on how many rows share the step (checked bit for bit in
+tests/test_t5_step.py), so a mixed row still equals the request alone. A layer the model
+already packed (`model.packed_weights`) serves as it is; a fused projection packs its layers'
+weights together once. On CUDA the fused weights are views of the model's own, so nothing is
 stored twice. int8 models (`model.quantization: int8`) fuse their Int8Linear layers the same
 way. Layer norms and activations are the model's own modules.
 """
@@ -32,6 +32,7 @@ from torch import nn
 from transformers import T5ForConditionalGeneration
 
 from ...model.int8 import Int8Linear
+from ...model.packed import PackedLinear, PackedMatmul, packs_on_cpu
 from .slot_cache import SlotCache
 
 def attend(
@@ -58,37 +59,17 @@ def attend(
     return out.view(batch, heads, 1, d_kv)
 
 
-class PackedLinear(nn.Module):
-    """x W^T on a CPU with W packed once for oneDNN (`torch.ops.mkldnn`): faster than the
-    default GEMM at the step's shapes, and row-invariant (a row's output bits do not depend
-    on the other rows)."""
-
-    def __init__(self, weight: torch.Tensor, rows_hint: int) -> None:
-        super().__init__()
-        self.out_features = weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [None], "")  # [M, N]
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def packs_on_cpu(weight: torch.Tensor) -> bool:
-    """Whether `PackedLinear` serves this weight: a float weight on a CPU with oneDNN."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
-
-
-def projection(modules: list[nn.Module], rows_hint: int) -> nn.Module:
+def projection(modules: list[nn.Module]) -> nn.Module | PackedMatmul:
     """One projection computing `modules` side by side (outputs concatenated along the last
-    dim), for the step's `rows_hint` rows at most. Plain float layers: one packed oneDNN matmul
-    on a CPU, elsewhere one GEMM over a fused weight whose slices the modules keep as their own
-    weights (nothing stored twice). int8 layers: one Int8Linear, likewise sliced. Any other
-    layer (e.g. bitsandbytes') is called as it is."""
-    if all(type(m) is nn.Linear and m.bias is None for m in modules):
+    dim). Plain float layers: on a CPU one oneDNN matmul over the layers' weights packed
+    together (a layer already packed alone is used as it is); elsewhere one GEMM over a fused
+    weight whose slices the layers keep as their own weights (nothing stored twice). int8
+    layers: one Int8Linear, likewise sliced. Any other layer (e.g. bitsandbytes') as it is."""
+    if all(type(m) in (nn.Linear, PackedLinear) and m.bias is None for m in modules):
+        if len(modules) == 1 and isinstance(modules[0], PackedLinear):
+            return modules[0]
         if packs_on_cpu(modules[0].weight):
-            return PackedLinear(torch.cat([m.weight for m in modules]), rows_hint)
+            return PackedMatmul(torch.cat([m.weight for m in modules]))
         if len(modules) == 1:
             return modules[0]
         weight = torch.cat([m.weight.detach() for m in modules])  # [sum N, K]
@@ -125,21 +106,21 @@ class _Side(nn.Module):
 class _Layer:
     """What one decoder layer's step needs, taken from the model's block once."""
 
-    def __init__(self, block: nn.Module, rows: int) -> None:
+    def __init__(self, block: nn.Module) -> None:
         self_layer, cross_layer, feed_forward = block.layer
         attention, cross = self_layer.SelfAttention, cross_layer.EncDecAttention
         self.self_norm = self_layer.layer_norm
-        self.qkv = projection([attention.q, attention.k, attention.v], rows)  # [n, D] -> [n, 3 * H * d]
-        self.self_out = projection([attention.o], rows)
+        self.qkv = projection([attention.q, attention.k, attention.v])  # [n, D] -> [n, 3 * H * d]
+        self.self_out = projection([attention.o])
         self.cross_norm = cross_layer.layer_norm
-        self.cross_q, self.cross_out = projection([cross.q], rows), projection([cross.o], rows)
+        self.cross_q, self.cross_out = projection([cross.q]), projection([cross.o])
         self.cross_k, self.cross_v = cross.k, cross.v  # projected once per admission, by the model's own
         dense = feed_forward.DenseReluDense
         self.ff_norm = feed_forward.layer_norm
         self.gated = hasattr(dense, "wi_0")
         wi = [dense.wi_0, dense.wi_1] if self.gated else [dense.wi]
-        self.wi = projection(wi, rows)  # [n, D] -> [n, (2 x) d_ff]
-        self.act, self.wo = dense.act, projection([dense.wo], rows)
+        self.wi = projection(wi)  # [n, D] -> [n, (2 x) d_ff]
+        self.act, self.wo = dense.act, projection([dense.wo])
         self.wo_dtype = getattr(dense.wo, "weight", torch.empty(0)).dtype
 
     def feed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -157,18 +138,18 @@ class _Layer:
 
 
 class T5DecoderStep:
-    def __init__(self, model: T5ForConditionalGeneration, max_positions: int, rows: int) -> None:
+    def __init__(self, model: T5ForConditionalGeneration, max_positions: int) -> None:
         config = model.config
         self.blocks = list(model.decoder.block)
         self.embed = model.decoder.embed_tokens
         self.final_norm = model.decoder.final_layer_norm
-        self.lm_head = projection([model.lm_head], rows)
+        self.lm_head = projection([model.lm_head])
         self.output_scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
         self.heads, self.d_kv = config.num_heads, config.d_kv
         self.layers = len(self.blocks)
         self.dtype = self.embed.weight.dtype  # the compute dtype (weights may be int8)
         self.max_positions = max_positions
-        self._layers = [_Layer(block, rows) for block in self.blocks]
+        self._layers = [_Layer(block) for block in self.blocks]
         self.bias_table = self._position_bias_table(max_positions)  # [H, T]
 
     @torch.inference_mode()
