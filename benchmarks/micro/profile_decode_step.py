@@ -119,7 +119,7 @@ def profile_python(model: str, quantization: str, threads: int, out: Path) -> di
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit() or "_loop (" not in stack:
+        if not count.isdigit() or "_timed_steps (" not in stack:
             continue
         total += int(count)
         shares[_python_part(stack)] += int(count)
@@ -128,7 +128,6 @@ def profile_python(model: str, quantization: str, threads: int, out: Path) -> di
 
 def _python_part(stack: str) -> str:
     for part, markers in (
-        ("admission and warm-up", ("_admitted_executor (",)),
         ("LM head and projections (GEMM)", ("PackedLinear.forward", "Int8Linear.forward", "Linear.forward")),
         ("attention", ("attend (",)),
         ("layer norms, activations, residuals", ("T5LayerNorm", "Activation.forward", "_Layer.feed_forward")),
@@ -142,19 +141,21 @@ def _python_part(stack: str) -> str:
 
 
 def _loop(model: str, quantization: str, threads: int) -> None:
-    """What py-spy watches: admit, then steps for about six seconds."""
-    from promptmux.serving.engine.plan import StepPlan
-
+    """What py-spy watches: admit and warm up, then steps for about six seconds (only those are
+    counted: `_timed_steps`)."""
     engine, root = _engine(model, quantization, threads)
     try:
-        executor = _admitted_executor(engine)
-        end = time.perf_counter() + 6
-        while time.perf_counter() < end:
-            if not executor.active_slots:
-                executor = _admitted_executor(engine)
-            executor.execute(StepPlan())
+        _timed_steps(_admitted_executor(engine), seconds=6)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _timed_steps(executor, seconds: float) -> None:
+    from promptmux.serving.engine.plan import StepPlan
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end and executor.active_slots:
+        executor.execute(StepPlan())
 
 
 def report(results: list[dict]) -> str:
