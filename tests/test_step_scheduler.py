@@ -316,6 +316,36 @@ def test_a_freed_slot_goes_to_the_tenant_holding_fewest_slots_before_a_floods_qu
     run(main())
 
 
+def test_a_light_tenants_admission_encodes_without_the_floods_newcomers():
+    """While a flood holds more rows than a shared step runs, the plan that admits a light
+    tenant's request admits none of the flood's queued requests (they would lengthen the
+    encoder pass before the light request's first token); later plans admit them."""
+
+    async def main():
+        engine = FakeStepEngine(slots=8)
+        engine.permits = threading.Semaphore(0)
+        scheduler = make(engine, shared_step_rows=2)
+        first = [asyncio.ensure_future(scheduler.submit(prep("flood", f"{i}" * 20))) for i in range(4)]
+        await until(lambda: len(engine.admitted()) == 1)  # 4 flood rows in 8 slots
+        await one_step(engine)
+        more = [asyncio.ensure_future(scheduler.submit(prep("flood", f"m{i}" * 5))) for i in range(3)]
+        light = asyncio.ensure_future(scheduler.submit(prep("light", "xyz")))
+        await asyncio.sleep(0.02)
+        await one_step(engine)
+        await one_step(engine)
+        for _ in range(80):
+            engine.permits.release()
+        await asyncio.gather(light, *first, *more)
+        admitted = engine.admitted()
+        light_plan = next(i for i, texts in enumerate(admitted) if "xyz" in texts)
+        assert admitted[light_plan] == ["xyz"]  # the light request's encoder pass, alone
+        later = [text for texts in admitted[light_plan + 1:] for text in texts]
+        assert sorted(later) == sorted(f"m{i}" * 5 for i in range(3))  # the flood's, in later plans
+        await scheduler.close()
+
+    run(main())
+
+
 def test_a_light_tenants_steps_run_few_rows_and_the_flood_resumes_unchanged():
     async def main():
         engine, seen = FakeStepEngine(slots=8), Recorder()

@@ -375,8 +375,9 @@ class StepScheduler(TenantQueues):
         self, now: float, expired: list[ScheduledRequest]
     ) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
         """Fewest slots first, round-robin among tenants holding as many: step requests into
-        free slots within the encoder-token budget (a lone bigger one still goes alone), beam
-        requests into one static batch. Heads past their deadline go to `expired` on the way.
+        free slots within the encoder-token budget (a lone bigger one still goes alone; a light
+        tenant's requests without a heavier tenant's beside them), beam requests into one static
+        batch. Heads past their deadline go to `expired` on the way.
         Picked step requests hold their slots from here on, so a caller leaving now frees its
         slot at the next step."""
         free = self._max_rows - len(self._active)
@@ -389,10 +390,21 @@ class StepScheduler(TenantQueues):
         # spent early on the light tenant's time.
         heavy_room = None if self._limit is None else self._limit - len(self._active)
         light_max = self._light_max()
+        # Where steps are shared (more than serving.shared_step_rows rows active), a light
+        # tenant's admission runs its encoder pass alone: a heavier tenant's newcomers, which
+        # would make that pass several times longer before the light request's first token,
+        # wait for the next step.
+        cap = self.config.shared_step_rows
+        shared = bool(cap) and len(self._active) > cap
+        heavy_tenants = {t for t, held in self._held.items() if held > light_max} if shared else set()
+        light_admitted = False
         while self._rotation:
             # O(tenants queued) per pick; the rotation order breaks ties
             tenant = min(self._rotation, key=self._held.__getitem__)
-            if heavy_room is not None and self._held[tenant] > light_max:
+            heavy = tenant in heavy_tenants
+            if heavy and light_admitted:
+                break
+            if heavy_room is not None and heavy:
                 if heavy_room <= 0:
                     break  # fewest slots first: every other queued tenant holds as many or more
                 heavy_room -= 1
@@ -408,6 +420,7 @@ class StepScheduler(TenantQueues):
                 spent += cost
                 admits.append(item)
                 self._held[tenant] += 1
+                light_admitted = light_admitted or (bool(heavy_tenants) and not heavy)
             else:
                 if len(beams) >= self.config.max_batch_size:
                     break
