@@ -164,14 +164,15 @@ def ban_repeated_ngrams(
 
 
 def mask_early_eos(
-    scores: torch.Tensor,  # [B, V] float32
+    scores: torch.Tensor,  # [B, V] float32, modified in place
     produced: torch.Tensor,  # [B] int64: tokens each row has produced
     until: torch.Tensor,  # [B] int64: EOS stays masked while produced < until
     eos_token_id: int,
 ) -> torch.Tensor:
-    """Hugging Face's MinNewTokensLengthLogitsProcessor per row (ignore_eos: until = max_new_tokens)."""
-    is_eos = torch.arange(scores.shape[1], device=scores.device) == eos_token_id  # [V]
-    return scores.masked_fill((produced < until)[:, None] & is_eos[None, :], float("-inf"))
+    """Hugging Face's MinNewTokensLengthLogitsProcessor per row (ignore_eos: until = max_new_tokens),
+    on the EOS column alone: O(B), not a pass over the whole [B, V] scores."""
+    scores[:, eos_token_id] = scores[:, eos_token_id].masked_fill(produced < until, float("-inf"))
+    return scores
 
 
 def control_logits(
@@ -185,14 +186,20 @@ def control_logits(
     eos_token_id: int,
     *,
     penalize: bool = True,
+    owns_logits: bool = False,
 ) -> torch.Tensor:
     """Every row's logits controls, in the order `generate` applies them: repetition penalty,
-    no-repeat n-grams, then EOS masked before min_new_tokens. Returns float32 [B, V]."""
+    no-repeat n-grams, then EOS masked before min_new_tokens. Returns float32 [B, V].
+    `owns_logits`: the caller needs `logits` no more, so they may be changed in place (else a
+    float32 copy is changed)."""
     scores = logits.to(SAMPLING_DTYPE)
+    fresh = scores is not logits  # a copy already: ours to change
     if penalize:
-        scores = penalize_repetition(scores, history, lengths, penalty)
+        scores, fresh = penalize_repetition(scores, history, lengths, penalty), True
     if distinct_ngram_sizes:
-        scores = ban_repeated_ngrams(scores, history, lengths, ngram_sizes, distinct_ngram_sizes)
+        scores, fresh = ban_repeated_ngrams(scores, history, lengths, ngram_sizes, distinct_ngram_sizes), True
+    if not (fresh or owns_logits):
+        scores = scores.clone()
     return mask_early_eos(scores, lengths - 1, eos_until, eos_token_id)
 
 

@@ -128,7 +128,7 @@ class PerRowControls(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         lengths = torch.full_like(self.eos_until, input_ids.shape[1])  # [Bg]
         return control_logits(scores, input_ids, lengths, self.penalty, self.ngram_sizes, self.distinct_sizes,
-                              self.eos_until, self.eos, penalize=self.penalize)
+                              self.eos_until, self.eos, penalize=self.penalize, owns_logits=True)
 
 
 class PerRowStops(StoppingCriteria):

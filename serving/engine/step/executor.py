@@ -333,7 +333,7 @@ class StepExecutor:
             scores = control_logits(
                 logits, cache.history[:n, :columns], lengths, cache.repetition_penalty[:n], cache.ngram_size[:n],
                 sorted(controls.ngram_sizes), cache.eos_until[:n], self.context.eos_token_id,
-                penalize=controls.penalized > 0,
+                penalize=controls.penalized > 0, owns_logits=not controls.logprobs,  # logprobs read the raw logits
             )  # [n, V] float32
         if any(r.sampling for r in rows):
             next_tokens = sample_rows(
